@@ -1,0 +1,175 @@
+"""Command line: ``harmonifuse analyze | prepare | train | evaluate``.
+
+Each subcommand is a small function registered in ``COMMANDS``; heavy imports happen inside them
+so ``harmonifuse --help`` stays instant.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Callable
+
+AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif"}
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEMO_MODEL = REPO_ROOT / "models" / "harmonifuse-demo"
+log = logging.getLogger("harmonifuse")
+
+
+def default_model() -> str | None:
+    """$HARMONIFUSE_MODEL, else the shipped demo model when present."""
+    if os.environ.get("HARMONIFUSE_MODEL"):
+        return os.environ["HARMONIFUSE_MODEL"]
+    return str(DEMO_MODEL) if (DEMO_MODEL / "config.yaml").is_file() else None
+
+
+def expand_audio_paths(items: list[str]) -> list[Path]:
+    """Files as given; folders expanded to the audio files inside them (sorted, recursive)."""
+    paths: list[Path] = []
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES)
+            if not found:
+                raise SystemExit(f"error: no audio files ({', '.join(sorted(AUDIO_SUFFIXES))}) in folder {path}")
+            paths.extend(found)
+        else:
+            paths.append(path)
+    return paths
+
+
+def load_model(model_dir: str | None):
+    from .config import ModelConfig
+    from .model import HarmoniFuse
+
+    if model_dir is None:
+        print("note: no trained model found (models/harmonifuse-demo or --model); using an UNTRAINED "
+              "HarmoniFuse on the default pretrained parts: its answers are not meaningful", file=sys.stderr)
+        return HarmoniFuse.from_pretrained(ModelConfig())
+    return HarmoniFuse.from_pretrained(model_dir)
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from .audio import AudioError
+
+    paths = expand_audio_paths(args.files)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    model = load_model(args.model or default_model())
+    model.eval()
+    unknown = set(tasks) - set(model.task_names)
+    if unknown:
+        raise SystemExit(f"error: --tasks has unknown task(s) {sorted(unknown)}; choose from {model.task_names}")
+    failures = 0
+    batches = [paths[i:i + args.batch_size] for i in range(0, len(paths), args.batch_size)]
+    bar = tqdm(total=len(paths), unit="file", disable=len(paths) < 4 or args.quiet, file=sys.stderr)
+    for batch in batches:
+        try:
+            results = model.analyze([str(p) for p in batch], tasks=tasks)
+        except AudioError:
+            # find the bad file(s) without losing the good ones
+            results = []
+            for path in batch:
+                try:
+                    results.append(model.analyze([str(path)], tasks=tasks)[0])
+                except AudioError as error:
+                    results.append({"error": str(error)})
+        for path, result in zip(batch, results):
+            failures += "error" in result
+            _print_result(path, result, args.json)
+        bar.update(len(batch))
+    bar.close()
+    return 1 if failures else 0
+
+
+def _print_result(path: Path, result: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"file": str(path), **result}), flush=True)
+        return
+    if "error" in result:
+        print(f"{path}\n  error: {result['error']}", flush=True)
+        return
+    lines = [str(path)]
+    if "transcript" in result:
+        lines.append(f"  transcript: {result['transcript']}")
+    if "emotion" in result:
+        probs = ", ".join(f"{k} {v:.2f}" for k, v in sorted(result["emotion_probs"].items(), key=lambda kv: -kv[1]))
+        lines.append(f"  emotion:    {result['emotion']}  ({probs})")
+    print("\n".join(lines), flush=True)
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from .data.importers import IMPORTERS
+
+    if args.corpus not in IMPORTERS:
+        raise SystemExit(f"error: unknown corpus {args.corpus!r}; choose from {sorted(IMPORTERS)}")
+    if args.corpus == "synthetic":
+        out = Path(args.src if args.out is None else args.out)
+        options = {"seed": args.seed}
+        if args.size:
+            options["size"] = args.size
+        written = IMPORTERS["synthetic"](out, **options)
+    else:
+        if args.out is None:
+            raise SystemExit(f"error: usage: harmonifuse prepare {args.corpus} SRC OUT")
+        written = IMPORTERS[args.corpus](Path(args.src), Path(args.out))
+    for name, path in sorted(written.items()):
+        print(f"{name}: {path}")
+    return 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "analyze": cmd_analyze,
+    "prepare": cmd_prepare,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="harmonifuse", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("analyze", help="transcribe and recognise the emotion of audio files")
+    p.add_argument("files", nargs="+", help="audio files or folders")
+    p.add_argument("--model", help="trained model folder (default: $HARMONIFUSE_MODEL or the shipped demo model)")
+    p.add_argument("--tasks", default="asr,ser", help="comma separated tasks (default: asr,ser)")
+    p.add_argument("--json", action="store_true", help="one JSON object per line and file")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("prepare", help="write manifests for a corpus (or synthesise the built-in one)")
+    p.add_argument("corpus", help="librispeech | iemocap | cremad | ravdess | kaldi | synthetic")
+    p.add_argument("src", help="corpus folder (for synthetic: the output folder)")
+    p.add_argument("out", nargs="?", help="output folder for the manifests")
+    p.add_argument("--seed", type=int, default=0, help="synthetic only")
+    p.add_argument("--size", help="synthetic only: tiny | default | ...")
+
+    for name, register in EXTRA_PARSERS.items():
+        register(sub)
+    return parser
+
+
+# Later subcommands (train, evaluate, experiment) register here: name -> add_parser function.
+EXTRA_PARSERS: dict[str, Callable] = {}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    from .audio import AudioError
+    from .config import ConfigError
+
+    try:
+        return COMMANDS[args.command](args)
+    except (ConfigError, AudioError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

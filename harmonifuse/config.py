@@ -1,0 +1,253 @@
+"""Typed configuration: dataclasses loaded from YAML, with dotted ``key=value`` overrides.
+
+Every field is checked against its type and, where it has one, its set of choices; unknown keys
+and bad values raise :class:`ConfigError` naming the dotted field, e.g. ``model.fusion.mode``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown or invalid; the message names the dotted field."""
+
+
+DEFAULT_PROMPTS = {
+    "asr": "Transcribe the audio.",
+    "ser": "What emotion does the speaker express? Answer with one word.",
+}
+EMOTION_LABELS = ["neutral", "happy", "sad", "angry"]
+
+
+@dataclass
+class EncoderConfig:
+    source: str = "whisper-tiny.en"
+    """Built-in name, local folder or hub id of the speech encoder."""
+    trainable: bool = False
+    pad_to_30s: bool = False
+    """Whisper only: run on 30 s of padded audio, as Whisper was trained (slower)."""
+    max_seconds: float = 30.0
+
+    def validate(self, prefix: str) -> None:
+        _check(self.max_seconds > 0, f"{prefix}.max_seconds", "must be > 0")
+
+
+@dataclass
+class FusionConfig:
+    mode: Literal["static", "task", "prompt"] = "prompt"
+    temperature: float = 1.0
+    layer_norm: bool = True
+    """Normalise each hidden state before weighting: layers differ in scale by orders of magnitude."""
+
+    def validate(self, prefix: str) -> None:
+        _check(self.temperature > 0, f"{prefix}.temperature", "must be > 0")
+
+
+@dataclass
+class GateConfig:
+    mode: Literal["none", "channel", "content"] = "content"
+
+
+@dataclass
+class ProjectorConfig:
+    stack: int = 5
+    """Frames stacked into one LLM position (50 Hz -> 10 Hz for Whisper)."""
+    hidden_size: int = 1024
+
+    def validate(self, prefix: str) -> None:
+        _check(self.stack >= 1, f"{prefix}.stack", "must be >= 1")
+        _check(self.hidden_size >= 1, f"{prefix}.hidden_size", "must be >= 1")
+
+
+@dataclass
+class PromptConfig:
+    vector: Literal["mean_embedding", "hidden_state"] = "mean_embedding"
+
+
+@dataclass
+class LLMConfig:
+    source: str = "smollm2-135m-instruct"
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    chat_template: bool = True
+    """Wrap speech and prompt in the tokenizer's chat template when it has one."""
+    max_new_tokens: int = 96
+
+    def validate(self, prefix: str) -> None:
+        _check(self.lora_rank >= 0, f"{prefix}.lora_rank", "must be >= 0 (0 disables LoRA)")
+        _check(0 <= self.lora_dropout < 1, f"{prefix}.lora_dropout", "must be in [0, 1)")
+        _check(self.max_new_tokens >= 1, f"{prefix}.max_new_tokens", "must be >= 1")
+
+
+@dataclass
+class TasksConfig:
+    prompts: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_PROMPTS))
+    emotion_labels: list[str] = field(default_factory=lambda: list(EMOTION_LABELS))
+
+    def validate(self, prefix: str) -> None:
+        _check(set(self.prompts) >= {"asr", "ser"}, f"{prefix}.prompts", "needs a prompt for 'asr' and 'ser'")
+        _check(len(self.emotion_labels) >= 2, f"{prefix}.emotion_labels", "needs at least two labels")
+        _check(len(set(self.emotion_labels)) == len(self.emotion_labels), f"{prefix}.emotion_labels", "has duplicates")
+
+    @property
+    def task_names(self) -> list[str]:
+        return sorted(self.prompts)
+
+
+@dataclass
+class ModelConfig:
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    tasks: TasksConfig = field(default_factory=TasksConfig)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+def _check(condition: bool, name: str, problem: str) -> None:
+    if not condition:
+        raise ConfigError(f"config field '{name}': {problem}")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, name: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` (recursively), converting where lossless."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"config field '{name}': expected a mapping, got {value!r}")
+        return from_dict(tp, value, prefix=name)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"config field '{name}': {value!r} is not one of {list(args)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, option, name)
+            except ConfigError as error:
+                errors.append(str(error))
+        raise ConfigError(f"config field '{name}': {value!r} does not fit {_type_name(tp)}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config field '{name}': expected a list, got {value!r}")
+        return [_coerce(item, args[0], f"{name}[{i}]") for i, item in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config field '{name}': expected a mapping, got {value!r}")
+        return {_coerce(k, args[0], name): _coerce(v, args[1], f"{name}.{k}") for k, v in value.items()}
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config field '{name}': expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config field '{name}': expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config field '{name}': expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config field '{name}': expected a string, got {value!r}")
+        return value
+    return value
+
+
+def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a nested dict, rejecting unknown keys and ill-typed values."""
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    dotted = (prefix + ".") if prefix else ""
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(
+            f"config field '{dotted}{unknown[0]}' is unknown; known fields here: {sorted(known)}"
+        )
+    values = {key: _coerce(value, hints[key], f"{dotted}{key}") for key, value in data.items()}
+    instance = cls(**values)
+    validate(instance, prefix)
+    return instance
+
+
+def validate(instance: Any, prefix: str = "") -> None:
+    for f in dataclasses.fields(instance):
+        value = getattr(instance, f.name)
+        if dataclasses.is_dataclass(value):
+            validate(value, f"{prefix}.{f.name}" if prefix else f.name)
+    if hasattr(instance, "validate"):
+        instance.validate(prefix or type(instance).__name__)
+
+
+def to_dict(instance: Any) -> dict:
+    return dataclasses.asdict(instance)
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """``["model.fusion.mode=task", "train.lr=1e-3"]`` -> nested dict (values parsed as YAML)."""
+    nested: dict = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form dotted.key=value")
+        value = yaml.safe_load(raw) if raw else ""
+        node = nested
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return nested
+
+
+def merge(base: dict, update: dict) -> dict:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config file {path} is not valid YAML: {error}") from error
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return data
+
+
+def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | None = None) -> Any:
+    """Load dataclass ``cls`` from a YAML file (optional) and dotted overrides."""
+    data = load_yaml(path) if path is not None else {}
+    data = merge(data, parse_overrides(overrides or []))
+    return from_dict(cls, data)

@@ -1,0 +1,119 @@
+"""The batch every model and trainer consumes, and the collate function that builds it.
+
+A :class:`SpeechBatch` carries *either* waveforms (a trainable encoder runs in the model) *or*
+cached hidden states (frozen encoder, served by the feature cache), with lengths travelling
+beside them (s3prl style) so nothing downstream guesses where padding starts.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["SpeechBatch", "collate", "pad_waveforms", "pad_hidden_states", "MIXED_TASK"]
+
+MIXED_TASK = "mixed"
+
+
+@dataclass
+class SpeechBatch:
+    """One training/eval batch of B utterances.
+
+    Attributes:
+        task: "asr" | "ser" (every item that task) | "mixed" (see ``tasks``).
+        tasks: per-item task, length B.
+        ids: utterance ids, length B.
+        targets: the answer per item: transcript (asr) or emotion label word (ser).
+        waveforms: (B, S) float32, zero padded; with ``wave_lengths`` (B,) int64.
+        hidden_states: (L+1, B, T, D) float32 (from the float16 cache), zero padded; with
+            ``frame_lengths`` (B,) int64.
+        skipped: ``(task, id)`` of bad samples dropped from this batch (bad-sample policy "skip").
+    """
+
+    task: str
+    tasks: list[str]
+    ids: list[str]
+    targets: list[str]
+    waveforms: torch.Tensor | None = None
+    wave_lengths: torch.Tensor | None = None
+    hidden_states: torch.Tensor | None = None
+    frame_lengths: torch.Tensor | None = None
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def _map_tensors(self, fn) -> "SpeechBatch":
+        changes = {f.name: fn(getattr(self, f.name)) for f in fields(self)
+                   if isinstance(getattr(self, f.name), torch.Tensor)}
+        return replace(self, **changes)
+
+    def to(self, device: str | torch.device, non_blocking: bool = False) -> "SpeechBatch":
+        """A copy with every tensor on ``device``."""
+        return self._map_tensors(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> "SpeechBatch":
+        """Called by DataLoader(pin_memory=True)."""
+        return self._map_tensors(lambda t: t.pin_memory())
+
+
+def _tensor(array: Any) -> torch.Tensor:
+    return array if isinstance(array, torch.Tensor) else torch.from_numpy(np.asarray(array))
+
+
+def pad_waveforms(waveforms: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(S_i,)`` arrays -> (B, S) float32 zero padded, (B,) int64 lengths."""
+    tensors = [_tensor(w) for w in waveforms]
+    lengths = torch.tensor([t.shape[0] for t in tensors], dtype=torch.int64)
+    out = torch.zeros(len(tensors), int(lengths.max()), dtype=torch.float32)
+    for i, t in enumerate(tensors):
+        out[i, : t.shape[0]] = t
+    return out, lengths
+
+
+def pad_hidden_states(states: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(L+1, T_i, D)`` arrays -> (L+1, B, T, D) float32 zero padded, (B,) int64 lengths.
+
+    float16 cache entries are widened while being copied into the padded buffer (one copy).
+    """
+    tensors = [_tensor(s) for s in states]
+    lengths = torch.tensor([t.shape[1] for t in tensors], dtype=torch.int64)
+    first = tensors[0]
+    out = torch.zeros(first.shape[0], len(tensors), int(lengths.max()), first.shape[2], dtype=torch.float32)
+    for i, t in enumerate(tensors):
+        out[:, i, : t.shape[1]] = t
+    return out, lengths
+
+
+def collate(items: Sequence[dict[str, Any] | None], task: str | None = None) -> SpeechBatch:
+    """Items from :class:`~harmonifuse.data.dataset.SpeechTaskDataset` -> one padded :class:`SpeechBatch`.
+
+    Each item is ``{"id", "task", "target"}`` plus ``"waveform"`` ((S,) float32) or
+    ``"hidden_states"`` ((L+1, T, D)). Items carrying ``"error"`` (a bad sample under the skip
+    policy) are dropped and listed in ``SpeechBatch.skipped``; ``None`` items are dropped silently.
+
+    Args:
+        task: the batch's task tag (the sampler's plan: "mixed" for a mixed stream even if all
+            items share a task); default the common task of the items, else "mixed".
+    """
+    good = [item for item in items if item is not None and "error" not in item]
+    skipped = [(item["task"], item["id"]) for item in items if item is not None and "error" in item]
+    tasks = [item["task"] for item in good]
+    if task is None:
+        task = tasks[0] if tasks and len(set(tasks)) == 1 else MIXED_TASK
+    batch = SpeechBatch(task=task, tasks=tasks, ids=[item["id"] for item in good],
+                        targets=[item["target"] for item in good], skipped=skipped)
+    if not good:
+        return batch
+    has_features = ["hidden_states" in item for item in good]
+    if all(has_features):
+        batch.hidden_states, batch.frame_lengths = pad_hidden_states([item["hidden_states"] for item in good])
+    elif not any(has_features):
+        batch.waveforms, batch.wave_lengths = pad_waveforms([item["waveform"] for item in good])
+    else:
+        raise ValueError("a batch mixes cached features and waveforms; use one feature cache for all tasks "
+                         "or none")
+    return batch

@@ -1,0 +1,51 @@
+"""Corpus importers: ``prepare(src, out, **options) -> {name: manifest path}`` per corpus.
+
+``IMPORTERS`` maps the corpus names of ``harmonifuse prepare CORPUS SRC OUT`` to those functions.
+Each importer reads its corpus's own layout, measures durations with ``soundfile.info``, and writes
+JSONL manifests (see :mod:`harmonifuse.data.manifest`); options are keyword arguments documented
+on each ``prepare``. ``"synthetic"`` (the offline demo corpus) is registered lazily, so its
+dependencies load only when it is used.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from collections.abc import Callable
+from pathlib import Path
+
+from harmonifuse.data.importers import cremad, iemocap, kaldi, librispeech, ravdess
+from harmonifuse.data.importers._common import CorpusLayoutError
+from harmonifuse.data.importers.kaldi import KaldiFormatError
+
+__all__ = ["IMPORTERS", "CorpusLayoutError", "KaldiFormatError", "get_importer"]
+
+Importer = Callable[..., dict[str, Path]]
+
+
+def _lazy(module: str) -> Importer:
+    """A ``prepare`` that imports ``module`` on first call (keeps heavy imports off the CLI's path)."""
+
+    def prepare(src: Path, out: Path, **options) -> dict[str, Path]:
+        return importlib.import_module(module).prepare(src, out, **options)
+
+    prepare.__doc__ = f"Runs {module}.prepare (imported on first use)."
+    return prepare
+
+
+IMPORTERS: dict[str, Importer] = {
+    "librispeech": librispeech.prepare,
+    "iemocap": iemocap.prepare,
+    "cremad": cremad.prepare,
+    "ravdess": ravdess.prepare,
+    "kaldi": kaldi.prepare,
+}
+if importlib.util.find_spec("harmonifuse.data.synthetic") is not None:
+    IMPORTERS["synthetic"] = _lazy("harmonifuse.data.synthetic")
+
+
+def get_importer(corpus: str) -> Importer:
+    """The ``prepare`` function for ``corpus``, or a ValueError listing the known corpora."""
+    try:
+        return IMPORTERS[corpus]
+    except KeyError:
+        raise ValueError(f"unknown corpus {corpus!r}; known: {', '.join(sorted(IMPORTERS))}") from None

@@ -1,0 +1,595 @@
+"""The built-in corpus: reproducible synthetic ASR and emotional (SER) speech, made offline.
+
+``prepare(out)`` synthesises two separate datasets, shaped like the real problem (separate ASR and
+SER corpora, speaker-independent splits) but small and generated locally in minutes:
+
+- **ASR**: natural English sentences (WordNet 3.0 usage examples, see
+  :mod:`harmonifuse.data.sentences`) read with neutral prosody plus mild random variation.
+  Manifest lines carry ``text``. Dev and test sentences never occur in training (the sentence
+  pool is split before any utterance is drawn; ASR and SER draw from the same split's pool).
+- **SER**: the same kind of sentences read as *neutral, happy, sad or angry*, where the emotion
+  exists only as **prosody by rule** (pitch level, pitch range, speaking rate, loudness, spectral
+  tilt), each randomised per utterance inside a range (:data:`EMOTION_RULES`). Manifest lines
+  carry ``emotion`` and no ``text``. This is not emotional speech: it is a test bed, not a
+  substitute for IEMOCAP.
+
+Voices are flite (slt, awb, rms, kal16, kal) and espeak-ng voice variants; train, dev and test use
+disjoint voices (kal and kal16, one speaker at two sample rates, are both in train; the espeak
+variants -- the part that sets the voice timbre -- are disjoint across splits too).
+
+Output layout (``OUT``)::
+
+    asr_{train,dev,test}.jsonl   ser_{train,dev,test}.jsonl   (harmonifuse.data.manifest schema)
+    audio/{asr,ser}/{split}/<id>.wav                          (16 kHz mono 16-bit PCM)
+    synthesis.jsonl    every utterance's voice, sentence and drawn prosody values (for analysis;
+                       it holds the SER sentences and emotions: never feed it to a model)
+    README.md          what the corpus is, counts, the rules;   NOTICE   (WordNet licence)
+
+Determinism: the whole plan (sentence, voice, emotion, prosody values) is drawn up front from
+``seed``; the random values of utterance ``k`` come from ``numpy.random.default_rng([seed, task,
+split, k])``, and rendering is a pure function of the plan item (flite, espeak-ng and soxr are
+deterministic), so the same seed gives byte-identical manifests and audio for any ``workers``.
+
+Resumable: each wav is written to a temp file and renamed, so an existing wav is complete; a
+rerun skips them. ``OUT/.synthetic-plan.json`` records the settings; a rerun with different
+settings into the same folder is refused rather than mixing two corpora. Manifests come last.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import uuid
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+from xml.sax.saxutils import escape
+
+import numpy as np
+import soundfile as sf
+import soxr
+
+from harmonifuse.data.manifest import EMOTIONS_4, Utterance, write_manifest
+from harmonifuse.data.sentences import WORDNET_NOTICE, Sentence, load_sentences, wordnet_files
+
+__all__ = [
+    "ASR_RULE",
+    "CORPUS",
+    "EMOTION_RULES",
+    "SAMPLE_RATE",
+    "SIZES",
+    "VOICES",
+    "ProsodyRule",
+    "Voice",
+    "apply_channel",
+    "check_tools",
+    "prepare",
+    "synthesise",
+]
+
+CORPUS = "synthetic"
+SAMPLE_RATE = 16_000
+SPLITS = ("train", "dev", "test")
+TASKS = ("asr", "ser")
+FORMAT_VERSION = 1
+INSTALL_HINT = "apt-get install flite espeak-ng wordnet-base"
+
+# Utterances per manifest. "tiny" is for tests (seconds); "default" takes a few minutes on 2 cores.
+SIZES: dict[str, dict[str, int]] = {
+    "tiny": {"asr_train": 12, "asr_dev": 4, "asr_test": 4,
+             "ser_train": 12, "ser_dev": 4, "ser_test": 4},
+    "small": {"asr_train": 400, "asr_dev": 60, "asr_test": 60,
+              "ser_train": 320, "ser_dev": 80, "ser_test": 80},
+    "default": {"asr_train": 2400, "asr_dev": 300, "asr_test": 300,
+                "ser_train": 1600, "ser_dev": 200, "ser_test": 200},
+}
+# Fractions of the sentence pool reserved for dev and test (train gets the rest).
+POOL_FRACTIONS = {"dev": 0.1, "test": 0.1}
+
+
+@dataclass(frozen=True)
+class Voice:
+    """One synthetic speaker.
+
+    ``f0_mean``/``f0_std`` are the flite voice's own ``int_f0_target_mean``/``_stddev`` defaults
+    (checked: setting them to these values reproduces the default output byte for byte); the rules
+    scale them. ``None`` for espeak-ng (SSML ``prosody`` takes relative percentages) and for flite
+    ``rms``, which ignores both settings: its pitch is shifted by resampling instead (this also
+    shifts the formants by the same factor, and its pitch range cannot be changed).
+    """
+
+    name: str
+    engine: str  # "flite" | "espeak"
+    voice: str
+    f0_mean: float | None = None
+    f0_std: float | None = None
+
+
+def _espeak(language: str, variant: str) -> Voice:
+    return Voice(f"espeak-{language}+{variant}", "espeak", f"{language}+{variant}")
+
+
+VOICES: dict[str, tuple[Voice, ...]] = {
+    "train": (
+        Voice("flite-slt", "flite", "slt", 172.0, 27.0),
+        Voice("flite-kal16", "flite", "kal16", 95.0, 11.0),
+        Voice("flite-kal", "flite", "kal", 95.0, 11.0),  # 8 kHz original, upsampled
+        _espeak("en-us", "m1"), _espeak("en-us", "f1"), _espeak("en", "m2"), _espeak("en", "f2"),
+        _espeak("en-gb-scotland", "m3"), _espeak("en-gb-x-rp", "f3"), _espeak("en-029", "m4"),
+        _espeak("en-us-nyc", "m5"),
+    ),
+    "dev": (
+        Voice("flite-awb", "flite", "awb", 132.0, 25.0),
+        _espeak("en-us", "m6"), _espeak("en", "f4"),
+    ),
+    "test": (
+        Voice("flite-rms", "flite", "rms"),
+        _espeak("en-us", "m7"), _espeak("en-gb-x-rp", "f5"),
+    ),
+}
+_FLITE_VOICES = sorted({v.voice for vs in VOICES.values() for v in vs if v.engine == "flite"})
+
+
+@dataclass(frozen=True)
+class ProsodyRule:
+    """Uniform ranges, drawn independently per utterance.
+
+    pitch:   multiplier on the voice's mean F0 (pitch level)
+    range:   multiplier on its F0 standard deviation (pitch range / liveliness)
+    tempo:   duration multiplier (flite ``duration_stretch``; > 1 is slower)
+    gain_db: loudness relative to the reference level (-26 dBFS active RMS)
+    tilt:    voice quality; > 0 brightens (pre-emphasis y[n] = x[n] - t x[n-1], tense voice),
+             < 0 darkens (one-pole low-pass with pole |t|, lax/soft voice)
+    """
+
+    pitch: tuple[float, float]
+    range: tuple[float, float]
+    tempo: tuple[float, float]
+    gain_db: tuple[float, float]
+    tilt: tuple[float, float]
+
+
+# Directions follow the classic acoustic-correlate findings (e.g. Murray & Arnott 1993; Scherer
+# 2003): happy = higher, much wider pitch, a bit faster, louder; angry = loudest, fastest, raised
+# and wide pitch, tense (bright) voice; sad = lower, flat pitch, slow, soft, dark voice. Ranges
+# overlap between neighbours (happy/angry on pitch, rate and loudness; neutral/sad on pitch), so
+# no single number separates the classes.
+EMOTION_RULES: dict[str, ProsodyRule] = {
+    "neutral": ProsodyRule(pitch=(0.92, 1.08), range=(0.80, 1.20), tempo=(0.93, 1.07),
+                           gain_db=(-2.5, 2.5), tilt=(-0.15, 0.15)),
+    "happy": ProsodyRule(pitch=(1.15, 1.35), range=(1.50, 2.20), tempo=(0.84, 0.97),
+                         gain_db=(1.0, 5.0), tilt=(0.0, 0.35)),
+    "sad": ProsodyRule(pitch=(0.80, 0.95), range=(0.35, 0.65), tempo=(1.12, 1.35),
+                       gain_db=(-8.0, -2.0), tilt=(-0.60, -0.25)),
+    "angry": ProsodyRule(pitch=(1.05, 1.22), range=(1.25, 1.80), tempo=(0.78, 0.92),
+                         gain_db=(3.5, 8.0), tilt=(0.35, 0.70)),
+}
+# ASR utterances: neutral reading with mild variation (a bit wider than SER neutral).
+ASR_RULE = ProsodyRule(pitch=(0.90, 1.10), range=(0.75, 1.30), tempo=(0.90, 1.12),
+                       gain_db=(-4.0, 4.0), tilt=(-0.20, 0.20))
+NOISE_DB = (-66.0, -52.0)  # a faint white noise floor (dBFS RMS), so no file is digital silence
+REFERENCE_DBFS = -26.0
+assert tuple(EMOTION_RULES) == tuple(EMOTIONS_4)
+
+
+# --------------------------------------------------------------------------- tools
+
+
+def _run(cmd: list[str]) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, check=False)
+    except FileNotFoundError:
+        raise RuntimeError(f"`{cmd[0]}` not found; install it with `{INSTALL_HINT}`") from None
+
+
+def check_tools() -> dict[str, str]:
+    """Check flite (with its voices), espeak-ng and WordNet; return the tools' version strings.
+
+    Raises:
+        RuntimeError / FileNotFoundError: naming what is missing and ``apt-get install ...``.
+    """
+    missing = [tool for tool in ("flite", "espeak-ng") if shutil.which(tool) is None]
+    if missing:
+        raise RuntimeError(f"{' and '.join(missing)} not found on PATH; the synthetic corpus "
+                           f"needs them: `{INSTALL_HINT}`")
+    wordnet_files()
+    listed = _run(["flite", "-lv"]).stdout.split(":")[-1].split()
+    absent = [v for v in _FLITE_VOICES if v not in listed]
+    if absent:
+        raise RuntimeError(f"flite lacks the voices {absent} (it has {listed}); install Debian's "
+                           f"flite: `{INSTALL_HINT}`")
+    flite = _run(["flite", "--version"]).stdout.split("version:")[-1].split()
+    espeak = _run(["espeak-ng", "--version"]).stdout.split("Data at")[0].split(":")[-1].split()
+    return {"flite": flite[0] if flite else "unknown", "espeak-ng": espeak[0] if espeak else "unknown"}
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def _read_float(path: str) -> tuple[np.ndarray, int]:
+    audio, rate = sf.read(path, dtype="float64", always_2d=True)
+    return audio.mean(axis=1), rate
+
+
+def synthesise(spoken: str, voice: Voice, *, pitch: float = 1.0, range: float = 1.0,
+               tempo: float = 1.0) -> np.ndarray:
+    """Read ``spoken`` with ``voice`` and prosody multipliers; float64 mono at 16 kHz.
+
+    Args:
+        spoken: the text to read (plain text; escaped for espeak-ng's SSML here).
+        voice: one of :data:`VOICES`.
+        pitch, range, tempo: multipliers as in :class:`ProsodyRule` (1.0 = the voice's default).
+    """
+    with tempfile.TemporaryDirectory(prefix="hf-synth-") as tmp:
+        wav = os.path.join(tmp, "out.wav")
+        resample_from = None
+        if voice.engine == "flite":
+            cmd = ["flite", "-voice", voice.voice]
+            if voice.f0_mean is None:  # rms: shift pitch by resampling, pre-compensate duration
+                cmd += ["--setf", f"duration_stretch={tempo * pitch:.4f}"]
+                resample_from = pitch
+            else:
+                cmd += ["--setf", f"duration_stretch={tempo:.4f}",
+                        "--setf", f"int_f0_target_mean={voice.f0_mean * pitch:.3f}",
+                        "--setf", f"int_f0_target_stddev={voice.f0_std * range:.3f}"]
+            cmd += ["-t", spoken, "-o", wav]
+        elif voice.engine == "espeak":
+            ssml = (f'<speak><prosody pitch="{round((pitch - 1) * 100):+d}%" '
+                    f'range="{round((range - 1) * 100):+d}%" rate="{round(100 / tempo)}%">'
+                    f"{escape(spoken)}</prosody></speak>")
+            cmd = ["espeak-ng", "-m", "-v", voice.voice, "-w", wav, ssml]
+        else:
+            raise ValueError(f"unknown engine {voice.engine!r}")
+        done = _run(cmd)
+        if done.returncode != 0 or not os.path.isfile(wav):
+            raise RuntimeError(f"{cmd[0]} failed ({done.returncode}) on {spoken!r}: "
+                               f"{done.stderr.strip()[:500]}")
+        audio, rate = _read_float(wav)
+    if resample_from is not None:
+        audio = soxr.resample(audio, rate * resample_from, SAMPLE_RATE)
+    elif rate != SAMPLE_RATE:
+        audio = soxr.resample(audio, rate, SAMPLE_RATE)
+    if audio.size == 0:
+        raise RuntimeError(f"{voice.name} produced no audio for {spoken!r}")
+    return np.asarray(audio, dtype=np.float64)
+
+
+def _active_rms(audio: np.ndarray, frame: int = 320) -> float:
+    """RMS over the 20 ms frames within 30 dB of the loudest one (ignores pauses and silence)."""
+    n = max(1, audio.size // frame)
+    energy = np.mean(audio[: n * frame].reshape(n, frame) ** 2, axis=1) if audio.size >= frame \
+        else np.array([np.mean(audio ** 2)])
+    active = energy[energy >= energy.max() * 1e-3]
+    return float(np.sqrt(np.mean(active))) if active.size else 0.0
+
+
+def apply_channel(audio: np.ndarray, *, gain_db: float, tilt: float, noise_db: float,
+                  noise_seed: int) -> np.ndarray:
+    """Spectral tilt, loudness (active RMS at REFERENCE_DBFS + gain_db), noise floor, soft limit."""
+    x = np.asarray(audio, dtype=np.float64)
+    if tilt > 0:
+        x = np.concatenate([x[:1], x[1:] - tilt * x[:-1]])
+    elif tilt < 0:
+        pole = -tilt
+        kernel = (1 - pole) * pole ** np.arange(int(np.ceil(np.log(1e-4) / np.log(pole))) + 1)
+        x = np.convolve(x, kernel)[: x.size]
+    rms = _active_rms(x)
+    if rms > 0:
+        x = x * (10 ** ((REFERENCE_DBFS + gain_db) / 20) / rms)
+    noise = np.random.default_rng(noise_seed).standard_normal(x.size)
+    x = x + noise * 10 ** (noise_db / 20)
+    # Soft knee above 0.9: peaks approach 0.98 smoothly instead of clipping at 1.0.
+    over = np.abs(x) > 0.9
+    x[over] = np.sign(x[over]) * (0.9 + 0.08 * np.tanh((np.abs(x[over]) - 0.9) / 0.08))
+    return x
+
+
+_VOICE_BY_NAME = {v.name: v for vs in VOICES.values() for v in vs}
+
+
+def _render(job: tuple[dict[str, Any], str]) -> tuple[str, int]:
+    """Make one plan item's wav unless it already exists; return (id, frames). Worker-safe."""
+    item, out = job
+    target = Path(out) / item["audio"]
+    if target.is_file():
+        try:
+            info = sf.info(str(target))
+            if info.samplerate == SAMPLE_RATE and info.frames > 0:
+                return item["id"], info.frames
+        except RuntimeError:
+            pass  # unreadable: regenerate
+    voice = _VOICE_BY_NAME[item["speaker"]]
+    audio = synthesise(item["spoken"], voice, pitch=item["pitch"], range=item["range"],
+                       tempo=item["tempo"])
+    audio = apply_channel(audio, gain_db=item["gain_db"], tilt=item["tilt"],
+                          noise_db=item["noise_db"], noise_seed=item["noise_seed"])
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temp = target.parent / f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        sf.write(str(temp), audio.astype(np.float32), SAMPLE_RATE, subtype="PCM_16", format="WAV")
+        os.replace(temp, target)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    return item["id"], int(audio.size)
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def _sizes(size: str | dict) -> dict[str, int]:
+    keys = [f"{task}_{split}" for task in TASKS for split in SPLITS]
+    if isinstance(size, str):
+        if size not in SIZES:
+            raise ValueError(f"unknown size {size!r}; use one of {sorted(SIZES)} or a dict with "
+                             f"keys {keys}")
+        return dict(SIZES[size])
+    unknown = sorted(set(size) - set(keys))
+    if unknown:
+        raise ValueError(f"unknown size keys {unknown}; use {keys} (missing keys count 0)")
+    counts = {key: int(size.get(key, 0)) for key in keys}
+    if any(n < 0 for n in counts.values()) or not any(counts.values()):
+        raise ValueError(f"sizes must be >= 0 and not all 0, got {counts}")
+    return counts
+
+
+def _split_pools(sentences: list[Sentence], seed: int) -> dict[str, list[Sentence]]:
+    order = np.random.default_rng([seed, 0xC0DE]).permutation(len(sentences))
+    shuffled = [sentences[i] for i in order]
+    n_dev = round(len(shuffled) * POOL_FRACTIONS["dev"])
+    n_test = round(len(shuffled) * POOL_FRACTIONS["test"])
+    return {"test": shuffled[:n_test], "dev": shuffled[n_test:n_test + n_dev],
+            "train": shuffled[n_test + n_dev:]}
+
+
+def _draw(rule: ProsodyRule, rng: np.random.Generator) -> dict[str, float]:
+    def u(bounds: tuple[float, float], digits: int) -> float:
+        return round(float(rng.uniform(*bounds)), digits)
+
+    return {"pitch": u(rule.pitch, 2), "range": u(rule.range, 2), "tempo": u(rule.tempo, 2),
+            "gain_db": u(rule.gain_db, 1), "tilt": u(rule.tilt, 2), "noise_db": u(NOISE_DB, 1),
+            "noise_seed": int(rng.integers(2**31))}
+
+
+def _plan(seed: int, counts: dict[str, int], sentences: list[Sentence]) -> list[dict[str, Any]]:
+    """Every utterance's sentence, voice, emotion and prosody values, in id order."""
+    pools = _split_pools(sentences, seed)
+    items: list[dict[str, Any]] = []
+    for s_index, split in enumerate(SPLITS):
+        pool = pools[split]
+        voices = VOICES[split]
+        used = 0  # ASR takes the pool's first sentences, SER continues after them
+        for t_index, task in enumerate(TASKS):
+            n = counts[f"{task}_{split}"]
+            setup = np.random.default_rng([seed, t_index, s_index, 0xFFFF])
+            voice_order = setup.permutation(len(voices))
+            # (voice, emotion) pairs: emotion k % 4 and, per emotion, consecutive voices of one
+            # permutation (offset per emotion), so every 4 * n_voices block crosses them fully;
+            # then a seeded shuffle decides which id gets which pair.
+            shift = max(1, len(voices) // len(EMOTIONS_4))
+            pairs = []
+            for k in range(n):
+                emotion = k % len(EMOTIONS_4)
+                j = k // len(EMOTIONS_4) if task == "ser" else k
+                e_shift = emotion * shift if task == "ser" else 0
+                pairs.append((voices[voice_order[(j + e_shift) % len(voices)]],
+                              EMOTIONS_4[emotion] if task == "ser" else None))
+            pairs = [pairs[i] for i in setup.permutation(n)]
+            for k, (voice, emotion) in enumerate(pairs):
+                rng = np.random.default_rng([seed, t_index, s_index, k])
+                sentence = pool[(used + k) % len(pool)]
+                uid = f"synth-{task}-{split}-{k:05d}"
+                items.append({
+                    "id": uid, "task": task, "split": split,
+                    "audio": f"audio/{task}/{split}/{uid}.wav",
+                    "speaker": voice.name, "engine": voice.engine, "voice": voice.voice,
+                    "emotion": emotion, "spoken": sentence.spoken, "text": sentence.text,
+                    **_draw(EMOTION_RULES[emotion] if emotion else ASR_RULE, rng),
+                })
+            used += n
+    return items
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def _write_text(path: Path, text: str) -> None:
+    temp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        temp.write_text(text, encoding="utf-8")
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+
+
+def _fingerprint(out: Path, settings: dict[str, Any]) -> None:
+    path = out / ".synthetic-plan.json"
+    text = json.dumps(settings, indent=1, sort_keys=True) + "\n"
+    if path.is_file():
+        old = json.loads(path.read_text(encoding="utf-8"))
+        if old != settings:
+            differ = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+            raise ValueError(
+                f"{out} already holds a synthetic corpus made with other settings (differs in "
+                f"{differ}); resuming would mix two corpora. Use another folder, or delete {out}."
+            )
+        return
+    _write_text(path, text)
+
+
+def _rule_table() -> str:
+    def r(b: tuple[float, float], fmt: str = "{:.2f}") -> str:
+        return f"{fmt.format(b[0])} - {fmt.format(b[1])}"
+
+    rows = ["| label | pitch level (x voice mean F0) | pitch range (x F0 std) | duration "
+            "(x, >1 slower) | loudness (dB) | spectral tilt |",
+            "|---|---|---|---|---|---|"]
+    for name, rule in [*EMOTION_RULES.items(), ("ASR (all)", ASR_RULE)]:
+        rows.append(f"| {name} | {r(rule.pitch)} | {r(rule.range)} | {r(rule.tempo)} | "
+                    f"{r(rule.gain_db, '{:+.1f}')} | {r(rule.tilt, '{:+.2f}')} |")
+    return "\n".join(rows)
+
+
+def _readme(items: list[dict[str, Any]], frames: dict[str, int], settings: dict[str, Any]) -> str:
+    lines = []
+    for task in TASKS:
+        for split in SPLITS:
+            sel = [it for it in items if it["task"] == task and it["split"] == split]
+            if not sel:
+                continue
+            hours = sum(frames[it["id"]] for it in sel) / SAMPLE_RATE / 3600
+            speakers = sorted({it["speaker"] for it in sel})
+            extra = (f"{len({it['text'] for it in sel})} distinct sentences" if task == "asr" else
+                     ", ".join(f"{e} {n}" for e, n in
+                               sorted(Counter(it["emotion"] for it in sel).items(),
+                                      key=lambda kv: EMOTIONS_4.index(kv[0]))))
+            lines.append(f"| {task}_{split}.jsonl | {len(sel)} | {hours * 60:.1f} min | "
+                         f"{extra} | {', '.join(speakers)} |")
+    table = "\n".join(["| manifest | utterances | audio | content | speakers (voices) |",
+                       "|---|---|---|---|---|", *lines])
+    tools = ", ".join(f"{k} {v}" for k, v in sorted(settings["tools"].items()))
+    return f"""# HarmoniFuse synthetic corpus
+
+**This corpus is synthetic.** Every utterance was produced by a rule-based text-to-speech engine
+(flite, espeak-ng) on this machine. The "emotions" are **prosody by rule**: each label is a range
+of pitch level, pitch range, speaking rate, loudness and spectral tilt, drawn at random per
+utterance. Nobody felt or acted anything. It lets the ASR + SER pipeline run end to end offline
+and lets ablations be compared, but results on it say nothing about real emotional speech and it
+is **not a substitute for IEMOCAP** (or for LibriSpeech): report them as synthetic.
+
+Made by `harmonifuse prepare synthetic` (`harmonifuse.data.synthetic.prepare`) with seed
+{settings["seed"]}; the same seed and tools give byte-identical files. Tools: {tools}.
+
+## Contents
+
+{table}
+
+- Audio: `audio/<task>/<split>/<id>.wav`, 16 kHz mono 16-bit PCM (flite `kal` is synthesised
+  at 8 kHz and upsampled; espeak-ng at 22.05 kHz and downsampled; soxr).
+- Manifests: JSONL, one utterance a line: `id`, `audio` (relative to the manifest), `duration`
+  (s), `corpus` ("{CORPUS}"), `speaker` (the voice), and `text` (ASR) or `emotion` (SER: one of
+  {", ".join(EMOTIONS_4)}). SER lines carry no text.
+- `synthesis.jsonl`: every utterance's voice, sentence and drawn prosody values. It reveals the
+  SER labels: use it for analysis only, never as model input.
+
+## Splits
+
+Train, dev and test use disjoint voices (test voices are never heard in training; flite `kal`
+and `kal16` are one speaker and are both in train; the espeak-ng variants that set the voice
+timbre are disjoint across splits). The sentence pool is split 80/10/10 before drawing, so dev
+and test sentences never occur in training (in either task). Within a split, ASR utterances take
+distinct sentences while the pool lasts, and SER utterances continue with sentences ASR did not
+use; SER sentences are assigned independently of the emotion (no lexical cue).
+
+## Transcripts
+
+Sentences are WordNet 3.0 usage examples that begin with a capital and have 5-20 words, kept only
+if they can be read verbatim: ASCII letters and ordinary punctuation only; no digits, symbols,
+abbreviations (no inner periods, no `Mr`/`Dr`/`St`...), acronyms or Roman numerals (no all-capital
+words). The synthesiser reads the sentence with its punctuation (hyphens read as spaces); the
+`text` label keeps the natural casing and removes punctuation except apostrophes inside words
+("When you have to hiccup drink a glass of cold water"). Lower-case both sides when scoring.
+
+## Prosody rules
+
+Per utterance, each value is drawn uniformly from its range (relative to the voice's own
+default): pitch level scales flite's `int_f0_target_mean` (espeak-ng: SSML `prosody pitch`),
+pitch range scales `int_f0_target_stddev` (SSML `range`), duration is flite's `duration_stretch`
+(SSML `rate` = 1/duration), loudness is a gain on the samples relative to -26 dBFS active RMS,
+and spectral tilt is a pre-emphasis (> 0, tense/bright) or one-pole low-pass (< 0, lax/dark)
+filter. A faint white-noise floor ({NOISE_DB[0]:.0f} to {NOISE_DB[1]:.0f} dBFS) is added and peaks
+are soft-limited below 0.98. flite `rms` ignores the F0 settings: its pitch level is applied by
+resampling (which also shifts its formants) and its pitch range stays at the default.
+
+{_rule_table()}
+
+Directions follow the usual acoustic correlates of emotion in speech (e.g. Murray & Arnott 1993):
+happy = higher and much livelier pitch, slightly faster, louder; angry = loudest and fastest,
+raised wide pitch, tense voice; sad = lower, flat pitch, slow, soft, dark voice. Neighbouring
+ranges overlap so no single measurement separates the classes.
+
+## Licence
+
+The sentences come from WordNet 3.0, Copyright 2006 by Princeton University; see `NOTICE` for its
+licence, which must accompany copies of this corpus. flite and espeak-ng are the synthesisers
+(their outputs carry no licence restriction from the voices used here).
+"""
+
+
+def prepare(out: Path, *, seed: int = 0, size: str | dict = "default", src: Path | None = None,
+            workers: int = 2, progress: bool = True) -> dict[str, Path]:
+    """Synthesise the built-in corpus into ``out``; return the manifests by name.
+
+    Args:
+        out: output folder (created). Rerunning with the same settings resumes: existing wavs are
+            kept; with other settings it is refused (ValueError).
+        seed: everything random (sentence split, voices, emotions, prosody, noise) follows it.
+        size: "tiny" (40 utterances, seconds), "small", "default" (~5,000 utterances, minutes) or
+            a dict of counts with keys ``{asr,ser}_{train,dev,test}`` (missing keys count 0).
+        src: unused (the corpus needs no source data); accepted for the common ``prepare`` API.
+        workers: processes rendering audio in parallel (<= 1: in this process). Results do not
+            depend on it.
+        progress: show a tqdm progress bar.
+
+    Returns:
+        ``{"asr_train": OUT/asr_train.jsonl, ..., "ser_test": OUT/ser_test.jsonl}`` for every
+        non-empty manifest.
+    """
+    del src
+    out = Path(out)
+    counts = _sizes(size)
+    tools = check_tools()
+    sentences = load_sentences()
+    items = _plan(seed, counts, sentences)
+    plan_hash = hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()
+    settings = {"format": FORMAT_VERSION, "seed": seed, "counts": counts, "tools": tools,
+                "plan_sha256": plan_hash}
+    out.mkdir(parents=True, exist_ok=True)
+    _fingerprint(out, settings)
+
+    frames: dict[str, int] = {}
+    jobs = [(item, str(out)) for item in items]
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(jobs), desc="synthetic corpus", unit="utt", disable=not progress) as bar:
+        if workers <= 1:
+            for job in jobs:
+                uid, n = _render(job)
+                frames[uid] = n
+                bar.update()
+        else:
+            with ProcessPoolExecutor(max_workers=workers) as pool:
+                for uid, n in pool.map(_render, jobs, chunksize=8):
+                    frames[uid] = n
+                    bar.update()
+
+    for stale in (out / "audio").rglob(".*.tmp"):  # left by an interrupted run
+        stale.unlink(missing_ok=True)
+    _write_text(out / "synthesis.jsonl", "".join(
+        json.dumps({k: v for k, v in item.items() if v is not None}, sort_keys=True) + "\n"
+        for item in items))
+    _write_text(out / "NOTICE", WORDNET_NOTICE)
+    _write_text(out / "README.md", _readme(items, frames, settings))
+
+    manifests: dict[str, Path] = {}
+    for task in TASKS:
+        for split in SPLITS:
+            sel = [it for it in items if it["task"] == task and it["split"] == split]
+            if not sel:
+                continue
+            path = out / f"{task}_{split}.jsonl"
+            write_manifest(path, [
+                Utterance(id=it["id"], audio=os.path.abspath(out / it["audio"]),
+                          duration=round(frames[it["id"]] / SAMPLE_RATE, 6), corpus=CORPUS,
+                          speaker=it["speaker"],
+                          text=it["text"] if task == "asr" else None,
+                          emotion=it["emotion"] if task == "ser" else None)
+                for it in sel])
+            manifests[f"{task}_{split}"] = path
+    return manifests

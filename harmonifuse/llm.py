@@ -1,0 +1,183 @@
+"""The causal LLM that reads speech embeddings and answers the task prompt.
+
+Layout of one sequence (chat template when the tokenizer has one):
+
+    [chat prefix] [speech embeddings] [prompt tokens] [assistant prefix] -> [answer tokens] [eos]
+
+The LLM is frozen; LoRA adapters (peft) are its only trained weights.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+SPEECH_MARK = "<<speech>>"
+IGNORE_INDEX = -100
+
+
+@dataclass
+class LLMInputs:
+    """inputs_embeds (B, N, H), attention_mask (B, N), position_ids (B, N), labels (B, N) or None."""
+
+    inputs_embeds: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    labels: torch.Tensor | None = None
+
+
+class SpeechLLM(nn.Module):
+    def __init__(self, model: nn.Module, tokenizer, *, chat_template: bool = True, max_new_tokens: int = 96) -> None:
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.use_chat_template = chat_template and getattr(tokenizer, "chat_template", None) is not None
+        self.max_new_tokens = max_new_tokens
+        self.eos_token_id = tokenizer.eos_token_id
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self._layouts: dict[str, tuple[list[int], list[int]]] = {}
+
+    @classmethod
+    def from_pretrained(cls, path: str, *, lora_rank: int = 8, lora_alpha: float = 16.0, lora_dropout: float = 0.0,
+                        lora_targets: list[str] | None = None, chat_template: bool = True,
+                        max_new_tokens: int = 96) -> "SpeechLLM":
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        return cls.wrap(model, tokenizer, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                        lora_targets=lora_targets, chat_template=chat_template, max_new_tokens=max_new_tokens)
+
+    @classmethod
+    def wrap(cls, model: nn.Module, tokenizer, *, lora_rank: int = 8, lora_alpha: float = 16.0,
+             lora_dropout: float = 0.0, lora_targets: list[str] | None = None, chat_template: bool = True,
+             max_new_tokens: int = 96) -> "SpeechLLM":
+        """Freeze ``model`` and add LoRA adapters (rank 0: no adapters)."""
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        if lora_rank > 0:
+            from peft import LoraConfig, get_peft_model
+
+            lora = LoraConfig(r=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                              target_modules=list(lora_targets or ["q_proj", "v_proj"]), task_type="CAUSAL_LM")
+            model = get_peft_model(model, lora)
+        return cls(model, tokenizer, chat_template=chat_template, max_new_tokens=max_new_tokens)
+
+    # -- basic accessors ------------------------------------------------------------------------
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.hidden_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def embed(self, ids: list[int] | torch.Tensor) -> torch.Tensor:
+        """token ids (N,) -> embeddings (N, H)."""
+        ids = torch.as_tensor(ids, dtype=torch.long, device=self.device)
+        return self.model.get_input_embeddings()(ids)
+
+    @contextlib.contextmanager
+    def base_model_only(self):
+        """Run the frozen base LLM without its adapters."""
+        disable = getattr(self.model, "disable_adapter", None)
+        with (disable() if disable is not None else contextlib.nullcontext()):
+            yield
+
+    # -- layout -----------------------------------------------------------------------------------
+
+    def layout(self, prompt: str) -> tuple[list[int], list[int]]:
+        """Token ids before and after the speech for ``prompt``: (prefix, suffix)."""
+        if prompt not in self._layouts:
+            if self.use_chat_template:
+                text = self.tokenizer.apply_chat_template(
+                    [{"role": "user", "content": SPEECH_MARK + prompt}], tokenize=False, add_generation_prompt=True)
+                before, _, after = text.partition(SPEECH_MARK)
+            else:
+                before, after = "", " " + prompt + "\n"
+            prefix = self.tokenize(before)
+            if not self.use_chat_template and self.tokenizer.bos_token_id is not None:
+                prefix = [self.tokenizer.bos_token_id] + prefix
+            self._layouts[prompt] = (prefix, self.tokenize(after))
+        return self._layouts[prompt]
+
+    def answer_ids(self, answer: str) -> list[int]:
+        return self.tokenize(answer) + [self.eos_token_id]
+
+    def build_inputs(self, speech: torch.Tensor, speech_lengths: torch.Tensor, prompts: list[str],
+                     answers: list[str] | list[list[int]] | None = None, *, left_pad: bool = False) -> LLMInputs:
+        """Assemble one sequence per item.
+
+        speech (B, N, H), speech_lengths (B,); answers as text or token ids (None for generation).
+        Right padding for training and scoring, left padding for generation.
+        """
+        rows, label_rows = [], []
+        dtype = self.model.get_input_embeddings().weight.dtype
+        for i, prompt in enumerate(prompts):
+            prefix, suffix = self.layout(prompt)
+            parts = [self.embed(prefix), speech[i, : int(speech_lengths[i])].to(dtype), self.embed(suffix)]
+            labels = [IGNORE_INDEX] * (len(prefix) + int(speech_lengths[i]) + len(suffix))
+            if answers is not None:
+                answer = answers[i]
+                ids = self.answer_ids(answer) if isinstance(answer, str) else list(answer)
+                parts.append(self.embed(ids))
+                labels += ids
+            rows.append(torch.cat(parts))
+            label_rows.append(labels)
+        lengths = [row.shape[0] for row in rows]
+        width, B, H = max(lengths), len(rows), rows[0].shape[1]
+        embeds = rows[0].new_zeros(B, width, H)
+        mask = torch.zeros(B, width, dtype=torch.long, device=embeds.device)
+        labels = torch.full((B, width), IGNORE_INDEX, dtype=torch.long, device=embeds.device)
+        for i, (row, n) in enumerate(zip(rows, lengths)):
+            span = slice(width - n, width) if left_pad else slice(0, n)
+            embeds[i, span] = row
+            mask[i, span] = 1
+            labels[i, span] = torch.tensor(label_rows[i], device=embeds.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        return LLMInputs(embeds, mask, positions, labels if answers is not None else None)
+
+    # -- training, generation, scoring ------------------------------------------------------------
+
+    def forward(self, inputs: LLMInputs) -> torch.Tensor:
+        """Mean next-token cross-entropy over the answer tokens."""
+        out = self.model(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
+                         position_ids=inputs.position_ids)
+        logits = out.logits[:, :-1].float()
+        targets = inputs.labels[:, 1:]
+        return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                           ignore_index=IGNORE_INDEX)
+
+    @torch.no_grad()
+    def generate(self, speech: torch.Tensor, speech_lengths: torch.Tensor, prompts: list[str],
+                 max_new_tokens: int | None = None) -> list[str]:
+        """Greedy decoding with the KV cache, batched (left padded)."""
+        inputs = self.build_inputs(speech, speech_lengths, prompts, left_pad=True)
+        generated = self.model.generate(
+            inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
+            max_new_tokens=max_new_tokens or self.max_new_tokens, do_sample=False, num_beams=1,
+            eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id)
+        return [text.strip() for text in self.tokenizer.batch_decode(generated, skip_special_tokens=True)]
+
+    @torch.no_grad()
+    def score_labels(self, speech: torch.Tensor, speech_lengths: torch.Tensor, prompts: list[str],
+                     labels: list[str]) -> torch.Tensor:
+        """Log-probability of every label (its tokens and eos) as the answer: (B, K), one forward pass."""
+        B, K = len(prompts), len(labels)
+        label_ids = [self.answer_ids(label) for label in labels]
+        rep = torch.arange(B, device=speech.device).repeat_interleave(K)
+        inputs = self.build_inputs(speech[rep], speech_lengths[rep], [prompts[i] for i in rep.tolist()],
+                                   [label_ids[k] for _ in range(B) for k in range(K)])
+        out = self.model(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
+                         position_ids=inputs.position_ids)
+        logprobs = out.logits[:, :-1].float().log_softmax(-1)
+        targets = inputs.labels[:, 1:]
+        picked = logprobs.gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+        scores = (picked * (targets != IGNORE_INDEX)).sum(-1)
+        return scores.view(B, K)

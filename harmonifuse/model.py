@@ -1,0 +1,282 @@
+"""HarmoniFuse: speech encoder -> prompt-adaptive fusion -> gate -> projector -> LLM.
+
+The components are built elsewhere and injected; :meth:`HarmoniFuse.build` only wires a config
+to their constructors. Only the trained parts (fusion, gate, projector, LoRA, and the encoder
+when it is unfrozen) are saved.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence, Union
+
+import numpy as np
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import ModelConfig, from_dict, load_yaml
+from .encoders import EncoderOutput, SpeechEncoder, build_encoder
+from .fusion import LayerFusion, build_fusion
+from .gate import build_gate
+from .llm import SpeechLLM
+from .projector import FrameStackProjector
+from .prompt import PROMPT_ENCODERS
+
+AudioInput = Union[str, os.PathLike, np.ndarray, tuple]
+CONFIG_NAME = "config.yaml"
+WEIGHTS_NAME = "trained.safetensors"
+
+
+@dataclass
+class ModelOutput:
+    """loss: scalar; layer_weights (B, L+1); gate_mean (B,) or None."""
+
+    loss: torch.Tensor
+    layer_weights: torch.Tensor
+    gate_mean: torch.Tensor | None
+
+
+@dataclass
+class SpeechEmbeddings:
+    """embeddings (B, N, H) and lengths (B,) for the LLM, plus what the fusion and gate chose."""
+
+    embeddings: torch.Tensor
+    lengths: torch.Tensor
+    layer_weights: torch.Tensor
+    gate_mean: torch.Tensor | None
+
+
+class HarmoniFuse(nn.Module):
+    def __init__(self, config: ModelConfig, encoder: SpeechEncoder, prompt_encoder: nn.Module, fusion: LayerFusion,
+                 gate: nn.Module, projector: FrameStackProjector, llm: SpeechLLM) -> None:
+        super().__init__()
+        self.config = config
+        self.encoder = encoder
+        self.prompt_encoder = prompt_encoder
+        self.fusion = fusion
+        self.gate = gate
+        self.projector = projector
+        self.llm = llm
+        self.task_names = config.tasks.task_names
+
+    # -- construction -------------------------------------------------------------------------------
+
+    @classmethod
+    def build(cls, config: ModelConfig) -> "HarmoniFuse":
+        """Load the pretrained encoder and LLM named by ``config`` and add fresh HarmoniFuse parts."""
+        from .assets import resolve_source
+
+        encoder = build_encoder(config.encoder.source, pad_to_30s=config.encoder.pad_to_30s,
+                                trainable=config.encoder.trainable)
+        c = config.llm
+        llm = SpeechLLM.from_pretrained(resolve_source(c.source), lora_rank=c.lora_rank, lora_alpha=c.lora_alpha,
+                                        lora_dropout=c.lora_dropout, lora_targets=c.lora_targets,
+                                        chat_template=c.chat_template, max_new_tokens=c.max_new_tokens)
+        return cls.from_parts(config, encoder, llm)
+
+    @classmethod
+    def from_parts(cls, config: ModelConfig, encoder: SpeechEncoder, llm: SpeechLLM) -> "HarmoniFuse":
+        """Wire fusion, gate, projector and prompt vectors around an encoder and an LLM."""
+        prompt_encoder = PROMPT_ENCODERS[config.prompt.vector](llm)
+        num_tasks = len(config.tasks.task_names)
+        fusion = build_fusion(config.fusion.mode, encoder.num_hidden_states, encoder.hidden_size,
+                              prompt_encoder.dim, num_tasks, temperature=config.fusion.temperature,
+                              layer_norm=config.fusion.layer_norm)
+        gate = build_gate(config.gate.mode, encoder.hidden_size, prompt_encoder.dim)
+        projector = FrameStackProjector(encoder.hidden_size, llm.hidden_size, stack=config.projector.stack,
+                                        hidden_size=config.projector.hidden_size)
+        return cls(config, encoder, prompt_encoder, fusion, gate, projector, llm)
+
+    @classmethod
+    def from_pretrained(cls, source: str | os.PathLike | ModelConfig, overrides: list[str] | None = None) -> "HarmoniFuse":
+        """A saved model folder, a YAML config file, or a ModelConfig (fresh, untrained parts)."""
+        if isinstance(source, ModelConfig):
+            return cls.build(source)
+        path = Path(source)
+        if path.is_dir():
+            config_file = path / CONFIG_NAME
+            if not config_file.is_file():
+                raise FileNotFoundError(f"{path} is not a HarmoniFuse model folder: {CONFIG_NAME} is missing")
+            model = cls.build(_model_config(load_yaml(config_file), overrides))
+            weights = path / WEIGHTS_NAME
+            if weights.is_file():
+                model.load_trained(weights)
+            return model
+        if path.is_file():
+            return cls.build(_model_config(load_yaml(path), overrides))
+        raise FileNotFoundError(f"no model folder or config file at {path}")
+
+    # -- trained state ------------------------------------------------------------------------------
+
+    def trained_state_dict(self) -> dict[str, torch.Tensor]:
+        """The parameters that training changes (everything else comes from the base models)."""
+        return {name: p.detach() for name, p in self.named_parameters() if p.requires_grad}
+
+    def load_trained(self, path: str | os.PathLike) -> None:
+        state = load_file(str(path))
+        expected = set(self.trained_state_dict())
+        missing, unexpected = expected - set(state), set(state) - expected
+        if missing or unexpected:
+            raise ValueError(f"{path} does not match this model's configuration: missing {sorted(missing)[:5]}, "
+                             f"unexpected {sorted(unexpected)[:5]}")
+        own = dict(self.named_parameters())
+        with torch.no_grad():
+            for name, tensor in state.items():
+                if own[name].shape != tensor.shape:
+                    raise ValueError(f"{path}: '{name}' has shape {tuple(tensor.shape)}, "
+                                     f"the model expects {tuple(own[name].shape)}")
+                own[name].copy_(tensor)
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write config.yaml and the trained weights (safetensors) atomically into ``directory``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.contiguous().cpu() for k, v in self.trained_state_dict().items()}
+        _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+        text = yaml.safe_dump(dataclasses.asdict(self.config), sort_keys=False)
+        _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+        return directory
+
+    # -- the forward path -----------------------------------------------------------------------------
+
+    def task_ids(self, tasks: Sequence[str]) -> torch.Tensor:
+        unknown = set(tasks) - set(self.task_names)
+        if unknown:
+            raise ValueError(f"unknown task(s) {sorted(unknown)}; this model knows {self.task_names}")
+        return torch.tensor([self.task_names.index(t) for t in tasks], device=self.llm.device)
+
+    def prompts_for(self, tasks: Sequence[str]) -> list[str]:
+        return [self.config.tasks.prompts[t] for t in tasks]
+
+    def encode(self, waveforms: torch.Tensor, lengths: torch.Tensor) -> EncoderOutput:
+        """waveforms (B, S), lengths (B,) -> hidden states (L+1, B, T, D), frame lengths (B,)."""
+        return self.encoder(waveforms, lengths)
+
+    def speech_embeddings(self, hidden_states: torch.Tensor, frame_lengths: torch.Tensor, tasks: Sequence[str],
+                          prompts: Sequence[str] | None = None) -> SpeechEmbeddings:
+        """hidden states (L+1, B, T, D) -> LLM-width speech embeddings (B, N, H) for each item's task."""
+        prompts = list(prompts) if prompts is not None else self.prompts_for(tasks)
+        prompt_vectors = self.prompt_encoder(prompts).to(hidden_states.device)
+        task_ids = self.task_ids(tasks)
+        fused = self.fusion(hidden_states, prompt_vectors, task_ids)
+        gated, gate = self.gate(fused, prompt_vectors)
+        embeddings, lengths = self.projector(gated, frame_lengths)
+        gate_mean = None
+        if gate is not None:
+            valid = (torch.arange(gate.shape[1], device=gate.device)[None, :] < frame_lengths[:, None]).to(gate.dtype)
+            valid = valid if gate.shape[1] > 1 else torch.ones_like(valid[:, :1])
+            gate_mean = (gate.mean(-1) * valid).sum(1) / valid.sum(1)
+        return SpeechEmbeddings(embeddings, lengths, self.fusion.weights(prompt_vectors, task_ids), gate_mean)
+
+    def forward(self, batch: Any, prompts: Sequence[str] | None = None) -> ModelOutput:
+        """Loss on the answer tokens of a batch (cached hidden states or waveforms)."""
+        if getattr(batch, "hidden_states", None) is not None:
+            hidden, frame_lengths = batch.hidden_states, batch.frame_lengths
+        else:
+            encoded = self.encode(batch.waveforms, batch.wave_lengths)
+            hidden, frame_lengths = encoded.hidden_states, encoded.lengths
+        speech = self.speech_embeddings(hidden, frame_lengths, batch.tasks, prompts)
+        prompts = list(prompts) if prompts is not None else self.prompts_for(batch.tasks)
+        inputs = self.llm.build_inputs(speech.embeddings, speech.lengths, prompts, list(batch.targets))
+        return ModelOutput(self.llm(inputs), speech.layer_weights, speech.gate_mean)
+
+    # -- inference ----------------------------------------------------------------------------------
+
+    def _waveforms(self, audio: Sequence[AudioInput]) -> tuple[torch.Tensor, torch.Tensor]:
+        from .audio import SAMPLE_RATE, load_audio, to_mono_16k
+
+        waves = []
+        for item in audio:
+            if isinstance(item, (str, os.PathLike)):
+                waves.append(load_audio(item, max_seconds=self.config.encoder.max_seconds))
+            elif isinstance(item, tuple):
+                samples, rate = item
+                waves.append(to_mono_16k(np.asarray(samples), rate, max_seconds=self.config.encoder.max_seconds))
+            else:
+                waves.append(to_mono_16k(np.asarray(item), SAMPLE_RATE, max_seconds=self.config.encoder.max_seconds))
+        lengths = torch.tensor([len(w) for w in waves])
+        batch = torch.zeros(len(waves), int(lengths.max()))
+        for i, w in enumerate(waves):
+            batch[i, : len(w)] = torch.from_numpy(w)
+        device = self.llm.device
+        return batch.to(device), lengths.to(device)
+
+    @torch.no_grad()
+    def analyze_hidden(self, hidden_states: torch.Tensor, frame_lengths: torch.Tensor,
+                       tasks: Sequence[str] = ("asr", "ser"), prompts: dict[str, str] | None = None) -> list[dict]:
+        """Every task from one set of encoder hidden states (L+1, B, T, D)."""
+        B = hidden_states.shape[1]
+        results: list[dict] = [{} for _ in range(B)]
+        for task in tasks:
+            task_prompts = [(prompts or {}).get(task, self.config.tasks.prompts[task])] * B
+            speech = self.speech_embeddings(hidden_states, frame_lengths, [task] * B, task_prompts)
+            if task == "ser":
+                labels = self.config.tasks.emotion_labels
+                probs = self.llm.score_labels(speech.embeddings, speech.lengths, task_prompts, labels).softmax(-1)
+                for r, row in zip(results, probs.tolist()):
+                    r["emotion"] = labels[int(np.argmax(row))]
+                    r["emotion_probs"] = dict(zip(labels, (round(p, 6) for p in row)))
+            else:
+                texts = self.llm.generate(speech.embeddings, speech.lengths, task_prompts)
+                key = "transcript" if task == "asr" else task
+                for r, text in zip(results, texts):
+                    r[key] = text
+        return results
+
+    @torch.no_grad()
+    def analyze(self, audio: AudioInput | Sequence[AudioInput], tasks: Sequence[str] = ("asr", "ser"),
+                prompts: dict[str, str] | None = None) -> dict | list[dict]:
+        """Run the encoder once and answer every task from its hidden states.
+
+        ``audio``: a path, a 16 kHz mono array, an ``(array, sample_rate)`` pair, or a list of them.
+        Returns ``{"transcript", "emotion", "emotion_probs"}`` per input (a list for a list).
+        """
+        single = not isinstance(audio, list)
+        items = [audio] if single else list(audio)
+        was_training = self.training
+        self.eval()
+        try:
+            waves, lengths = self._waveforms(items)
+            encoded = self.encode(waves, lengths)
+            results = self.analyze_hidden(encoded.hidden_states, encoded.lengths, tasks, prompts)
+        finally:
+            self.train(was_training)
+        return results[0] if single else results
+
+    def transcribe(self, audio: AudioInput | Sequence[AudioInput]) -> str | list[str]:
+        out = self.analyze(audio, tasks=("asr",))
+        return out["transcript"] if isinstance(out, dict) else [r["transcript"] for r in out]
+
+    def recognize_emotion(self, audio: AudioInput | Sequence[AudioInput]):
+        """-> (label, {label: probability}) per input."""
+        out = self.analyze(audio, tasks=("ser",))
+        if isinstance(out, dict):
+            return out["emotion"], out["emotion_probs"]
+        return [(r["emotion"], r["emotion_probs"]) for r in out]
+
+
+def _model_config(data: dict, overrides: list[str] | None) -> ModelConfig:
+    """A model folder's config.yaml, or the ``model:`` section of a full training config."""
+    from .config import merge, parse_overrides
+
+    if isinstance(data.get("model"), dict):
+        data = data["model"]
+    return from_dict(ModelConfig, merge(data, parse_overrides(overrides or [])), prefix="model")
+
+
+def _atomic_write(target: Path, write) -> None:
+    """Write via a temporary file in the same folder, then rename: a crash never leaves half a file."""
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

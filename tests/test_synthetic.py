@@ -1,0 +1,193 @@
+"""The built-in synthetic corpus: splits, determinism, prosody rules, resume, manifests."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from harmonifuse.data.manifest import EMOTIONS_4, read_manifest
+
+pytestmark = pytest.mark.skipif(
+    not (shutil.which("flite") and shutil.which("espeak-ng")
+         and Path("/usr/share/wordnet/data.noun").is_file()),
+    reason="needs `apt-get install flite espeak-ng wordnet-base`",
+)
+
+from harmonifuse.data import synthetic  # noqa: E402
+from harmonifuse.data.sentences import load_sentences  # noqa: E402
+
+NAMES = [f"{task}_{split}" for task in ("asr", "ser") for split in ("train", "dev", "test")]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tiny")
+    manifests = synthetic.prepare(out, seed=0, size="tiny", workers=2, progress=False)
+    assert sorted(manifests) == sorted(NAMES)
+    return out
+
+
+def _load(out: Path) -> dict[str, list]:
+    return {name: read_manifest(out / f"{name}.jsonl", labels=EMOTIONS_4) for name in NAMES}
+
+
+def _snapshot(out: Path) -> dict[str, bytes]:
+    """Every manifest and wav, by relative path."""
+    files = [*out.glob("*.jsonl"), *out.rglob("*.wav"), out / "README.md", out / "NOTICE"]
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(files)}
+
+
+def test_sentences_are_clean_and_plentiful():
+    sentences = load_sentences()
+    assert len(sentences) >= 5000
+    for s in sentences:
+        words = s.text.split()
+        assert 5 <= len(words) <= 20 and s.text[0].isupper()
+        assert all(ch.isalpha() or ch in " '" for ch in s.text), s.text
+        assert not any(len(w) >= 2 and w.replace("'", "").isupper() for w in words), s.text
+        assert s.spoken[-1] in ".?!"
+
+
+def test_manifests_schema_and_counts(tiny):
+    data = _load(tiny)
+    assert {name: len(utts) for name, utts in data.items()} == synthetic.SIZES["tiny"]
+    for name, utts in data.items():
+        for u in utts:
+            assert u.corpus == "synthetic"
+            if name.startswith("asr"):
+                assert u.text and u.emotion is None
+            else:
+                assert u.emotion in EMOTIONS_4 and u.text is None
+    for line in (tiny / "ser_train.jsonl").read_text().splitlines():
+        assert "text" not in json.loads(line)
+    # every emotion in every SER split (the tiny preset is balanced: 3/1/1 per emotion)
+    for split in ("train", "dev", "test"):
+        assert {u.emotion for u in data[f"ser_{split}"]} == set(EMOTIONS_4)
+    assert "synthetic" in (tiny / "README.md").read_text().lower()
+    assert "Princeton University" in (tiny / "NOTICE").read_text()
+
+
+def test_splits_are_speaker_disjoint_and_asr_sentences_unseen(tiny):
+    data = _load(tiny)
+    for task in ("asr", "ser"):
+        spk = {s: {u.speaker for u in data[f"{task}_{s}"]} for s in ("train", "dev", "test")}
+        assert not spk["train"] & spk["test"]
+        assert not spk["train"] & spk["dev"]
+        assert not spk["dev"] & spk["test"]
+    train_voices = {v.name for v in synthetic.VOICES["train"]}
+    for split in ("dev", "test"):  # the whole voice inventory, not just what tiny drew
+        assert not train_voices & {v.name for v in synthetic.VOICES[split]}
+    train_text = {u.text.lower() for u in data["asr_train"]}
+    for split in ("dev", "test"):
+        assert not train_text & {u.text.lower() for u in data[f"asr_{split}"]}
+    # and over the full default-size plan (pure planning, no audio)
+    plan = synthetic._plan(0, synthetic.SIZES["default"], load_sentences())
+    texts = {s: {it["text"].lower() for it in plan if it["split"] == s} for s in ("train", "dev", "test")}
+    assert not texts["train"] & texts["dev"] and not texts["train"] & texts["test"]
+    assert len({it["text"] for it in plan if it["task"] == "asr"}) >= 2000
+
+
+def test_durations_match_audio(tiny):
+    for utts in _load(tiny).values():
+        for u in utts:
+            info = sf.info(u.audio)
+            assert info.samplerate == 16000 and info.channels == 1 and info.subtype == "PCM_16"
+            assert abs(info.frames / info.samplerate - u.duration) < 1e-5
+            assert 0.8 < u.duration < 15
+
+
+def test_deterministic_for_a_seed(tiny, tmp_path):
+    again = tmp_path / "again"
+    synthetic.prepare(again, seed=0, size="tiny", workers=1, progress=False)  # other worker count
+    assert _snapshot(again) == _snapshot(tiny)
+    other = tmp_path / "other"
+    synthetic.prepare(other, seed=1, size="tiny", workers=2, progress=False)
+    a, b = _snapshot(tiny), _snapshot(other)
+    assert a["asr_train.jsonl"] != b["asr_train.jsonl"]
+    assert a["audio/ser/train/synth-ser-train-00000.wav"] != b["audio/ser/train/synth-ser-train-00000.wav"]
+
+
+def test_resume_regenerates_only_missing(tiny, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(tiny, out)
+    before = _snapshot(out)
+    wavs = sorted(out.rglob("*.wav"))
+    removed = wavs[::13][:3]
+    kept = [w for w in wavs if w not in removed]
+    mtimes = {w: w.stat().st_mtime_ns for w in kept}
+    for w in removed:
+        w.unlink()
+    synthetic.prepare(out, seed=0, size="tiny", progress=False)
+    assert all(w.is_file() for w in removed)
+    assert {w: w.stat().st_mtime_ns for w in kept} == mtimes  # untouched
+    assert _snapshot(out) == before  # regenerated bytes identical, manifests too
+    assert not list(out.rglob("*.tmp"))
+    with pytest.raises(ValueError, match="other settings"):
+        synthetic.prepare(out, seed=5, size="tiny", progress=False)
+
+
+def _f0_median(x: np.ndarray, sr: int = 16000) -> float:
+    """Median F0 (Hz) of strongly periodic, loud 40 ms frames (autocorrelation, 70-400 Hz)."""
+    n, hop = int(0.04 * sr), int(0.01 * sr)
+    level = np.sqrt(np.mean(x ** 2))
+    f0 = []
+    for s in range(0, len(x) - n, hop):
+        frame = x[s:s + n] * np.hanning(n)
+        if np.sqrt(np.mean(frame ** 2)) < 0.5 * level:
+            continue
+        ac = np.fft.irfft(np.abs(np.fft.rfft(frame, 2 * n)) ** 2)[:n]
+        lo, hi = sr // 400, sr // 70
+        k = lo + int(np.argmax(ac[lo:hi]))
+        if ac[k] > 0.5 * ac[0]:
+            f0.append(sr / k)
+    return float(np.median(f0))
+
+
+@pytest.mark.parametrize("voice", ["flite-slt", "flite-rms", "espeak-en-us+f1"])
+def test_emotion_rules_change_pitch_and_rate(voice):
+    """Same sentence and voice at each rule's midpoint: pitch and duration move as the rules say."""
+    v = {x.name: x for xs in synthetic.VOICES.values() for x in xs}[voice]
+    spoken = "The horses walked slowly across the wide green meadow."
+    out = {}
+    for emotion, rule in synthetic.EMOTION_RULES.items():
+        mid = {k: float(np.mean(getattr(rule, k))) for k in ("pitch", "range", "tempo")}
+        x = synthetic.synthesise(spoken, v, **mid)
+        out[emotion] = (_f0_median(x), len(x) / 16000)
+    f0 = {e: f for e, (f, _) in out.items()}
+    dur = {e: d for e, (_, d) in out.items()}
+    # rule midpoints: pitch happy 1.25, angry 1.135, neutral 1.0, sad 0.875;
+    # duration sad 1.235, neutral 1.0, happy 0.905, angry 0.85
+    assert f0["happy"] > 1.1 * f0["neutral"] and f0["neutral"] > 1.05 * f0["sad"], f0
+    assert f0["angry"] > 1.05 * f0["neutral"], f0
+    assert dur["sad"] > 1.1 * dur["neutral"] and dur["neutral"] > 1.1 * dur["angry"], dur
+
+
+def test_emotions_differ_in_loudness_in_the_corpus(tiny):
+    def active_db(path: str) -> float:
+        x, _ = sf.read(path)
+        e = np.mean(x[: len(x) // 320 * 320].reshape(-1, 320) ** 2, axis=1)
+        return 10 * np.log10(np.mean(e[e >= e.max() * 1e-3]))
+
+    level: dict[str, list[float]] = {e: [] for e in EMOTIONS_4}
+    for split in ("train", "dev", "test"):
+        for u in read_manifest(tiny / f"ser_{split}.jsonl"):
+            level[u.emotion].append(active_db(u.audio))
+    assert min(level["angry"]) > max(level["sad"]) + 3
+    assert np.mean(level["happy"]) > np.mean(level["neutral"]) > np.mean(level["sad"])
+
+
+def test_sizes_and_errors(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="unknown size"):
+        synthetic.prepare(tmp_path / "x", size="huge")
+    with pytest.raises(ValueError, match="unknown size keys"):
+        synthetic.prepare(tmp_path / "x", size={"asr_train": 2, "asr_trian": 1})
+    manifests = synthetic.prepare(tmp_path / "y", size={"asr_train": 2, "ser_test": 4},
+                                  workers=1, progress=False)
+    assert sorted(manifests) == ["asr_train", "ser_test"]
+    monkeypatch.setattr(synthetic.shutil, "which", lambda name: None)
+    with pytest.raises(RuntimeError, match="apt-get install flite espeak-ng wordnet-base"):
+        synthetic.prepare(tmp_path / "z", size="tiny")

@@ -1,0 +1,78 @@
+"""Tiny seeded models for fast tests: a WavLM-style encoder, a Llama LM and a byte-level BPE tokenizer."""
+from __future__ import annotations
+
+import torch
+
+from harmonifuse.config import ModelConfig, from_dict
+from harmonifuse.encoders.ssl import SSLSpeechEncoder
+from harmonifuse.llm import SpeechLLM
+
+CHATML = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CORPUS = [
+    "transcribe the audio", "what emotion does the speaker express answer with one word",
+    "neutral happy sad angry", "the quick brown fox jumps over the lazy dog", "hello world",
+    "write down what is said", "which feeling is in this voice",
+] * 20
+
+
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   bos_token="<|im_start|>")
+    fast.chat_template = CHATML
+    return fast
+
+
+def tiny_llama(vocab_size: int, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.3,
+                         tie_word_embeddings=True)
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_wavlm_config():
+    from transformers import WavLMConfig
+
+    return WavLMConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                       conv_dim=(8, 8), conv_stride=(5, 4), conv_kernel=(10, 4), num_conv_pos_embeddings=8,
+                       num_conv_pos_embedding_groups=2, num_buckets=16, max_bucket_distance=32,
+                       do_stable_layer_norm=True, feat_extract_norm="layer")
+
+
+def tiny_encoder(seed: int = 0) -> SSLSpeechEncoder:
+    torch.manual_seed(seed)
+    return SSLSpeechEncoder.from_config(tiny_wavlm_config(), name="tiny-wavlm")
+
+
+def tiny_model_config(**sections) -> ModelConfig:
+    data = {"projector": {"stack": 2, "hidden_size": 24}, "llm": {"lora_rank": 4, "lora_alpha": 8.0,
+                                                                  "max_new_tokens": 8}}
+    for key, value in sections.items():
+        data.setdefault(key, {}).update(value)
+    return from_dict(ModelConfig, data)
+
+
+def tiny_harmonifuse(seed: int = 0, **sections):
+    from harmonifuse.model import HarmoniFuse
+
+    tokenizer = tiny_tokenizer()
+    config = tiny_model_config(**sections)
+    llm = SpeechLLM.wrap(tiny_llama(len(tokenizer), seed), tokenizer, lora_rank=config.llm.lora_rank,
+                         lora_alpha=config.llm.lora_alpha, lora_targets=config.llm.lora_targets,
+                         max_new_tokens=config.llm.max_new_tokens)
+    torch.manual_seed(seed)
+    return HarmoniFuse.from_parts(config, tiny_encoder(seed), llm)
