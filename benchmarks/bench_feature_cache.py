@@ -8,10 +8,12 @@ collate), and prints the ratio (goal: >= 10x):
 - cached:    memory-map the float16 hidden states of every layer, pad into float32.
 
 The one-off cost of building the cache is printed too. Encoders: the real Whisper tiny.en
-(``build_encoder("whisper-tiny.en")``, if its model package is installed) and a WavLM Base-size
-model built from a transformers config (random weights: only the compute matters here).
+(``build_encoder("whisper-tiny.en")``, the default) or, if its model package is missing, a
+WavLM Base-size model built from a transformers config (random weights: only compute matters).
+WavLM Base recomputes at ~1-4 s per batch on 2 CPU cores, so give it fewer utterances:
 
-    .venv/bin/python benchmarks/bench_feature_cache.py [--encoders whisper-tiny.en wavlm-base]
+    .venv/bin/python benchmarks/bench_feature_cache.py                      # ~30 s
+    .venv/bin/python benchmarks/bench_feature_cache.py --encoders wavlm-base --utterances 48
 """
 from __future__ import annotations
 
@@ -129,7 +131,8 @@ def bench(name: str, utterances: list[Utterance], batch_size: int, workdir: Path
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--encoders", nargs="+", default=list(ENCODERS), choices=list(ENCODERS))
+    parser.add_argument("--encoders", nargs="+", default=["auto"], choices=["auto", *ENCODERS],
+                        help="auto: whisper-tiny.en, else wavlm-base")
     parser.add_argument("--utterances", type=int, default=160)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--workdir", type=Path, default=None, help="keep audio and caches here")
@@ -139,10 +142,13 @@ def main() -> None:
         (workdir / "audio").mkdir(parents=True, exist_ok=True)
         utterances = make_corpus(workdir / "audio", args.utterances)
         for name in args.encoders:
-            try:
-                bench(name, utterances, args.batch_size, workdir)
-            except Exception as error:  # e.g. Whisper's model package not installed
-                print(f"\n== {name}: skipped ({type(error).__name__}: {error})")
+            candidates = list(ENCODERS) if name == "auto" else [name]
+            for candidate in candidates:
+                try:
+                    bench(candidate, utterances, args.batch_size, workdir)
+                    break
+                except Exception as error:  # e.g. Whisper's model package not installed
+                    print(f"\n== {candidate}: unavailable ({type(error).__name__}: {error})")
 
 
 if __name__ == "__main__":

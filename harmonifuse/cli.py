@@ -123,9 +123,42 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from .training.run import load_run_config, train
+
+    config = load_run_config(args.config, args.overrides)
+    summary = train(config, resume=args.resume, progress=not args.quiet)
+    print(json.dumps(summary))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluation.report import run_evaluation
+
+    model = load_model(args.model or default_model())
+    prompts = dict(p.split("=", 1) for p in args.prompt) if args.prompt else None
+    summary = run_evaluation(model, [Path(m) for m in args.manifest], Path(args.out) if args.out else None,
+                             batch_size=args.batch_size, folds=args.folds, progress=not args.quiet,
+                             log_file=Path(args.log) if args.log else None, prompts=prompts)
+    if args.json:
+        print(json.dumps({k: v for k, v in summary.items() if k not in ("confusion", "per_manifest")}))
+    else:
+        from .evaluation.report import SCALARS
+
+        for key in SCALARS:
+            if key in summary:
+                spread = f" ± {summary[key + '_std']:.4f}" if key + "_std" in summary else ""
+                print(f"{key:>9}: {summary[key]:.4f}{spread}")
+        if args.out:
+            print(f"report: {Path(args.out) / 'summary.md'}")
+    return 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "analyze": cmd_analyze,
     "prepare": cmd_prepare,
+    "train": cmd_train,
+    "evaluate": cmd_evaluate,
 }
 
 
@@ -149,13 +182,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="synthetic only")
     p.add_argument("--size", help="synthetic only: tiny | default | ...")
 
-    for name, register in EXTRA_PARSERS.items():
-        register(sub)
+    p = sub.add_parser("train", help="train a model from a YAML config")
+    p.add_argument("config", help="YAML run config, e.g. configs/demo.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=100")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.output_dir")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("evaluate", help="WER/CER and WA/UA/macro-F1 of a model on manifests")
+    p.add_argument("--model", help="trained model folder (default: the shipped demo model)")
+    p.add_argument("--manifest", action="append", required=True, help="JSONL manifest (repeatable)")
+    p.add_argument("--folds", action="store_true", help="score each manifest separately, report mean and std")
+    p.add_argument("--out", help="folder for metrics.json, summary.md and plots")
+    p.add_argument("--log", help="a run's log.jsonl, for the training-curve plot")
+    p.add_argument("--prompt", action="append", help="task=prompt to evaluate with another prompt (repeatable)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--json", action="store_true", help="print one JSON object with the metrics")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     return parser
-
-
-# Later subcommands (train, evaluate, experiment) register here: name -> add_parser function.
-EXTRA_PARSERS: dict[str, Callable] = {}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,7 +24,7 @@ from .config import ModelConfig, from_dict, load_yaml
 from .encoders import EncoderOutput, SpeechEncoder, build_encoder
 from .fusion import LayerFusion, build_fusion
 from .gate import build_gate
-from .llm import SpeechLLM
+from .llm import IGNORE_INDEX, SpeechLLM
 from .projector import FrameStackProjector
 from .prompt import PROMPT_ENCODERS
 
@@ -35,9 +35,10 @@ WEIGHTS_NAME = "trained.safetensors"
 
 @dataclass
 class ModelOutput:
-    """loss: scalar; layer_weights (B, L+1); gate_mean (B,) or None."""
+    """loss: mean over answer tokens; num_tokens: how many; layer_weights (B, L+1); gate_mean (B,) or None."""
 
     loss: torch.Tensor
+    num_tokens: int
     layer_weights: torch.Tensor
     gate_mean: torch.Tensor | None
 
@@ -184,7 +185,28 @@ class HarmoniFuse(nn.Module):
         speech = self.speech_embeddings(hidden, frame_lengths, batch.tasks, prompts)
         prompts = list(prompts) if prompts is not None else self.prompts_for(batch.tasks)
         inputs = self.llm.build_inputs(speech.embeddings, speech.lengths, prompts, list(batch.targets))
-        return ModelOutput(self.llm(inputs), speech.layer_weights, speech.gate_mean)
+        num_tokens = int((inputs.labels[:, 1:] != IGNORE_INDEX).sum())
+        return ModelOutput(self.llm(inputs), num_tokens, speech.layer_weights, speech.gate_mean)
+
+    @torch.no_grad()
+    def task_profiles(self, hidden_states: torch.Tensor, frame_lengths: torch.Tensor,
+                      prompts: dict[str, str] | None = None) -> dict[str, dict[str, list[float]]]:
+        """What each task reads: its layer weights (L+1,) and mean gate per channel (D,) over the batch."""
+        profiles = {}
+        B = hidden_states.shape[1]
+        for task in self.task_names:
+            prompt = (prompts or {}).get(task, self.config.tasks.prompts[task])
+            vectors = self.prompt_encoder([prompt] * B).to(hidden_states.device)
+            task_ids = self.task_ids([task] * B)
+            fused = self.fusion(hidden_states, vectors, task_ids)
+            _, gate = self.gate(fused, vectors)
+            profile = {"layer_weights": self.fusion.weights(vectors, task_ids)[0].float().tolist()}
+            if gate is not None:
+                valid = torch.arange(fused.shape[1], device=fused.device)[None, :] < frame_lengths[:, None]
+                valid = valid[..., None].to(gate.dtype) if gate.shape[1] > 1 else torch.ones_like(gate[..., :1])
+                profile["gate"] = ((gate * valid).sum((0, 1)) / valid.sum((0, 1))).float().tolist()
+            profiles[task] = profile
+        return profiles
 
     # -- inference ----------------------------------------------------------------------------------
 

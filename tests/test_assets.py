@@ -102,9 +102,11 @@ def test_whisper_transcribes_librivox(whisper_dir, record_property):
         samples, rate = sf.read(wav, dtype="float32")
         assert rate == 16_000 and samples.ndim == 1
         audio.append(samples)
-    features = processor(audio, sampling_rate=16_000, return_tensors="pt").input_features
+    inputs = processor(audio, sampling_rate=16_000, return_tensors="pt", return_attention_mask=True)
     with torch.no_grad():
-        tokens = model.generate(features, do_sample=False, num_beams=1)
+        tokens = model.generate(
+            inputs.input_features, attention_mask=inputs.attention_mask, do_sample=False, num_beams=1
+        )
     hypotheses = processor.batch_decode(tokens, skip_special_tokens=True)
 
     references = [_normalize(ref) for _, ref in pairs]
@@ -174,7 +176,8 @@ def _write_ct2(path: Path, version: int = 6) -> None:
     """A minimal CTranslate2 file: one fp16 matrix, one int8 scalar, one alias."""
     matrix = torch.arange(6, dtype=torch.float16).reshape(2, 3)
     out = struct.pack("<I", version) + _ct2_string("TestSpec") + struct.pack("<II", 1, 2)
-    out += _ct2_string("a/weight") + struct.pack("<BII", 2, 2, 3) + struct.pack("<BI", 4, 12) + matrix.numpy().tobytes()
+    out += _ct2_string("a/weight") + struct.pack("<BII", 2, 2, 3)  # rank 2, dims (2, 3)
+    out += struct.pack("<BI", 4, 12) + matrix.numpy().tobytes()  # fp16, 12 bytes
     out += _ct2_string("a/flag") + struct.pack("<B", 0) + struct.pack("<BI", 1, 1) + b"\x03"
     out += struct.pack("<I", 1) + _ct2_string("b/weight") + _ct2_string("a/weight")
     path.write_bytes(out)
@@ -211,7 +214,9 @@ def test_smollm2_answers_with_chat_template(smollm2_plain):
     assert "<|im_start|>" in tokenizer.chat_template
 
     messages = [{"role": "user", "content": "What is the capital of France?"}]
-    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    inputs = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=16, do_sample=False)
     answer = tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
@@ -229,7 +234,7 @@ def test_smollm2_copy_matches_gguf_logits(smollm2_plain):
     )
     texts = ["The quick brown fox jumps over the lazy dog.", "<|im_start|>user\nHi 123<|im_end|>"]
     batch = tokenizer(texts, return_tensors="pt", padding=True)
-    assert batch["input_ids"].tolist() == gguf_tokenizer(texts, return_tensors="pt", padding=True)["input_ids"].tolist()
+    assert batch["input_ids"].tolist() == gguf_tokenizer(texts, padding=True)["input_ids"]
     with torch.no_grad():
         ours, theirs = plain(**batch).logits, gguf_model(**batch).logits
     diff = (ours - theirs).abs().max().item()
@@ -332,7 +337,10 @@ def test_concurrent_builds_do_not_corrupt(tmp_cache, monkeypatch, locked):
         monkeypatch.setattr(assets, "_exclusive_lock", lambda path: contextlib.nullcontext(False))
     builder = CountingBuilder(delay=0.3)
     results: list[Path] = []
-    threads = [threading.Thread(target=lambda: results.append(cached_build("thing", builder))) for _ in range(2)]
+    def build() -> None:
+        results.append(cached_build("thing", builder))
+
+    threads = [threading.Thread(target=build) for _ in range(2)]
     for thread in threads:
         thread.start()
     for thread in threads:

@@ -76,3 +76,78 @@ def tiny_harmonifuse(seed: int = 0, **sections):
                          max_new_tokens=config.llm.max_new_tokens)
     torch.manual_seed(seed)
     return HarmoniFuse.from_parts(config, tiny_encoder(seed), llm)
+
+
+# -- on-disk fixtures for end-to-end runs (subprocesses build the model from these folders) ----------
+
+ASR_TARGETS = ["hello world", "the lazy dog", "quick brown fox", "write down what", "over the dog", "hello fox"]
+SER_TARGETS = ["neutral", "happy", "sad", "angry"]
+
+
+def write_tiny_assets(root):
+    """Tiny encoder and LLM (+ tokenizer) saved as transformers folders; returns their paths."""
+    from pathlib import Path
+
+    root = Path(root)
+    tokenizer = tiny_tokenizer()
+    tiny_encoder(0).model.save_pretrained(root / "encoder")
+    tiny_llama(len(tokenizer), 0).save_pretrained(root / "llm")
+    tokenizer.save_pretrained(root / "llm")
+    return root / "encoder", root / "llm"
+
+
+def write_tiny_corpus(root, per_task: int = 8, seed: int = 0):
+    """Distinct noise-like clips (0.3-0.6 s) with ASR and SER labels; train/dev/test manifests."""
+    from pathlib import Path
+
+    import numpy as np
+    import soundfile as sf
+
+    from harmonifuse.data.manifest import Utterance, write_manifest
+
+    root = Path(root)
+    (root / "audio").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    splits = {}
+    for task, targets in (("asr", ASR_TARGETS), ("ser", SER_TARGETS)):
+        utts = []
+        for i in range(per_task):
+            n = int(rng.integers(4800, 9600))
+            t = np.arange(n) / 16000
+            wave = 0.3 * np.sin(2 * np.pi * (150 + 40 * i) * t) + 0.05 * rng.standard_normal(n)
+            path = root / "audio" / f"{task}_{i}.wav"
+            sf.write(path, wave.astype(np.float32), 16000)
+            label = targets[i % len(targets)]
+            utts.append(Utterance(id=f"{task}_{i}", audio=str(path), duration=n / 16000, corpus="tiny",
+                                  speaker=f"spk{i % 2}", text=label if task == "asr" else None,
+                                  emotion=label if task == "ser" else None))
+        splits[task] = utts
+        for split in ("train", "dev", "test"):
+            write_manifest(root / f"{task}_{split}.jsonl", utts)
+    return root
+
+
+def write_tiny_run_config(root, **sections):
+    """A run config (YAML) training the tiny model on the tiny corpus; returns its path."""
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(root)
+    encoder_dir, llm_dir = write_tiny_assets(root / "assets")
+    write_tiny_corpus(root / "corpus")
+    config = {
+        "model": {"encoder": {"source": str(encoder_dir)}, "llm": {"source": str(llm_dir), "lora_rank": 4,
+                                                                    "lora_alpha": 8.0, "max_new_tokens": 8},
+                  "projector": {"stack": 2, "hidden_size": 24}},
+        "data": {"root": str(root / "corpus"), "build_synthetic": False, "batch_size": 4,
+                 "feature_cache": str(root / "features")},
+        "optim": {"lr": 1e-2, "lora_lr": 1e-2, "warmup_steps": 0, "schedule": "constant"},
+        "train": {"output_dir": str(root / "run"), "max_steps": 40, "eval_every": 20, "save_every": 10,
+                  "precision": "fp32", "threads": 1, "log_every": 1},
+    }
+    for key, value in sections.items():
+        config.setdefault(key, {}).update(value)
+    path = root / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path

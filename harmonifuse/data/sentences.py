@@ -8,8 +8,9 @@ a speech synthesiser reads exactly as written, so that the transcript equals wha
 - ASCII letters, spaces, apostrophes inside words and the punctuation ``, . ; : ? ! -`` only:
   no digits, currency, brackets, slashes, quotes or other symbols (read aloud unpredictably);
 - no abbreviations: no period inside the sentence (``Mr.``, ``U.S.``, ``e.g.``), no known
-  period-less abbreviations (``Mr``, ``Dr``, ``St``, ``etc``...), no all-capital words of two or
-  more letters (acronyms and Roman numerals: ``NATO``, ``FBI``, ``II``);
+  period-less abbreviations (``Mr``, ``Dr``, ``St``, ``etc``...), no word with two or more
+  capitals (acronyms, Roman numerals, ``CDs``, ``McKinley``), no single letters other than
+  ``a``/``I`` (``x rayed``, ``T shirts``, ``middle C``), no word without a vowel;
 - no dashes used as punctuation (``--``, `` - ``), no ellipses.
 
 Each kept sentence yields two strings: ``spoken`` (what the synthesiser reads: the sentence with
@@ -78,9 +79,11 @@ _ALLOWED = re.compile(r"[A-Za-z ',.;:?!\-]+")
 # A word: letters, optionally joined by single hyphens or one inner apostrophe ("don't",
 # "well-known", "o'clock"), or a plural possessive ending in "s'" ("the boys' room").
 _WORD = re.compile(r"[A-Za-z]+(?:'[A-Za-z]+)?(?:-[A-Za-z]+(?:'[A-Za-z]+)?)*|[A-Za-z]*s'")
+_VOWEL = re.compile(r"[aeiouyAEIOUY]")
 _ABBREVIATIONS = frozenset(
-    "mr mrs ms dr st jr sr etc vs inc co ltd corp gen col capt lt sgt prof sen rep gov ft mt "
-    "ave blvd dept univ approx esp fig vol no pp cf ie eg".split()
+    # period-less abbreviations that are not also ordinary words ("no", "fig", "rep" are kept)
+    "mr mrs ms dr st jr sr etc vs inc ltd corp capt lt sgt prof gov ft mt ave blvd dept univ "
+    "approx esp cf ie eg".split()
 )
 
 
@@ -118,14 +121,20 @@ def _usable(quote: str) -> Sentence | None:
     for word in words:
         if not _WORD.fullmatch(word):
             return None
-        letters = word.replace("'", "").replace("-", "")
-        if len(letters) >= 2 and letters.isupper():  # acronyms, Roman numerals
-            return None
         if word.lower() in _ABBREVIATIONS:
             return None
     text = " ".join(" ".join(words).replace("-", " ").split())
-    if not MIN_WORDS <= len(text.split()) <= MAX_WORDS:  # counted as spoken: "well known" is 2
+    tokens = text.split()
+    if not MIN_WORDS <= len(tokens) <= MAX_WORDS:  # counted as spoken: "well known" is 2
         return None
+    for token in tokens:
+        stem = token.split("'")[0]
+        if sum(ch.isupper() for ch in token) >= 2:  # CDs, McKinley, WordNet: spelled or odd
+            return None
+        if len(stem) == 1 and stem not in ("a", "A", "I"):  # x rayed, T shirts, r's, middle C
+            return None
+        if not _VOWEL.search(token):  # Th (a typo), hmm, psst
+            return None
     spoken = body.replace("-", " ") + (s[len(body):][:1] or ".")
     return Sentence(spoken=spoken, text=text)
 

@@ -53,6 +53,7 @@ from xml.sax.saxutils import escape
 import numpy as np
 import soundfile as sf
 import soxr
+from tqdm.auto import tqdm
 
 from harmonifuse.data.manifest import EMOTIONS_4, Utterance, write_manifest
 from harmonifuse.data.sentences import WORDNET_NOTICE, Sentence, load_sentences, wordnet_files
@@ -142,7 +143,8 @@ class ProsodyRule:
     pitch:   multiplier on the voice's mean F0 (pitch level)
     range:   multiplier on its F0 standard deviation (pitch range / liveliness)
     tempo:   duration multiplier (flite ``duration_stretch``; > 1 is slower)
-    gain_db: loudness relative to the reference level (-26 dBFS active RMS)
+    gain_db: loudness relative to the reference level (-28 dBFS active RMS), before the
+             label-independent recording level (:data:`LEVEL_DB`) is added
     tilt:    voice quality; > 0 brightens (pre-emphasis y[n] = x[n] - t x[n-1], tense voice),
              < 0 darkens (one-pole low-pass with pole |t|, lax/soft voice)
     """
@@ -172,8 +174,11 @@ EMOTION_RULES: dict[str, ProsodyRule] = {
 # ASR utterances: neutral reading with mild variation (a bit wider than SER neutral).
 ASR_RULE = ProsodyRule(pitch=(0.90, 1.10), range=(0.75, 1.30), tempo=(0.90, 1.12),
                        gain_db=(-4.0, 4.0), tilt=(-0.20, 0.20))
-NOISE_DB = (-66.0, -52.0)  # a faint white noise floor (dBFS RMS), so no file is digital silence
-REFERENCE_DBFS = -26.0
+# Recording level (microphone distance, input gain), drawn per utterance independently of the label
+# and added to the rule's gain: without it the absolute level alone would give away most labels.
+LEVEL_DB = (-5.0, 5.0)
+SNR_DB = (35.0, 50.0)  # a faint white noise floor (re the speech level): no file is digital silence
+REFERENCE_DBFS = -28.0
 assert tuple(EMOTION_RULES) == tuple(EMOTIONS_4)
 
 
@@ -268,9 +273,10 @@ def _active_rms(audio: np.ndarray, frame: int = 320) -> float:
     return float(np.sqrt(np.mean(active))) if active.size else 0.0
 
 
-def apply_channel(audio: np.ndarray, *, gain_db: float, tilt: float, noise_db: float,
+def apply_channel(audio: np.ndarray, *, gain_db: float, tilt: float, snr_db: float,
                   noise_seed: int) -> np.ndarray:
-    """Spectral tilt, loudness (active RMS at REFERENCE_DBFS + gain_db), noise floor, soft limit."""
+    """Spectral tilt, loudness (active RMS at REFERENCE_DBFS + gain_db), white noise ``snr_db``
+    below that level, soft limit of peaks above 0.9."""
     x = np.asarray(audio, dtype=np.float64)
     if tilt > 0:
         x = np.concatenate([x[:1], x[1:] - tilt * x[:-1]])
@@ -279,10 +285,11 @@ def apply_channel(audio: np.ndarray, *, gain_db: float, tilt: float, noise_db: f
         kernel = (1 - pole) * pole ** np.arange(int(np.ceil(np.log(1e-4) / np.log(pole))) + 1)
         x = np.convolve(x, kernel)[: x.size]
     rms = _active_rms(x)
+    level = 10 ** ((REFERENCE_DBFS + gain_db) / 20)
     if rms > 0:
-        x = x * (10 ** ((REFERENCE_DBFS + gain_db) / 20) / rms)
+        x = x * (level / rms)
     noise = np.random.default_rng(noise_seed).standard_normal(x.size)
-    x = x + noise * 10 ** (noise_db / 20)
+    x = x + noise * (level * 10 ** (-snr_db / 20))
     # Soft knee above 0.9: peaks approach 0.98 smoothly instead of clipping at 1.0.
     over = np.abs(x) > 0.9
     x[over] = np.sign(x[over]) * (0.9 + 0.08 * np.tanh((np.abs(x[over]) - 0.9) / 0.08))
@@ -306,8 +313,8 @@ def _render(job: tuple[dict[str, Any], str]) -> tuple[str, int]:
     voice = _VOICE_BY_NAME[item["speaker"]]
     audio = synthesise(item["spoken"], voice, pitch=item["pitch"], range=item["range"],
                        tempo=item["tempo"])
-    audio = apply_channel(audio, gain_db=item["gain_db"], tilt=item["tilt"],
-                          noise_db=item["noise_db"], noise_seed=item["noise_seed"])
+    audio = apply_channel(audio, gain_db=item["gain_db"] + item["level_db"], tilt=item["tilt"],
+                          snr_db=item["snr_db"], noise_seed=item["noise_seed"])
     target.parent.mkdir(parents=True, exist_ok=True)
     temp = target.parent / f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
     try:
@@ -352,7 +359,8 @@ def _draw(rule: ProsodyRule, rng: np.random.Generator) -> dict[str, float]:
         return round(float(rng.uniform(*bounds)), digits)
 
     return {"pitch": u(rule.pitch, 2), "range": u(rule.range, 2), "tempo": u(rule.tempo, 2),
-            "gain_db": u(rule.gain_db, 1), "tilt": u(rule.tilt, 2), "noise_db": u(NOISE_DB, 1),
+            "gain_db": u(rule.gain_db, 1), "tilt": u(rule.tilt, 2), "level_db": u(LEVEL_DB, 1),
+            "snr_db": u(SNR_DB, 1),
             "noise_seed": int(rng.integers(2**31))}
 
 
@@ -491,8 +499,9 @@ use; SER sentences are assigned independently of the emotion (no lexical cue).
 
 Sentences are WordNet 3.0 usage examples that begin with a capital and have 5-20 words, kept only
 if they can be read verbatim: ASCII letters and ordinary punctuation only; no digits, symbols,
-abbreviations (no inner periods, no `Mr`/`Dr`/`St`...), acronyms or Roman numerals (no all-capital
-words). The synthesiser reads the sentence with its punctuation (hyphens read as spaces); the
+abbreviations (no inner periods, no `Mr`/`Dr`/`St`...), acronyms, Roman numerals or other words with
+two capitals (`CDs`, `McKinley`), single letters other than "a" and "I" (`x rayed`, `T shirts`),
+or words without a vowel. The synthesiser reads the sentence with its punctuation (hyphens read as spaces); the
 `text` label keeps the natural casing and removes punctuation except apostrophes inside words
 ("When you have to hiccup drink a glass of cold water"). Lower-case both sides when scoring.
 
@@ -501,10 +510,12 @@ words). The synthesiser reads the sentence with its punctuation (hyphens read as
 Per utterance, each value is drawn uniformly from its range (relative to the voice's own
 default): pitch level scales flite's `int_f0_target_mean` (espeak-ng: SSML `prosody pitch`),
 pitch range scales `int_f0_target_stddev` (SSML `range`), duration is flite's `duration_stretch`
-(SSML `rate` = 1/duration), loudness is a gain on the samples relative to -26 dBFS active RMS,
+(SSML `rate` = 1/duration), loudness is a gain on the samples relative to -28 dBFS active RMS,
 and spectral tilt is a pre-emphasis (> 0, tense/bright) or one-pole low-pass (< 0, lax/dark)
-filter. A faint white-noise floor ({NOISE_DB[0]:.0f} to {NOISE_DB[1]:.0f} dBFS) is added and peaks
-are soft-limited below 0.98. flite `rms` ignores the F0 settings: its pitch level is applied by
+filter. On top of the rule's loudness, every utterance (ASR too) gets a recording level drawn
+from {LEVEL_DB[0]:+.0f} to {LEVEL_DB[1]:+.0f} dB independently of its label (microphone distance,
+input gain), so absolute level is only a weak cue. A faint white-noise floor ({SNR_DB[0]:.0f} to {SNR_DB[1]:.0f} dB below the speech) is added and
+peaks are soft-limited below 0.98. flite `rms` ignores the F0 settings: its pitch level is applied by
 resampling (which also shifts its formants) and its pitch range stays at the default.
 
 {_rule_table()}
@@ -517,8 +528,8 @@ ranges overlap so no single measurement separates the classes.
 ## Licence
 
 The sentences come from WordNet 3.0, Copyright 2006 by Princeton University; see `NOTICE` for its
-licence, which must accompany copies of this corpus. flite and espeak-ng are the synthesisers
-(their outputs carry no licence restriction from the voices used here).
+licence, which must accompany copies of this corpus. The audio was synthesised with flite and
+espeak-ng (see their own copyright files, e.g. `/usr/share/doc/flite/copyright`).
 """
 
 
@@ -543,6 +554,8 @@ def prepare(out: Path, *, seed: int = 0, size: str | dict = "default", src: Path
     """
     del src
     out = Path(out)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
     counts = _sizes(size)
     tools = check_tools()
     sentences = load_sentences()
@@ -555,8 +568,6 @@ def prepare(out: Path, *, seed: int = 0, size: str | dict = "default", src: Path
 
     frames: dict[str, int] = {}
     jobs = [(item, str(out)) for item in items]
-    from tqdm.auto import tqdm
-
     with tqdm(total=len(jobs), desc="synthetic corpus", unit="utt", disable=not progress) as bar:
         if workers <= 1:
             for job in jobs:

@@ -1,0 +1,1 @@
+"""Training: configuration, data wiring, the trainer and its checkpoints."""

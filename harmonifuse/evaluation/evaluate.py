@@ -1,0 +1,86 @@
+"""Score a model on manifests: transcripts for ASR utterances, closed-set label scoring for SER."""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..audio import load_audio
+from ..data.manifest import Utterance
+from .metrics import asr_metrics, ser_metrics
+
+
+def _hidden_states(model, utterances: Sequence[Utterance], cache) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L+1, B, T, D) hidden states and (B,) frame lengths, from the cache or the encoder."""
+    if cache is not None:
+        states = [cache.get(u).float() for u in utterances]  # each (L+1, T, D)
+        lengths = torch.tensor([s.shape[1] for s in states])
+        out = states[0].new_zeros(states[0].shape[0], len(states), int(lengths.max()), states[0].shape[2])
+        for i, s in enumerate(states):
+            out[:, i, : s.shape[1]] = s
+        device = model.llm.device
+        return out.to(device), lengths.to(device)
+    waves = [load_audio(u.audio, max_seconds=model.config.encoder.max_seconds) for u in utterances]
+    lengths = torch.tensor([len(w) for w in waves])
+    batch = torch.zeros(len(waves), int(lengths.max()))
+    for i, w in enumerate(waves):
+        batch[i, : len(w)] = torch.from_numpy(w)
+    encoded = model.encode(batch.to(model.llm.device), lengths.to(model.llm.device))
+    return encoded.hidden_states, encoded.lengths
+
+
+@torch.no_grad()
+def predict(model, utterances: Sequence[Utterance], task: str, *, batch_size: int = 8, cache=None,
+            prompt: str | None = None, progress: bool = True, desc: str | None = None) -> list[dict]:
+    """One result dict per utterance (``transcript`` or ``emotion`` + ``emotion_probs``), in input order."""
+    order = np.argsort([u.duration for u in utterances], kind="stable")  # similar lengths, little padding
+    results: list[dict | None] = [None] * len(utterances)
+    was_training = model.training
+    model.eval()
+    try:
+        with tqdm(total=len(utterances), desc=desc or f"evaluate {task}", unit="utt", disable=not progress,
+                  leave=False) as bar:
+            for start in range(0, len(order), batch_size):
+                index = order[start:start + batch_size]
+                chunk = [utterances[i] for i in index]
+                hidden, lengths = _hidden_states(model, chunk, cache)
+                prompts = {task: prompt} if prompt else None
+                for i, result in zip(index, model.analyze_hidden(hidden, lengths, tasks=(task,), prompts=prompts)):
+                    results[i] = result
+                bar.update(len(chunk))
+    finally:
+        model.train(was_training)
+    return results  # type: ignore[return-value]
+
+
+def evaluate(model, manifests: Mapping[str, Sequence[Utterance]], *, batch_size: int = 8, cache=None,
+             prompts: Mapping[str, str] | None = None, progress: bool = True) -> dict:
+    """``{"asr": [...], "ser": [...]}`` utterances -> metrics and per-utterance predictions.
+
+    Returns ``{"metrics": {...wer, cer, wa, ua, macro_f1...}, "predictions": {task: [...]}}``.
+    """
+    metrics: dict = {}
+    predictions: dict[str, list[dict]] = {}
+    for task, utterances in manifests.items():
+        if not utterances:
+            continue
+        out = predict(model, utterances, task, batch_size=batch_size, cache=cache,
+                      prompt=(prompts or {}).get(task), progress=progress)
+        if task == "asr":
+            refs = [u.text for u in utterances]
+            hyps = [r["transcript"] for r in out]
+            metrics.update(asr_metrics(refs, hyps))
+            predictions[task] = [{"id": u.id, "reference": ref, "hypothesis": hyp}
+                                 for u, ref, hyp in zip(utterances, refs, hyps)]
+        elif task == "ser":
+            labels = model.config.tasks.emotion_labels
+            refs = [u.emotion for u in utterances]
+            preds = [r["emotion"] for r in out]
+            metrics.update(ser_metrics(refs, preds, labels))
+            predictions[task] = [{"id": u.id, "reference": ref, "prediction": r["emotion"],
+                                  "probs": r["emotion_probs"]} for u, ref, r in zip(utterances, refs, out)]
+        else:
+            raise ValueError(f"no metric for task {task!r}")
+    return {"metrics": metrics, "predictions": predictions}

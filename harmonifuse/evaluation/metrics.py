@@ -1,0 +1,69 @@
+"""ASR and SER metrics: jiwer for error rates, scikit-learn for classification.
+
+Text normalisation for WER/CER (the one documented rule, applied to reference and hypothesis alike):
+lower case, punctuation removed (jiwer's RemovePunctuation, Unicode category P), whitespace
+collapsed. ``wer_raw`` compares the texts as they are, without it.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jiwer
+import numpy as np
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, recall_score
+
+NORMALIZE = jiwer.Compose([
+    jiwer.ToLowerCase(),
+    jiwer.RemovePunctuation(),
+    jiwer.RemoveMultipleSpaces(),
+    jiwer.Strip(),
+])
+
+
+def normalize_text(text: str) -> str:
+    return NORMALIZE(text)
+
+
+def asr_metrics(references: Sequence[str], hypotheses: Sequence[str]) -> dict[str, float]:
+    """Corpus-level WER and CER after normalisation, and the raw WER."""
+    if len(references) != len(hypotheses) or not references:
+        raise ValueError(f"need as many hypotheses as references (got {len(hypotheses)} and {len(references)})")
+    refs = [normalize_text(r) for r in references]
+    hyps = [normalize_text(h) for h in hypotheses]
+    if not all(refs):
+        raise ValueError("a reference transcript is empty after normalisation")
+    raw_refs = [r.strip() for r in references]
+    raw_hyps = [h.strip() for h in hypotheses]
+    return {
+        "wer": jiwer.wer(refs, hyps),
+        "cer": jiwer.cer(refs, hyps),
+        "wer_raw": jiwer.wer(raw_refs, raw_hyps),
+        "n_asr": len(refs),
+    }
+
+
+def ser_metrics(references: Sequence[str], predictions: Sequence[str], labels: Sequence[str]) -> dict:
+    """WA (accuracy), UA (mean per-class recall over ``labels``), macro-F1 and the confusion matrix.
+
+    Rows of ``confusion`` are the reference labels, columns the predictions, both in ``labels`` order.
+    """
+    if len(references) != len(predictions) or not references:
+        raise ValueError(f"need as many predictions as references (got {len(predictions)} and {len(references)})")
+    unknown = set(references) - set(labels)
+    if unknown:
+        raise ValueError(f"reference label(s) {sorted(unknown)} are not in the label set {list(labels)}")
+    present = [label for label in labels if label in set(references)]
+    return {
+        "wa": float(accuracy_score(references, predictions)),
+        "ua": float(recall_score(references, predictions, labels=present, average="macro", zero_division=0)),
+        "macro_f1": float(f1_score(references, predictions, labels=present, average="macro", zero_division=0)),
+        "confusion": confusion_matrix(references, predictions, labels=list(labels)).tolist(),
+        "labels": list(labels),
+        "n_ser": len(references),
+    }
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    array = np.asarray(values, dtype=float)
+    return float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else 0.0

@@ -1,0 +1,79 @@
+"""``harmonifuse evaluate``: metrics, a markdown summary and plots for one model on manifests."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+from ..data.manifest import read_manifest
+from .evaluate import _hidden_states, evaluate
+from .metrics import mean_std
+from .plots import plot_confusion, plot_task_profiles, plot_training_curves
+
+SCALARS = ("wer", "cer", "wer_raw", "wa", "ua", "macro_f1")
+
+
+def split_by_task(utterances) -> dict[str, list]:
+    """ASR utterances (with text) and SER utterances (with emotion) of one manifest."""
+    return {task: [u for u in utterances if u.has_task(task)] for task in ("asr", "ser")
+            if any(u.has_task(task) for u in utterances)}
+
+
+def markdown_table(rows: dict[str, dict], title: str) -> str:
+    columns = [c for c in SCALARS if any(c in r for r in rows.values())]
+    lines = [f"## {title}", "", "| manifest | " + " | ".join(columns) + " |",
+             "|---|" + "---|" * len(columns)]
+    for name, metrics in rows.items():
+        cells = []
+        for c in columns:
+            value = metrics.get(c)
+            cells.append("" if value is None else value if isinstance(value, str) else f"{value:.4f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run_evaluation(model, manifests: Sequence[Path], out_dir: Path | None = None, *, batch_size: int = 8,
+                   folds: bool = False, cache=None, log_file: Path | None = None, progress: bool = True,
+                   prompts: dict[str, str] | None = None) -> dict:
+    """Evaluate each manifest (or their union); with ``folds``, also mean and std over manifests."""
+    labels = model.config.tasks.emotion_labels
+    loaded = {Path(m).name: read_manifest(m, labels=labels) for m in manifests}
+    groups = loaded if folds or len(loaded) == 1 else {"all": [u for us in loaded.values() for u in us]}
+    per_group, predictions = {}, {}
+    for name, utterances in groups.items():
+        result = evaluate(model, split_by_task(utterances), batch_size=batch_size, cache=cache, progress=progress,
+                          prompts=prompts)
+        per_group[name], predictions[name] = result["metrics"], result["predictions"]
+    summary: dict = {"per_manifest": per_group} if len(per_group) > 1 else dict(next(iter(per_group.values())))
+    if len(per_group) > 1:
+        for key in SCALARS:
+            values = [m[key] for m in per_group.values() if key in m]
+            if values:
+                summary[key], summary[f"{key}_std"] = mean_std(values)
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
+        (out_dir / "predictions.json").write_text(json.dumps(predictions, indent=2))
+        rows = dict(per_group)
+        if len(per_group) > 1:
+            rows["mean ± std"] = {k: f"{summary[k]:.4f} ± {summary[k + '_std']:.4f}" for k in SCALARS if k in summary}
+        text = markdown_table(rows, "HarmoniFuse evaluation")
+        plots = []
+        first = next(iter(per_group.values()))
+        if "confusion" in first:
+            merged = [[sum(m["confusion"][i][j] for m in per_group.values() if "confusion" in m)
+                       for j in range(len(labels))] for i in range(len(labels))]
+            plots.append(plot_confusion(merged, labels, out_dir / "confusion.png"))
+        any_utts = [u for us in loaded.values() for u in us][:batch_size]
+        hidden, lengths = _hidden_states(model, any_utts, cache)
+        profiles = model.task_profiles(hidden, lengths)
+        (out_dir / "task_profiles.json").write_text(json.dumps(profiles))
+        plots.append(plot_task_profiles(profiles, out_dir / "layer_weights_and_gates.png"))
+        if log_file is not None:
+            curve = plot_training_curves(log_file, out_dir / "training_curves.png")
+            if curve:
+                plots.append(curve)
+        text += "\n" + "\n".join(f"![{p.stem}]({p.name})" for p in plots) + "\n"
+        (out_dir / "summary.md").write_text(text)
+    return summary

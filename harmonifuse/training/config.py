@@ -1,0 +1,100 @@
+"""Configuration of a training run: the model, the data and the optimisation."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from ..config import ModelConfig, _check
+
+
+@dataclass
+class DataConfig:
+    root: str = "data/synthetic"
+    """Folder of the manifests; built with ``harmonifuse prepare synthetic`` when it is the built-in corpus."""
+    build_synthetic: bool = True
+    """Synthesise the built-in corpus into ``root`` when its manifests are missing."""
+    synthetic_size: str = "default"
+    train: dict[str, str] = field(default_factory=lambda: {"asr": "asr_train.jsonl", "ser": "ser_train.jsonl"})
+    dev: dict[str, str] = field(default_factory=lambda: {"asr": "asr_dev.jsonl", "ser": "ser_dev.jsonl"})
+    test: dict[str, str] = field(default_factory=lambda: {"asr": "asr_test.jsonl", "ser": "ser_test.jsonl"})
+    batch_size: int = 8
+    schedule: str = "round_robin"
+    """round_robin | ratio | temperature | mixed (the last mixes tasks inside a batch)."""
+    schedule_options: dict[str, Any] = field(default_factory=dict)
+    pool_size: int = 2000
+    """Utterances per duration-sorting pool (bucketing); 0 disables it."""
+    limit: dict[str, int] = field(default_factory=dict)
+    fraction: dict[str, float] = field(default_factory=dict)
+    feature_cache: str = "auto"
+    """Folder of cached encoder features ("auto": <cache dir>/features; "off": recompute every step)."""
+    bad_samples: Literal["skip", "fail"] = "skip"
+    max_seconds: float = 30.0
+    dev_limit: int = 200
+    """Utterances per task scored at each evaluation during training (the test split is scored in full)."""
+
+    def validate(self, prefix: str) -> None:
+        _check(self.batch_size >= 1, f"{prefix}.batch_size", "must be >= 1")
+        _check(set(self.train) <= {"asr", "ser"} and self.train, f"{prefix}.train",
+               "maps task names (asr, ser) to manifests")
+        for task, value in self.fraction.items():
+            _check(0 < value <= 1, f"{prefix}.fraction.{task}", "must be in (0, 1]")
+        _check(self.dev_limit >= 1, f"{prefix}.dev_limit", "must be >= 1")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-3
+    """Learning rate of the HarmoniFuse parts (projector, fusion, gate)."""
+    lora_lr: float = 5e-4
+    encoder_lr: float = 5e-5
+    weight_decay: float = 0.01
+    warmup_steps: int = 50
+    schedule: Literal["cosine", "constant"] = "cosine"
+    min_lr_ratio: float = 0.05
+    grad_accum: int = 1
+    clip_norm: float = 1.0
+
+    def validate(self, prefix: str) -> None:
+        for name in ("lr", "lora_lr", "encoder_lr"):
+            _check(getattr(self, name) > 0, f"{prefix}.{name}", "must be > 0")
+        _check(self.warmup_steps >= 0, f"{prefix}.warmup_steps", "must be >= 0")
+        _check(self.grad_accum >= 1, f"{prefix}.grad_accum", "must be >= 1")
+        _check(self.clip_norm >= 0, f"{prefix}.clip_norm", "must be >= 0 (0 disables clipping)")
+        _check(0 <= self.min_lr_ratio <= 1, f"{prefix}.min_lr_ratio", "must be in [0, 1]")
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/demo"
+    seed: int = 0
+    max_steps: int = 1500
+    max_minutes: float = 0.0
+    """Stop after this much training time (0: no limit); the learning-rate schedule still spans max_steps."""
+    eval_every: int = 250
+    save_every: int = 250
+    keep_last: int = 2
+    metric: str = "score"
+    """Dev metric that picks the best checkpoint: score = mean of (1 - WER) and UA."""
+    early_stop_patience: int = 0
+    """Evaluations without improvement before stopping (0: never)."""
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    gradient_checkpointing: bool = False
+    log_every: int = 10
+    num_workers: int = 0
+    threads: int = 0
+    """torch intra-op threads (0: torch's default)."""
+
+    def validate(self, prefix: str) -> None:
+        _check(self.max_steps >= 1, f"{prefix}.max_steps", "must be >= 1")
+        _check(self.eval_every >= 1, f"{prefix}.eval_every", "must be >= 1")
+        _check(self.save_every >= 1, f"{prefix}.save_every", "must be >= 1")
+        _check(self.keep_last >= 1, f"{prefix}.keep_last", "must be >= 1")
+        _check(self.log_every >= 1, f"{prefix}.log_every", "must be >= 1")
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)

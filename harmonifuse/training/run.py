@@ -1,0 +1,43 @@
+"""``harmonifuse train CONFIG [key=value ...] [--resume]``: build everything from a config and train."""
+from __future__ import annotations
+
+import logging
+import random
+
+import numpy as np
+import torch
+
+from ..config import load_config
+from .config import RunConfig
+from .data import build_run_data
+from .trainer import Trainer, init_distributed
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def load_run_config(path: str | None, overrides: list[str] | None = None) -> RunConfig:
+    return load_config(RunConfig, path, overrides)
+
+
+def train(config: RunConfig, *, resume: bool = False, progress: bool = True, model=None) -> dict:
+    """Train ``config`` (optionally continuing its output folder's newest checkpoint); returns a summary."""
+    from ..model import HarmoniFuse
+
+    rank, world_size = init_distributed()
+    if config.train.threads:
+        torch.set_num_threads(config.train.threads)
+    seed_everything(config.train.seed)
+    model = model if model is not None else HarmoniFuse.build(config.model)
+    data = build_run_data(config.data, model.encoder, config.model.tasks.emotion_labels, seed=config.train.seed,
+                          rank=rank, world_size=world_size, progress=progress,
+                          num_workers=config.train.num_workers)
+    trainer = Trainer(config, model, data, rank=rank, world_size=world_size, progress=progress)
+    if resume:
+        trainer.resume()
+    return trainer.fit()

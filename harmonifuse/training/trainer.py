@@ -1,0 +1,338 @@
+"""Batch-interleaved multi-task training, single process or DistributedDataParallel (torchrun).
+
+Every step takes one batch of one task (or a mixed batch for the ablation); all ranks take the
+same task at the same step, each its own shard. Only rank 0 writes logs and checkpoints.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import signal
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import yaml
+from tqdm import tqdm
+
+from ..evaluation.evaluate import evaluate
+from .checkpoint import CheckpointManager, rng_state, set_rng_state
+from .config import RunConfig
+from .data import RunData
+
+log = logging.getLogger(__name__)
+
+
+# -- distributed --------------------------------------------------------------------------------------
+
+
+def init_distributed() -> tuple[int, int]:
+    """(rank, world size); initialises the process group under torchrun (gloo on CPU, nccl on CUDA)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+# -- optimisation -------------------------------------------------------------------------------------
+
+
+def parameter_groups(model, optim) -> list[dict]:
+    """HarmoniFuse parts, LoRA adapters and (if unfrozen) the encoder learn at their own rates."""
+    groups: dict[str, list] = {"harmonifuse": [], "lora": [], "encoder": []}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        key = "lora" if name.startswith("llm.") else "encoder" if name.startswith("encoder.") else "harmonifuse"
+        groups[key].append(p)
+    rates = {"harmonifuse": optim.lr, "lora": optim.lora_lr, "encoder": optim.encoder_lr}
+    return [{"name": k, "params": v, "lr": rates[k], "weight_decay": optim.weight_decay}
+            for k, v in groups.items() if v]
+
+
+def lr_lambda(optim, max_steps: int):
+    def factor(step: int) -> float:
+        if step < optim.warmup_steps:
+            return (step + 1) / (optim.warmup_steps + 1)
+        if optim.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - optim.warmup_steps) / max(1, max_steps - optim.warmup_steps))
+        return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
+
+
+def choose_precision(requested: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast where it measures faster than float32 (CUDA, CPUs with bf16 matrix units)."""
+    if requested == "fp32":
+        return None
+    if requested == "bf16" or device.type == "cuda":
+        return torch.bfloat16
+    a = torch.randn(1024, 1024)
+    timings = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        x = a.to(dtype)
+        x @ x
+        start = time.perf_counter()
+        for _ in range(8):
+            x @ x
+        timings[dtype] = time.perf_counter() - start
+    faster = timings[torch.bfloat16] < 0.7 * timings[torch.float32]
+    log.info("matmul float32 %.3fs vs bf16 %.3fs: %s", timings[torch.float32], timings[torch.bfloat16],
+             "bf16 autocast" if faster else "float32")
+    return torch.bfloat16 if faster else None
+
+
+# -- logging ------------------------------------------------------------------------------------------
+
+
+class RunLogger:
+    """JSONL (always) and TensorBoard (when installed) on rank 0; no-ops elsewhere."""
+
+    def __init__(self, output_dir: Path, enabled: bool) -> None:
+        self.enabled = enabled
+        self.file = None
+        self.tb = None
+        if enabled:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            self.file = open(output_dir / "log.jsonl", "a", buffering=1)
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(output_dir / "tensorboard"))
+            except ImportError:  # tensorboard is optional for logging
+                self.tb = None
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            step = record["step"]
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self.tb.add_scalar(f"{record.get('kind', 'train')}/{key}", value, step)
+                elif isinstance(value, list) and value and isinstance(value[0], (int, float)):
+                    for i, v in enumerate(value):
+                        self.tb.add_scalar(f"{record.get('kind', 'train')}/{key}/{i}", v, step)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+# -- the trainer --------------------------------------------------------------------------------------
+
+
+class Trainer:
+    def __init__(self, config: RunConfig, model, data: RunData, *, rank: int = 0, world_size: int = 1,
+                 progress: bool = True) -> None:
+        self.config = config
+        self.model = model
+        self.data = data
+        self.rank, self.world_size = rank, world_size
+        self.is_main = rank == 0
+        self.progress = progress and self.is_main
+        self.output_dir = Path(config.train.output_dir)
+        self.device = model.llm.device
+        tc, oc = config.train, config.optim
+        if tc.gradient_checkpointing:
+            model.llm.model.gradient_checkpointing_enable()
+            if hasattr(model.llm.model, "enable_input_require_grads"):
+                model.llm.model.enable_input_require_grads()
+        self.ddp = None
+        if world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.ddp = DistributedDataParallel(model, find_unused_parameters=False)
+        self.optimizer = torch.optim.AdamW(parameter_groups(model, oc), betas=(0.9, 0.98))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(oc, tc.max_steps))
+        self.autocast_dtype = choose_precision(tc.precision, self.device)
+        self.checkpoints = CheckpointManager(self.output_dir, keep_last=tc.keep_last)
+        self.logger = RunLogger(self.output_dir, self.is_main)
+        self.step = 0
+        self.train_seconds = 0.0
+        self.best_metric = -math.inf
+        self.best_step = -1
+        self.evals_since_best = 0
+        self._stop_signal: int | None = None
+
+    # -- state ---------------------------------------------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "step": self.step, "train_seconds": self.train_seconds, "best_metric": self.best_metric,
+            "best_step": self.best_step, "evals_since_best": self.evals_since_best,
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "loader": self.data.loader.state_dict(), "rng": rng_state(),
+        }
+
+    def save_checkpoint(self) -> None:
+        if self.is_main:
+            self.checkpoints.save(self.step, self.model.trained_state_dict(), self.state())
+        if self.world_size > 1:
+            dist.barrier()
+
+    def resume(self) -> bool:
+        """Continue from the newest complete checkpoint in the output folder, if any."""
+        latest = self.checkpoints.latest()
+        if latest is None:
+            return False
+        trained, state = self.checkpoints.load(latest)
+        own = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, tensor in trained.items():
+                own[name].copy_(tensor)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.data.loader.load_state_dict(state["loader"])
+        set_rng_state(state["rng"])
+        for key in ("step", "train_seconds", "best_metric", "best_step", "evals_since_best"):
+            setattr(self, key, state[key])
+        log.warning("resumed from %s (step %d)", latest, self.step)
+        return True
+
+    # -- the loop -----------------------------------------------------------------------------------
+
+    def _batches(self):
+        while True:
+            for batch in self.data.loader:
+                yield batch
+            self.data.loader.set_epoch(self.data.loader.sampler.epoch + 1)
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _global_token_mean(self, out) -> torch.Tensor:
+        """Under DDP, rescale so the averaged gradient is that of the mean over *all* ranks' answer
+        tokens, exactly what one process with the global batch computes."""
+        if self.world_size == 1:
+            return out.loss
+        total = torch.tensor([float(out.num_tokens)])
+        dist.all_reduce(total)
+        return out.loss * (out.num_tokens * self.world_size / float(total))
+
+    def _handle_signal(self, signum, frame) -> None:
+        self._stop_signal = signum
+
+    def fit(self) -> dict:
+        tc, oc = self.config.train, self.config.optim
+        if self.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "config.yaml").write_text(yaml.safe_dump(asdict(self.config), sort_keys=False))
+        previous = {s: signal.signal(s, self._handle_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        module = self.ddp or self.model
+        self.model.train()
+        batches = self._batches()
+        bar = tqdm(total=tc.max_steps, initial=self.step, desc="train", unit="step", disable=not self.progress,
+                   dynamic_ncols=True)
+        running: dict[str, list[float]] = {}
+        stop_reason = "max_steps"
+        try:
+            while self.step < tc.max_steps:
+                start = time.perf_counter()
+                self.optimizer.zero_grad(set_to_none=True)
+                items = 0
+                record: dict[str, Any] = {}
+                for micro in range(oc.grad_accum):
+                    batch = next(batches).to(self.device)
+                    items += len(batch)
+                    sync = self.ddp is None or micro == oc.grad_accum - 1
+                    with (contextlib.nullcontext() if sync else self.ddp.no_sync()), self._autocast():
+                        out = module(batch)
+                        loss = self._global_token_mean(out) / oc.grad_accum
+                    loss.backward()
+                    running.setdefault(batch.task, []).append(float(out.loss.detach()))
+                    record.setdefault("tasks", []).append(batch.task)
+                    record[f"layer_weights_{batch.task}"] = out.layer_weights.detach().float().mean(0).tolist()
+                    if out.gate_mean is not None:
+                        record[f"gate_mean_{batch.task}"] = float(out.gate_mean.detach().float().mean())
+                if oc.clip_norm > 0:
+                    record["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(
+                        [p for p in self.model.parameters() if p.requires_grad], oc.clip_norm))
+                self.optimizer.step()
+                self.scheduler.step()
+                self.step += 1
+                elapsed = time.perf_counter() - start
+                self.train_seconds += elapsed
+                bar.update(1)
+                if self.step % tc.log_every == 0 or self.step == 1:
+                    losses = {f"loss_{t}": sum(v) / len(v) for t, v in running.items() if v}
+                    running = {}
+                    record.update(kind="train", step=self.step, minutes=self.train_seconds / 60,
+                                  utt_per_s=items * self.world_size / elapsed, **losses,
+                                  **{f"lr_{g['name']}": g["lr"] for g in self.optimizer.param_groups})
+                    self.logger.write(record)
+                    bar.set_postfix({k: f"{v:.3f}" for k, v in losses.items()})
+                if self.step % tc.eval_every == 0 or self.step == tc.max_steps:
+                    if self.evaluate_dev():
+                        stop_reason = "early_stop"
+                        break
+                if self.step % tc.save_every == 0:
+                    self.save_checkpoint()
+                if tc.max_minutes and self.train_seconds / 60 >= tc.max_minutes:
+                    stop_reason = "max_minutes"
+                    break
+                if self._stop_signal is not None:
+                    stop_reason = f"signal {self._stop_signal}"
+                    break
+        finally:
+            bar.close()
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        if self.step % tc.save_every != 0:
+            self.save_checkpoint()  # never lose the last steps, whatever stopped the run
+        if self.best_step < 0 and self.is_main:
+            self.export(self.output_dir / "best")
+        summary = {"steps": self.step, "minutes": self.train_seconds / 60, "stop_reason": stop_reason,
+                   "best_step": self.best_step, "best_metric": self.best_metric,
+                   "skipped": self.data.loader.skip_counts()}
+        if self.is_main:
+            (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        self.logger.close()
+        return summary
+
+    def export(self, directory: Path) -> None:
+        self.model.save_pretrained(directory)
+
+    def evaluate_dev(self) -> bool:
+        """Score the dev subset on rank 0, export the best model; True when early stopping triggers."""
+        tc = self.config.train
+        stop = torch.zeros(1)
+        if self.is_main and self.data.dev:
+            with self._autocast():
+                result = evaluate(self.model, self.data.dev, batch_size=self.config.data.batch_size,
+                                  cache=self.data.cache, progress=self.progress)
+            metrics = result["metrics"]
+            parts = []
+            if "wer" in metrics:
+                parts.append(1 - min(1.0, metrics["wer"]))
+            if "ua" in metrics:
+                parts.append(metrics["ua"])
+            metrics["score"] = sum(parts) / len(parts)
+            value = metrics[tc.metric] if tc.metric != "wer" else -metrics["wer"]
+            self.logger.write({"kind": "dev", "step": self.step, "minutes": self.train_seconds / 60,
+                               **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}})
+            tqdm.write(f"step {self.step}: " + ", ".join(f"{k} {metrics[k]:.4f}" for k in ("wer", "cer", "wa", "ua")
+                                                          if k in metrics))
+            if value > self.best_metric:
+                self.best_metric, self.best_step, self.evals_since_best = value, self.step, 0
+                self.export(self.output_dir / "best")
+            else:
+                self.evals_since_best += 1
+            if tc.early_stop_patience and self.evals_since_best >= tc.early_stop_patience:
+                stop[0] = 1
+        if self.world_size > 1:
+            dist.broadcast(stop, 0)
+        return bool(stop[0])

@@ -1,0 +1,47 @@
+"""Metrics against values computed by hand."""
+import pytest
+
+from harmonifuse.evaluation.metrics import asr_metrics, mean_std, normalize_text, ser_metrics
+
+
+def test_normalisation_is_case_and_punctuation_blind():
+    assert normalize_text("  Hello,  World!  ") == "hello world"
+
+
+def test_wer_and_cer_by_hand():
+    # ref 1: 4 words, one substitution; ref 2: 2 words, one deletion -> 2 errors / 6 words
+    m = asr_metrics(["The cat sat down.", "Good morning"], ["the cat sat town", "good"])
+    assert m["wer"] == pytest.approx(2 / 6)
+    # chars: "the cat sat down" (16) 1 sub; "good morning" (12) 8 deleted (" morning") -> 9 / 28
+    assert m["cer"] == pytest.approx(9 / 28)
+    # raw: case and punctuation count: "The"≠"the", "down."≠"town", "Good"≠"good", deletion -> 4 / 6
+    assert m["wer_raw"] == pytest.approx(4 / 6)
+    assert m["n_asr"] == 2
+
+
+def test_asr_metrics_reject_mismatched_lists():
+    with pytest.raises(ValueError, match="as many"):
+        asr_metrics(["a"], [])
+
+
+def test_ser_metrics_by_hand():
+    labels = ["neutral", "happy", "sad", "angry"]
+    refs = ["neutral", "neutral", "neutral", "happy", "sad", "sad"]
+    hyps = ["neutral", "neutral", "happy", "happy", "sad", "angry"]
+    m = ser_metrics(refs, hyps, labels)
+    assert m["wa"] == pytest.approx(4 / 6)
+    # recalls: neutral 2/3, happy 1/1, sad 1/2 (angry absent from the references)
+    assert m["ua"] == pytest.approx((2 / 3 + 1 + 1 / 2) / 3)
+    # F1: neutral p=1 r=2/3 -> 0.8; happy p=1/2 r=1 -> 2/3; sad p=1 r=1/2 -> 2/3
+    assert m["macro_f1"] == pytest.approx((0.8 + 2 / 3 + 2 / 3) / 3)
+    assert m["confusion"] == [[2, 1, 0, 0], [0, 1, 0, 0], [0, 0, 1, 1], [0, 0, 0, 0]]
+
+
+def test_ser_metrics_reject_unknown_reference_label():
+    with pytest.raises(ValueError, match="not in the label set"):
+        ser_metrics(["bored"], ["sad"], ["sad", "happy"])
+
+
+def test_mean_std():
+    assert mean_std([1.0, 2.0, 3.0]) == pytest.approx((2.0, 1.0))
+    assert mean_std([5.0]) == (5.0, 0.0)

@@ -1,0 +1,127 @@
+"""The trainer end to end on tiny models: learning, kill-and-resume, DDP equivalence, the CLI."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from harmonifuse.training.run import load_run_config, train
+from tiny import write_tiny_run_config
+
+TESTS = Path(__file__).parent
+ENV = {**os.environ, "PYTHONPATH": str(TESTS), "OMP_NUM_THREADS": "1"}
+
+
+def _cli(*args, **kwargs):
+    return subprocess.run([sys.executable, "-m", "harmonifuse.cli", *args], env=ENV, capture_output=True,
+                          text=True, timeout=600, **kwargs)
+
+
+def _final_weights(run_dir: Path) -> dict:
+    checkpoints = sorted((run_dir / "checkpoints").glob("step_*"))
+    return load_file(str(checkpoints[-1] / "trained.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("learn")
+    config = load_run_config(write_tiny_run_config(root, train={"max_steps": 120, "eval_every": 60}))
+    summary = train(config, progress=False)
+    return root, summary
+
+
+def test_loss_falls_and_dev_metrics_improve(trained_run):
+    root, summary = trained_run
+    records = [json.loads(line) for line in (root / "run" / "log.jsonl").read_text().splitlines()]
+    ser = [r["loss_ser"] for r in records if "loss_ser" in r]
+    assert sum(ser[-5:]) / 5 < 0.3 * sum(ser[:5]) / 5
+    dev = [r for r in records if r["kind"] == "dev"]
+    assert [r["step"] for r in dev] == [60, 120]
+    assert dev[-1]["ua"] == 1.0 and dev[-1]["wer"] < 1.0
+    assert summary["steps"] == 120 and summary["best_step"] == 120
+    # the log carries what each task reads and how it is gated
+    assert any("layer_weights_asr" in r for r in records) and any("gate_mean_ser" in r for r in records)
+    assert (root / "run" / "best" / "trained.safetensors").is_file()
+
+
+def test_kill_then_resume_equals_uninterrupted_run(tmp_path):
+    settings = {"max_steps": 24, "save_every": 2, "eval_every": 1000}
+    config_path = write_tiny_run_config(tmp_path, train=settings)
+    reference = load_run_config(config_path, [f"train.output_dir={tmp_path / 'reference'}"])
+    train(reference, progress=False)
+
+    killed_dir = tmp_path / "killed"
+    args = [sys.executable, "-m", "harmonifuse.cli", "train", str(config_path), f"train.output_dir={killed_dir}", "-q"]
+    process = subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (killed_dir / "checkpoints" / "step_0000008" / "done.json").exists():
+        assert process.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    steps_at_kill = sorted(p.name for p in (killed_dir / "checkpoints").glob("step_*"))
+    assert "step_0000024" not in steps_at_kill
+
+    resumed = _cli("train", str(config_path), f"train.output_dir={killed_dir}", "--resume", "-q")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = _final_weights(tmp_path / "reference"), _final_weights(killed_dir)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_ddp_two_processes_equal_one_process_with_the_global_batch(tmp_path):
+    settings = {"max_steps": 4, "save_every": 4, "eval_every": 1000}
+    config_path = write_tiny_run_config(tmp_path, train=settings)
+    single = load_run_config(config_path, [f"train.output_dir={tmp_path / 'single'}", "data.batch_size=4"])
+    train(single, progress=False)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561",
+               "-m", "harmonifuse.cli", "train", str(config_path), f"train.output_dir={tmp_path / 'ddp'}",
+               "data.batch_size=2", "-q"]
+    result = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    a, b = _final_weights(tmp_path / "single"), _final_weights(tmp_path / "ddp")
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=2e-5, rtol=1e-4), (name, (a[name] - b[name]).abs().max())
+    # one writer: rank 0's log only, one line per step
+    records = [json.loads(line) for line in (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4]
+
+
+def test_cli_evaluate_and_analyze_on_the_trained_tiny_model(trained_run, tmp_path):
+    root, _ = trained_run
+    model_dir = root / "run" / "best"
+    manifest = root / "corpus" / "ser_test.jsonl"
+    result = _cli("evaluate", "--model", str(model_dir), "--manifest", str(root / "corpus" / "asr_test.jsonl"),
+                  "--manifest", str(manifest), "--json", "--out", str(tmp_path / "report"),
+                  "--log", str(root / "run" / "log.jsonl"), "-q")
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = json.loads(result.stdout.strip().splitlines()[-1])
+    assert {"wer", "cer", "wa", "ua", "macro_f1"} <= set(metrics)
+    assert metrics["ua"] == 1.0
+    for name in ("metrics.json", "summary.md", "confusion.png", "layer_weights_and_gates.png", "training_curves.png"):
+        assert (tmp_path / "report" / name).is_file(), name
+
+    clips = sorted((root / "corpus" / "audio").glob("ser_*.wav"))[:3]
+    result = _cli("analyze", *map(str, clips), "--model", str(model_dir), "--json")
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = [json.loads(line) for line in result.stdout.strip().splitlines()]
+    assert [line["file"] for line in lines] == [str(c) for c in clips]
+    assert all({"transcript", "emotion", "emotion_probs"} <= set(line) for line in lines)
+    assert [line["emotion"] for line in lines] == ["neutral", "happy", "sad"]
+
+
+def test_cli_reports_bad_config_values_by_field(tmp_path):
+    config_path = write_tiny_run_config(tmp_path)
+    result = _cli("train", str(config_path), "model.fusion.mode=layerwise", "-q")
+    assert result.returncode == 2
+    assert "model.fusion.mode" in result.stderr and "'layerwise' is not one of" in result.stderr
+    result = _cli("train", str(config_path), "train.max_step=3", "-q")
+    assert result.returncode == 2 and "train.max_step" in result.stderr
