@@ -160,6 +160,11 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
             raise ConfigError(f"config field '{name}': expected a mapping, got {value!r}")
         return {_coerce(k, args[0], name): _coerce(v, args[1], f"{name}.{k}") for k, v in value.items()}
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config field '{name}': expected a number, got {value!r}")
         return float(value)

@@ -35,11 +35,12 @@ def test_registry():
         get_importer("timit")
 
 
-def test_lazy_registration_imports_on_call(tmp_path):
-    from harmonifuse.data.importers import _lazy
-    prepare = _lazy("harmonifuse.data.importers.cremad")
-    make_audio(tmp_path / "AudioWAV" / "1001_DFA_ANG_XX.wav")
-    assert prepare(tmp_path, tmp_path / "out", progress_bar=False) == {"all": tmp_path / "out" / "cremad.jsonl"}
+def test_cli_prepare_synthetic_tiny(tmp_path, capsys):
+    from harmonifuse.cli import main
+
+    assert main(["prepare", "synthetic", str(tmp_path / "corpus"), "--size", "tiny"]) == 0
+    printed = capsys.readouterr().out
+    assert "asr_train" in printed and (tmp_path / "corpus" / "ser_test.jsonl").is_file()
 
 
 # --- LibriSpeech ----------------------------------------------------------------------------

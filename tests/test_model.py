@@ -155,3 +155,53 @@ def test_a_few_steps_learn_a_memorisable_pair():
     assert float(loss) < 0.2 * first
     model.eval()
     assert model.transcribe([(w[: int(n)].numpy(), 16000) for w, n in zip(*_waves(seed=3))]) == list(batch.targets)
+
+
+def test_hidden_state_prompt_vectors_are_cached_and_differ_per_prompt():
+    model = tiny_harmonifuse(seed=0, prompt={"vector": "hidden_state"})
+    vectors = model.prompt_encoder(["Transcribe the audio.", "Write down what is said.", "Transcribe the audio."])
+    assert vectors.shape == (3, 32)
+    assert torch.equal(vectors[0], vectors[2]) and not torch.allclose(vectors[0], vectors[1])
+    # the base LLM (adapters off) computes it, so training LoRA does not invalidate the cache
+    with torch.no_grad():
+        for name, p in model.llm.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    fresh = type(model.prompt_encoder)(model.llm).compute("Transcribe the audio.")
+    assert torch.allclose(fresh, vectors[0], atol=1e-5)
+
+
+def test_analyze_rejects_bad_audio_with_the_file_named(model, tmp_path):
+    import soundfile as sf
+
+    from harmonifuse.audio import AudioError
+
+    with pytest.raises(AudioError, match="missing.wav"):
+        model.analyze(str(tmp_path / "missing.wav"))
+    (tmp_path / "text.wav").write_text("not audio")
+    with pytest.raises(AudioError, match="text.wav"):
+        model.analyze(str(tmp_path / "text.wav"))
+    sf.write(tmp_path / "nan.wav", np.full(8000, np.nan, dtype=np.float32), 16000, subtype="FLOAT")
+    with pytest.raises(AudioError, match="nan.wav"):
+        model.analyze(str(tmp_path / "nan.wav"))
+    model.config.encoder.max_seconds = 1.0
+    try:
+        sf.write(tmp_path / "long.wav", np.random.default_rng(0).standard_normal(32000).astype(np.float32) * 0.1,
+                 16000)
+        with pytest.raises(AudioError, match="max_seconds"):
+            model.analyze(str(tmp_path / "long.wav"))
+    finally:
+        model.config.encoder.max_seconds = 30.0
+
+
+def test_stereo_and_8khz_are_converted_like_mono_16k(model, tmp_path):
+    import soundfile as sf
+    import soxr
+
+    rng = np.random.default_rng(2)
+    mono = (rng.standard_normal(16000) * 0.1).astype(np.float32)
+    sf.write(tmp_path / "stereo.wav", np.stack([mono, mono], axis=1), 16000, subtype="FLOAT")
+    assert model.analyze(str(tmp_path / "stereo.wav")) == model.analyze(mono)
+    narrow = soxr.resample(mono, 16000, 8000).astype(np.float32)
+    sf.write(tmp_path / "8k.wav", narrow, 8000, subtype="FLOAT")
+    assert model.analyze(str(tmp_path / "8k.wav")) == model.analyze((narrow, 8000))

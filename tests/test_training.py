@@ -125,3 +125,17 @@ def test_cli_reports_bad_config_values_by_field(tmp_path):
     assert "model.fusion.mode" in result.stderr and "'layerwise' is not one of" in result.stderr
     result = _cli("train", str(config_path), "train.max_step=3", "-q")
     assert result.returncode == 2 and "train.max_step" in result.stderr
+
+
+def test_cli_analyze_keeps_good_files_when_one_is_bad(trained_run, tmp_path):
+    root, _ = trained_run
+    good = sorted((root / "corpus" / "audio").glob("ser_*.wav"))[0]
+    bad = tmp_path / "broken.wav"
+    bad.write_bytes(b"RIFF0000WAVEnot really")
+    result = _cli("analyze", str(good), str(bad), "--model", str(root / "run" / "best"), "--json")
+    assert result.returncode == 1
+    lines = [json.loads(line) for line in result.stdout.strip().splitlines()]
+    assert lines[0]["file"] == str(good) and "emotion" in lines[0]
+    assert lines[1]["file"] == str(bad) and "broken.wav" in lines[1]["error"]
+    result = _cli("analyze", str(tmp_path / "absent.flac"), "--model", str(root / "run" / "best"))
+    assert result.returncode == 1 and "absent.flac" in result.stdout

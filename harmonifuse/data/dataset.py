@@ -20,7 +20,6 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..audio import AudioError, BadSamplePolicy, load_audio

@@ -38,7 +38,6 @@ data). Subsets are nested: the 10 % subset is contained in the 20 % one.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
@@ -176,6 +175,9 @@ class BatchInterleavedSampler:
         self.tasks = list(durations)
 
         all_durations = {task: np.asarray(durations[task], dtype=np.float64) for task in self.tasks}
+        for task, d in all_durations.items():
+            if d.ndim != 1 or not (np.isfinite(d).all() and (d >= 0).all()):
+                raise ValueError(f"durations of {task!r} must be a flat list of finite seconds >= 0")
         self.dataset_sizes = {task: len(d) for task, d in all_durations.items()}
         limits = _per_task(limit, self.tasks, "limit")
         fractions = _per_task(fraction, self.tasks, "fraction")

@@ -223,6 +223,16 @@ class Trainer:
         dist.all_reduce(total)
         return out.loss * (out.num_tokens * self.world_size / float(total))
 
+    def _empty_step(self, sync: bool) -> None:
+        """A zero-gradient step that still takes part in DDP's token count and gradient all-reduce."""
+        if self.world_size == 1:
+            return
+        total = torch.zeros(1)
+        dist.all_reduce(total)  # matches the token count all-reduce of the other ranks
+        zero = sum(p.sum() for p in self.model.parameters() if p.requires_grad) * 0.0
+        with contextlib.nullcontext() if sync else self.ddp.no_sync():
+            zero.backward()
+
     def _handle_signal(self, signum, frame) -> None:
         self._stop_signal = signum
 
@@ -249,6 +259,9 @@ class Trainer:
                     batch = next(batches).to(self.device)
                     items += len(batch)
                     sync = self.ddp is None or micro == oc.grad_accum - 1
+                    if len(batch) == 0:  # every sample was bad; under DDP this rank must still join in
+                        self._empty_step(sync)
+                        continue
                     with (contextlib.nullcontext() if sync else self.ddp.no_sync()), self._autocast():
                         out = module(batch)
                         loss = self._global_token_mean(out) / oc.grad_accum

@@ -9,7 +9,6 @@ dependencies load only when it is used.
 from __future__ import annotations
 
 import importlib
-import importlib.util
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,14 +21,9 @@ __all__ = ["IMPORTERS", "CorpusLayoutError", "KaldiFormatError", "get_importer"]
 Importer = Callable[..., dict[str, Path]]
 
 
-def _lazy(module: str) -> Importer:
-    """A ``prepare`` that imports ``module`` on first call (keeps heavy imports off the CLI's path)."""
-
-    def prepare(src: Path, out: Path, **options) -> dict[str, Path]:
-        return importlib.import_module(module).prepare(src, out, **options)
-
-    prepare.__doc__ = f"Runs {module}.prepare (imported on first use)."
-    return prepare
+def _synthetic(out: Path, **options) -> dict[str, Path]:
+    """``harmonifuse prepare synthetic OUT``: the built-in corpus has no source folder."""
+    return importlib.import_module("harmonifuse.data.synthetic").prepare(out, **options)
 
 
 IMPORTERS: dict[str, Importer] = {
@@ -39,8 +33,7 @@ IMPORTERS: dict[str, Importer] = {
     "ravdess": ravdess.prepare,
     "kaldi": kaldi.prepare,
 }
-if importlib.util.find_spec("harmonifuse.data.synthetic") is not None:
-    IMPORTERS["synthetic"] = _lazy("harmonifuse.data.synthetic")
+IMPORTERS["synthetic"] = _synthetic
 
 
 def get_importer(corpus: str) -> Importer:

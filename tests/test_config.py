@@ -1,0 +1,53 @@
+"""Configs: YAML + dotted overrides, unknown keys and bad values rejected with the field's name."""
+import pytest
+
+from harmonifuse.config import ConfigError, ModelConfig, load_config, parse_overrides
+from harmonifuse.training.config import RunConfig
+
+
+def test_defaults_are_the_paper_setup():
+    config = ModelConfig()
+    assert (config.fusion.mode, config.gate.mode, config.prompt.vector) == ("prompt", "content", "mean_embedding")
+    assert config.encoder.trainable is False and config.projector.stack == 5
+
+
+def test_yaml_and_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model:\n  fusion: {mode: task}\ntrain:\n  max_steps: 10\n")
+    config = load_config(RunConfig, path, ["train.max_steps=20", "optim.lr=1e-3", "model.llm.lora_targets=[q_proj]"])
+    assert config.model.fusion.mode == "task"
+    assert config.train.max_steps == 20 and config.optim.lr == 1e-3
+    assert config.model.llm.lora_targets == ["q_proj"]
+    assert config.model.gate.mode == "content"  # untouched defaults stay
+
+
+def test_the_shipped_demo_config_loads():
+    config = load_config(RunConfig, "configs/demo.yaml")
+    assert config.model.llm.source == "smollm2-135m-instruct"
+
+
+@pytest.mark.parametrize("override, field, problem", [
+    ("model.fusion.mode=layerwise", "model.fusion.mode", "is not one of"),
+    ("model.fusion.temperature=0", "model.fusion.temperature", "must be > 0"),
+    ("model.projector.stack=two", "model.projector.stack", "expected an integer"),
+    ("train.max_steps=0", "train.max_steps", "must be >= 1"),
+    ("train.max_step=3", "train.max_step", "is unknown"),
+    ("model.encoder.trainable=maybe", "model.encoder.trainable", "expected true or false"),
+    ("data.fraction.asr=1.5", "data.fraction.asr", "must be in (0, 1]"),
+    ("model.tasks.emotion_labels=[sad]", "model.tasks.emotion_labels", "at least two"),
+])
+def test_bad_values_name_the_field(override, field, problem):
+    with pytest.raises(ConfigError) as error:
+        load_config(RunConfig, None, [override])
+    assert f"'{field}'" in str(error.value) and problem in str(error.value)
+
+
+def test_malformed_override_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="dotted.key=value"):
+        parse_overrides(["train.max_steps"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(RunConfig, tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(RunConfig, bad)
