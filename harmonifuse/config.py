@@ -60,9 +60,13 @@ class ProjectorConfig:
     stack: int = 5
     """Frames stacked into one LLM position (50 Hz -> 10 Hz for Whisper)."""
     hidden_size: int = 1024
+    ctc_weight: float = 0.0
+    """Weight of an auxiliary CTC loss on the projector output against the LLM's token embeddings
+    (ASR items, training only; 0 disables it)."""
 
     def validate(self, prefix: str) -> None:
         _check(self.stack >= 1, f"{prefix}.stack", "must be >= 1")
+        _check(self.ctc_weight >= 0, f"{prefix}.ctc_weight", "must be >= 0")
         _check(self.hidden_size >= 1, f"{prefix}.hidden_size", "must be >= 1")
 
 

@@ -38,6 +38,9 @@ class SpeechLLM(nn.Module):
         self.eos_token_id = tokenizer.eos_token_id
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self._layouts: dict[str, tuple[list[int], list[int]]] = {}
+        # CTC blank: a special token that never occurs in a transcript (the first one the tokenizer has)
+        specials = sorted(set(tokenizer.all_special_ids) - {self.eos_token_id}) or [self.pad_token_id]
+        self.ctc_blank_id = specials[0]
 
     @classmethod
     def from_pretrained(cls, path: str, *, lora_rank: int = 8, lora_alpha: float = 16.0, lora_dropout: float = 0.0,

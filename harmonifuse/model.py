@@ -20,6 +20,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .ctc import embedding_ctc_loss
 from .config import ModelConfig, from_dict, load_yaml
 from .encoders import EncoderOutput, SpeechEncoder, build_encoder
 from .fusion import LayerFusion, build_fusion
@@ -41,6 +42,8 @@ class ModelOutput:
     num_tokens: int
     layer_weights: torch.Tensor
     gate_mean: torch.Tensor | None
+    ctc_loss: torch.Tensor | None = None
+    """The auxiliary CTC term alone (already included in ``loss``, weighted), for logging."""
 
 
 @dataclass
@@ -186,7 +189,17 @@ class HarmoniFuse(nn.Module):
         prompts = list(prompts) if prompts is not None else self.prompts_for(batch.tasks)
         inputs = self.llm.build_inputs(speech.embeddings, speech.lengths, prompts, list(batch.targets))
         num_tokens = int((inputs.labels[:, 1:] != IGNORE_INDEX).sum())
-        return ModelOutput(self.llm(inputs), num_tokens, speech.layer_weights, speech.gate_mean)
+        loss = self.llm(inputs)
+        ctc = None
+        weight = self.config.projector.ctc_weight
+        asr = [i for i, task in enumerate(batch.tasks) if task == "asr"]
+        if weight > 0 and self.training and asr:
+            index = torch.tensor(asr, device=speech.embeddings.device)
+            targets = [self.llm.tokenize(batch.targets[i]) for i in asr]
+            ctc = embedding_ctc_loss(speech.embeddings[index], speech.lengths[index], targets,
+                                     self.llm.model.get_input_embeddings().weight, blank=self.llm.ctc_blank_id)
+            loss = loss + weight * ctc
+        return ModelOutput(loss, num_tokens, speech.layer_weights, speech.gate_mean, ctc)
 
     @torch.no_grad()
     def task_profiles(self, hidden_states: torch.Tensor, frame_lengths: torch.Tensor,

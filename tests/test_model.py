@@ -205,3 +205,24 @@ def test_stereo_and_8khz_are_converted_like_mono_16k(model, tmp_path):
     narrow = soxr.resample(mono, 16000, 8000).astype(np.float32)
     sf.write(tmp_path / "8k.wav", narrow, 8000, subtype="FLOAT")
     assert model.analyze(str(tmp_path / "8k.wav")) == model.analyze((narrow, 8000))
+
+
+def test_auxiliary_ctc_adds_to_the_loss_of_asr_items_in_training_only():
+    from harmonifuse.ctc import embedding_ctc_loss
+
+    model = tiny_harmonifuse(seed=0, projector={"ctc_weight": 0.5}).train()
+    enc = _hidden(model, seed=1)
+    batch = types.SimpleNamespace(hidden_states=enc.hidden_states, frame_lengths=enc.lengths,
+                                  tasks=["asr", "ser"], targets=["hello world", "sad"])
+    with torch.no_grad():
+        total = model(batch).loss
+        speech = model.speech_embeddings(enc.hidden_states, enc.lengths, batch.tasks)
+        inputs = model.llm.build_inputs(speech.embeddings, speech.lengths, model.prompts_for(batch.tasks),
+                                        batch.targets)
+        ctc = embedding_ctc_loss(speech.embeddings[:1], speech.lengths[:1], [model.llm.tokenize("hello world")],
+                                 model.llm.model.get_input_embeddings().weight, model.llm.ctc_blank_id)
+        assert float(total) == pytest.approx(float(model.llm(inputs) + 0.5 * ctc), rel=1e-5)
+        assert float(ctc) > 0
+        model.eval()
+        assert float(model(batch).loss) == pytest.approx(float(model.llm(inputs)), rel=1e-5)
+    assert model.llm.ctc_blank_id not in model.llm.tokenize("hello world")

@@ -23,6 +23,16 @@ class RunData:
     cache: FeatureCache | None
 
 
+def _spread_sample(utterances: list[Utterance], limit: int) -> list[Utterance]:
+    """A fixed, seeded subset: manifests are often sorted by speaker or label, so never the first N."""
+    if len(utterances) <= limit:
+        return utterances
+    import numpy as np
+
+    keep = np.sort(np.random.default_rng(0).choice(len(utterances), size=limit, replace=False))
+    return [utterances[i] for i in keep]
+
+
 def ensure_corpus(config: DataConfig, *, progress: bool = True) -> Path:
     """The manifests' folder; synthesises the built-in corpus there when asked and missing."""
     root = Path(config.root)
@@ -62,7 +72,7 @@ def build_run_data(config: DataConfig, encoder, labels: list[str], *, seed: int,
     train = read_split(root, config.train, labels)
     dev = read_split(root, config.dev, labels)
     test = read_split(root, config.test, labels)
-    dev = {task: utts[: config.dev_limit] for task, utts in dev.items()}
+    dev = {task: _spread_sample(utts, config.dev_limit) for task, utts in dev.items()}
     cache = feature_cache_for(encoder, config)
     if cache is not None:
         everything = [u for split in (train, dev) for utts in split.values() for u in utts]

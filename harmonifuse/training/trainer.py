@@ -267,6 +267,8 @@ class Trainer:
                         loss = self._global_token_mean(out) / oc.grad_accum
                     loss.backward()
                     running.setdefault(batch.task, []).append(float(out.loss.detach()))
+                    if out.ctc_loss is not None:
+                        running.setdefault("ctc", []).append(float(out.ctc_loss.detach()))
                     record.setdefault("tasks", []).append(batch.task)
                     record[f"layer_weights_{batch.task}"] = out.layer_weights.detach().float().mean(0).tolist()
                     if out.gate_mean is not None:
@@ -304,6 +306,8 @@ class Trainer:
             bar.close()
             for s, handler in previous.items():
                 signal.signal(s, handler)
+        if stop_reason.startswith("max_minutes") and self.step % tc.eval_every != 0:
+            self.evaluate_dev()  # the last steps may hold the best model
         if self.step % tc.save_every != 0:
             self.save_checkpoint()  # never lose the last steps, whatever stopped the run
         if self.best_step < 0 and self.is_main:
