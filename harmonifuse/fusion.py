@@ -37,17 +37,23 @@ class TaskLayerWeights(nn.Module):
 
 
 class PromptLayerWeights(nn.Module):
-    """logits = w0 + W_a LN(p): the weights follow the prompt, so paraphrases land nearby."""
+    """logits = w0 + W_a LN(p) / sqrt(P): the weights follow the prompt, so paraphrases land nearby.
+
+    The 1/sqrt(P) keeps the prompt vector at unit norm. Adam moves every weight by about the
+    learning rate per step, so with a norm-sqrt(P) input the logits moved by ~lr * P per step
+    and the weights collapsed onto a single layer within the first few steps.
+    """
 
     def __init__(self, num_states: int, prompt_dim: int, num_tasks: int) -> None:
         super().__init__()
         self.bias = nn.Parameter(torch.zeros(num_states))
         self.prompt_norm = nn.LayerNorm(prompt_dim, elementwise_affine=False)
         self.proj = nn.Linear(prompt_dim, num_states, bias=False)
+        self.scale = prompt_dim ** -0.5
         nn.init.zeros_(self.proj.weight)
 
     def forward(self, prompt: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
-        return self.bias + self.proj(self.prompt_norm(prompt))
+        return self.bias + self.proj(self.prompt_norm(prompt) * self.scale)
 
 
 LAYER_WEIGHTS: dict[str, Callable[[int, int, int], nn.Module]] = {
