@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from harmonifuse.audio import load_audio
+from harmonifuse.data.batch import pad_waveforms
 from harmonifuse.encoders import build_encoder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,12 +56,7 @@ def main() -> None:
     for batch_size in (1, 8):
         batches = []
         for i in range(0, len(audio), batch_size):
-            chunk = audio[i:i + batch_size]
-            lengths = torch.tensor([len(a) for a in chunk])
-            waves = torch.zeros(len(chunk), int(lengths.max()))
-            for j, a in enumerate(chunk):
-                waves[j, : len(a)] = torch.from_numpy(a)
-            batches.append((waves, lengths))
+            batches.append(pad_waveforms(audio[i:i + batch_size]))
         t_var, t_pad = timed(varlen, batches, args.repeats), timed(padded, batches, args.repeats)
         print(f"{batch_size:>5} {t_var:>16.3f} {t_pad:>16.3f} {t_pad / t_var:>6.1f}x")
 

@@ -53,7 +53,6 @@ def load_model(model_dir: str | None):
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    import torch
     from tqdm import tqdm
 
     from .audio import AudioError

@@ -148,12 +148,11 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
         for option in (a for a in args if a is not type(None)):
             try:
                 return _coerce(value, option, name)
-            except ConfigError as error:
-                errors.append(str(error))
+            except ConfigError:
+                continue
         raise ConfigError(f"config field '{name}': {value!r} does not fit {_type_name(tp)}")
     if origin is list:
         if not isinstance(value, (list, tuple)):

@@ -7,7 +7,6 @@ when it is unfrozen) are saved.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import tempfile
 from dataclasses import dataclass
@@ -223,8 +222,10 @@ class HarmoniFuse(nn.Module):
 
     # -- inference ----------------------------------------------------------------------------------
 
-    def _waveforms(self, audio: Sequence[AudioInput]) -> tuple[torch.Tensor, torch.Tensor]:
+    def load_waveforms(self, audio: Sequence[AudioInput]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Paths or arrays -> (B, S) padded 16 kHz waveforms and (B,) lengths on the model's device."""
         from .audio import SAMPLE_RATE, load_audio, to_mono_16k
+        from .data.batch import pad_waveforms
 
         waves = []
         for item in audio:
@@ -235,12 +236,8 @@ class HarmoniFuse(nn.Module):
                 waves.append(to_mono_16k(np.asarray(samples), rate, max_seconds=self.config.encoder.max_seconds))
             else:
                 waves.append(to_mono_16k(np.asarray(item), SAMPLE_RATE, max_seconds=self.config.encoder.max_seconds))
-        lengths = torch.tensor([len(w) for w in waves])
-        batch = torch.zeros(len(waves), int(lengths.max()))
-        for i, w in enumerate(waves):
-            batch[i, : len(w)] = torch.from_numpy(w)
-        device = self.llm.device
-        return batch.to(device), lengths.to(device)
+        batch, lengths = pad_waveforms(waves)
+        return batch.to(self.llm.device), lengths.to(self.llm.device)
 
     @torch.no_grad()
     def analyze_hidden(self, hidden_states: torch.Tensor, frame_lengths: torch.Tensor,
@@ -277,7 +274,7 @@ class HarmoniFuse(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            waves, lengths = self._waveforms(items)
+            waves, lengths = self.load_waveforms(items)
             encoded = self.encode(waves, lengths)
             results = self.analyze_hidden(encoded.hidden_states, encoded.lengths, tasks, prompts)
         finally:

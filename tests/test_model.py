@@ -7,7 +7,7 @@ import torch
 
 from harmonifuse.llm import IGNORE_INDEX
 from harmonifuse.model import HarmoniFuse
-from tiny import tiny_encoder, tiny_harmonifuse, tiny_llama, tiny_model_config, tiny_tokenizer
+from tiny import tiny_harmonifuse, tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -15,7 +15,7 @@ def model():
     m = tiny_harmonifuse(seed=0)
     torch.manual_seed(5)
     with torch.no_grad():  # leave the identity start so every component matters
-        for name, p in m.named_parameters():
+        for p in m.parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.3)
     return m.eval()

@@ -233,7 +233,7 @@ def write_manifest(
     issues: list[ManifestIssue] = []
     seen: set[str] = set()
     lines: list[str] = []
-    for index, utterance in enumerate(utterances):
+    for utterance in utterances:
         if utterance.id in seen:
             issues.append(ManifestIssue(str(target), None, "id", f"duplicate id {utterance.id!r}",
                                         "give every utterance a unique id"))

@@ -7,27 +7,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..audio import load_audio
+from ..data.batch import pad_hidden_states
 from ..data.manifest import Utterance
 from .metrics import asr_metrics, ser_metrics
 
 
-def _hidden_states(model, utterances: Sequence[Utterance], cache) -> tuple[torch.Tensor, torch.Tensor]:
+def hidden_states_for(model, utterances: Sequence[Utterance], cache) -> tuple[torch.Tensor, torch.Tensor]:
     """(L+1, B, T, D) hidden states and (B,) frame lengths, from the cache or the encoder."""
     if cache is not None:
-        states = [cache.get(u).float() for u in utterances]  # each (L+1, T, D)
-        lengths = torch.tensor([s.shape[1] for s in states])
-        out = states[0].new_zeros(states[0].shape[0], len(states), int(lengths.max()), states[0].shape[2])
-        for i, s in enumerate(states):
-            out[:, i, : s.shape[1]] = s
-        device = model.llm.device
-        return out.to(device), lengths.to(device)
-    waves = [load_audio(u.audio, max_seconds=model.config.encoder.max_seconds) for u in utterances]
-    lengths = torch.tensor([len(w) for w in waves])
-    batch = torch.zeros(len(waves), int(lengths.max()))
-    for i, w in enumerate(waves):
-        batch[i, : len(w)] = torch.from_numpy(w)
-    encoded = model.encode(batch.to(model.llm.device), lengths.to(model.llm.device))
+        hidden, lengths = pad_hidden_states([cache.get(u) for u in utterances])
+        return hidden.to(model.llm.device), lengths.to(model.llm.device)
+    encoded = model.encode(*model.load_waveforms([u.audio for u in utterances]))
     return encoded.hidden_states, encoded.lengths
 
 
@@ -45,7 +35,7 @@ def predict(model, utterances: Sequence[Utterance], task: str, *, batch_size: in
             for start in range(0, len(order), batch_size):
                 index = order[start:start + batch_size]
                 chunk = [utterances[i] for i in index]
-                hidden, lengths = _hidden_states(model, chunk, cache)
+                hidden, lengths = hidden_states_for(model, chunk, cache)
                 prompts = {task: prompt} if prompt else None
                 for i, result in zip(index, model.analyze_hidden(hidden, lengths, tasks=(task,), prompts=prompts)):
                     results[i] = result

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..data.manifest import read_manifest
-from .evaluate import _hidden_states, evaluate
+from .evaluate import evaluate, hidden_states_for
 from .metrics import mean_std
 from .plots import plot_confusion, plot_task_profiles, plot_training_curves
 
@@ -66,7 +66,7 @@ def run_evaluation(model, manifests: Sequence[Path], out_dir: Path | None = None
                        for j in range(len(labels))] for i in range(len(labels))]
             plots.append(plot_confusion(merged, labels, out_dir / "confusion.png"))
         any_utts = [u for us in loaded.values() for u in us][:batch_size]
-        hidden, lengths = _hidden_states(model, any_utts, cache)
+        hidden, lengths = hidden_states_for(model, any_utts, cache)
         profiles = model.task_profiles(hidden, lengths)
         (out_dir / "task_profiles.json").write_text(json.dumps(profiles))
         plots.append(plot_task_profiles(profiles, out_dir / "layer_weights_and_gates.png"))
