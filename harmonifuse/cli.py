@@ -1,4 +1,4 @@
-"""Command line: ``harmonifuse analyze | prepare | train | evaluate``.
+"""Command line: ``harmonifuse analyze | prepare | train | evaluate | experiment``.
 
 Each subcommand is a small function registered in ``COMMANDS``; heavy imports happen inside them
 so ``harmonifuse --help`` stays instant.
@@ -153,11 +153,33 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from .experiments.runner import ExperimentInterrupted, ExperimentRunner
+    from .experiments.spec import load_experiment
+
+    spec, base = load_experiment(args.spec)
+    runner = ExperimentRunner(spec, base, source=args.spec, progress=not args.quiet)
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()] if args.arms else None
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
+    try:
+        runner.select(arms, seeds)
+        table = runner.report() if args.report_only else runner.run(arms, seeds)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
+    except ExperimentInterrupted as error:
+        print(f"stopped: {error}", file=sys.stderr)
+        return 3
+    print(table.read_text())
+    print(f"table: {table}")
+    return 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "analyze": cmd_analyze,
     "prepare": cmd_prepare,
     "train": cmd_train,
     "evaluate": cmd_evaluate,
+    "experiment": cmd_experiment,
 }
 
 
@@ -196,6 +218,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", help="task=prompt to evaluate with another prompt (repeatable)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--json", action="store_true", help="print one JSON object with the metrics")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("experiment", help="run an experiment's arms x seeds (resumable), write its table and plots")
+    p.add_argument("spec", help="experiment file, e.g. configs/experiments/quick.yaml")
+    p.add_argument("--arms", help="comma separated arm names (default: all)")
+    p.add_argument("--seeds", help="comma separated seeds (default: the file's)")
+    p.add_argument("--report-only", action="store_true", help="redraw table and plots from finished runs")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     return parser
 

@@ -5,6 +5,7 @@ and bad values raise :class:`ConfigError` naming the dotted field, e.g. ``model.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -215,30 +216,34 @@ def to_dict(instance: Any) -> dict:
     return dataclasses.asdict(instance)
 
 
-def parse_overrides(overrides: list[str]) -> dict:
-    """``["model.fusion.mode=task", "train.lr=1e-3"]`` -> nested dict (values parsed as YAML)."""
-    nested: dict = {}
+def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any]]:
+    """``["model.fusion.mode=task", "data.train={asr: a.jsonl}"]`` -> ``[(path, value), ...]`` (values parsed as YAML)."""
+    parsed = []
     for item in overrides:
         key, sep, raw = item.partition("=")
-        if not sep or not key:
+        if not sep or not key.strip():
             raise ConfigError(f"override {item!r} is not of the form dotted.key=value")
-        value = yaml.safe_load(raw) if raw else ""
-        node = nested
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError as error:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({error})") from error
+        parsed.append((key.strip().split("."), value))
+    return parsed
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """A copy of ``data`` with each dotted key set; the named leaf is replaced, so a mapping value
+    (``data.train={asr: a.jsonl}``) replaces the whole mapping instead of merging into it."""
+    data = copy.deepcopy(data)
+    for parts, value in parse_overrides(overrides):
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override of '{'.'.join(parts)}': '{'.'.join(parts[:i + 1])}' is not a mapping")
+            node = child
         node[parts[-1]] = value
-    return nested
-
-
-def merge(base: dict, update: dict) -> dict:
-    merged = dict(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
+    return data
 
 
 def load_yaml(path: str | Path) -> dict:
@@ -257,5 +262,5 @@ def load_yaml(path: str | Path) -> dict:
 def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | None = None) -> Any:
     """Load dataclass ``cls`` from a YAML file (optional) and dotted overrides."""
     data = load_yaml(path) if path is not None else {}
-    data = merge(data, parse_overrides(overrides or []))
+    data = apply_overrides(data, overrides or [])
     return from_dict(cls, data)

@@ -295,11 +295,11 @@ class HarmoniFuse(nn.Module):
 
 def _model_config(data: dict, overrides: list[str] | None) -> ModelConfig:
     """A model folder's config.yaml, or the ``model:`` section of a full training config."""
-    from .config import merge, parse_overrides
+    from .config import apply_overrides
 
     if isinstance(data.get("model"), dict):
         data = data["model"]
-    return from_dict(ModelConfig, merge(data, parse_overrides(overrides or [])), prefix="model")
+    return from_dict(ModelConfig, apply_overrides(data, overrides or []), prefix="model")
 
 
 def _atomic_write(target: Path, write) -> None:

@@ -51,3 +51,13 @@ def test_malformed_override_and_missing_file(tmp_path):
     bad.write_text("model: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(RunConfig, bad)
+
+
+def test_mapping_override_replaces_the_mapping(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("data:\n  train: {asr: a.jsonl, ser: s.jsonl}\n  batch_size: 4\n")
+    config = load_config(RunConfig, path, ["data.train={asr: only.jsonl}", "data.fraction.asr=0.25"])
+    assert config.data.train == {"asr": "only.jsonl"}  # replaced, not merged with ser
+    assert config.data.fraction == {"asr": 0.25} and config.data.batch_size == 4
+    with pytest.raises(ConfigError, match="'data.batch_size' is not a mapping"):
+        load_config(RunConfig, path, ["data.batch_size.x=1"])

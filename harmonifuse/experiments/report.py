@@ -1,0 +1,154 @@
+"""An experiment's table (mean ± std over seeds) and plots, from its per-run result files."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from ..evaluation.metrics import mean_std  # noqa: E402
+from .spec import ExperimentSpec  # noqa: E402
+
+METRICS = (("wer", "WER"), ("cer", "CER"), ("wa", "WA"), ("ua", "UA"), ("macro_f1", "macro-F1"))
+LOWER_IS_BETTER = {"wer", "cer"}
+
+
+def load_results(spec: ExperimentSpec, results_dir: Path) -> dict[str, list[dict]]:
+    """Arm name -> its finished runs (seed order), for the arms of ``spec`` only."""
+    out = {}
+    for arm in spec.arms:
+        runs = [json.loads((results_dir / "runs" / arm.name / f"seed{seed}.json").read_text())
+                for seed in spec.seeds if (results_dir / "runs" / arm.name / f"seed{seed}.json").is_file()]
+        out[arm.name] = runs
+    return out
+
+
+def _cell(values: list[float]) -> str:
+    if not values:
+        return "–"
+    mean, std = mean_std(values)
+    return f"{mean:.3f} ± {std:.3f}" if len(values) > 1 else f"{mean:.3f}"
+
+
+def table_markdown(spec: ExperimentSpec, results: dict[str, list[dict]], source: str = "") -> str:
+    done = sum(len(r) for r in results.values())
+    total = len(spec.arms) * len(spec.seeds)
+    minutes = sum(r["train_minutes"] + r["eval_minutes"] for runs in results.values() for r in runs)
+    ev = spec.evaluation
+    lines = [f"# Experiment `{spec.name}`", ""]
+    if spec.description:
+        lines += [spec.description.strip(), ""]
+    lines += [
+        f"Runs finished: {done} of {total} ({len(spec.arms)} arms x seeds {spec.seeds}); "
+        f"{minutes:.1f} minutes of training and scoring in all.",
+        f"Shared budget and settings: `{' '.join(spec.overrides) or '(base config)'}` on `{spec.base}`.",
+        f"Scored on the {ev.split} split"
+        + (f" ({ev.limit} utterances per task, a fixed spread-out subset)" if ev.limit else "")
+        + "; mean ± sample std over seeds. WER/CER: lower is better; WA/UA/macro-F1: higher is better. "
+        "Rows marked *paraphrased prompts* score the same models with task prompts never seen in training"
+        + (": " + "; ".join(f"{t.upper()}: \"{p}\"" for t, p in ev.paraphrases.items()) if ev.paraphrases else "")
+        + ".",
+        "",
+        "| arm | seeds | steps | train min | " + " | ".join(name for _, name in METRICS) + " |",
+        "|---|---|---|---|" + "---|" * len(METRICS),
+    ]
+    for arm in spec.arms:
+        runs = results.get(arm.name, [])
+        if not runs:
+            lines.append(f"| {arm.title} | 0/{len(spec.seeds)} | | | " + " | ".join("" for _ in METRICS) + " |")
+            continue
+        steps = sorted({r["steps"] for r in runs})
+        train_min = np.mean([r["train_minutes"] for r in runs])
+        cells = [_cell([r["metrics"][k] for r in runs if k in r["metrics"]]) for k, _ in METRICS]
+        lines.append(f"| {arm.title} | {len(runs)}/{len(spec.seeds)} | {'/'.join(map(str, steps))} | "
+                     f"{train_min:.1f} | " + " | ".join(cells) + " |")
+        if any("paraphrase_metrics" in r for r in runs):
+            cells = [_cell([r["paraphrase_metrics"][k] for r in runs if k in r.get("paraphrase_metrics", {})])
+                     for k, _ in METRICS]
+            lines.append(f"| *{arm.title}, paraphrased prompts* | | | | " + " | ".join(cells) + " |")
+    lines += ["", "![metric per arm](metrics_per_arm.png)", "", "![layer weights](layer_weights.png)", "",
+              f"Regenerate: `harmonifuse experiment {source or '<experiment file>'}` (finished runs are kept; "
+              f"`--report-only` redraws this page from {spec.results_dir}/{spec.name}/runs/).", ""]
+    return "\n".join(lines)
+
+
+def plot_metrics(spec: ExperimentSpec, results: dict[str, list[dict]], path: Path) -> Path:
+    """WER and UA per arm: bar = mean over seeds, dots = seeds, hatched = paraphrased prompts."""
+    panels = [("wer", "WER (lower is better)"), ("ua", "SER UA (higher is better)")]
+    fig, axes = plt.subplots(1, 2, figsize=(12, max(3.5, 0.42 * len(spec.arms) + 1.5)))
+    for ax, (key, title) in zip(axes, panels):
+        names, y = [], 0
+        for arm in spec.arms:
+            runs = results.get(arm.name, [])
+            values = [r["metrics"][key] for r in runs if key in r["metrics"]]
+            para = [r["paraphrase_metrics"][key] for r in runs if key in r.get("paraphrase_metrics", {})]
+            if not values:
+                continue
+            ax.barh(y - 0.2, np.mean(values), height=0.38, color="tab:blue", alpha=0.8,
+                    label="training prompts" if not names else None)
+            ax.plot(values, [y - 0.2] * len(values), "k.", ms=6)
+            if para:
+                ax.barh(y + 0.2, np.mean(para), height=0.38, color="tab:orange", alpha=0.6, hatch="//",
+                        label="paraphrased prompts" if not names else None)
+                ax.plot(para, [y + 0.2] * len(para), "k.", ms=6)
+            names.append((y, arm.title))
+            y += 1
+        if names:
+            ax.set_yticks([p for p, _ in names], [n for _, n in names])
+            ax.invert_yaxis()
+            ax.legend(loc="best", fontsize=8)
+        ax.set_title(title)
+        ax.grid(axis="x", alpha=0.3)
+    fig.suptitle(f"{spec.name}: mean over seeds (bars) and each seed (dots)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_layer_weights(spec: ExperimentSpec, results: dict[str, list[dict]], path: Path) -> Path:
+    """One panel per arm: the encoder-layer weights ASR and SER use (mean over seeds), side by side."""
+    arms = [arm for arm in spec.arms if results.get(arm.name)]
+    cols = min(4, max(1, len(arms)))
+    rows = max(1, -(-len(arms) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.7 * rows), squeeze=False, sharey=True)
+    for ax in axes.flat[len(arms):]:
+        ax.axis("off")
+    colours = {"asr": "tab:blue", "ser": "tab:red"}
+    for ax, arm in zip(axes.flat, arms):
+        runs = results[arm.name]
+        tasks = [t for t in ("asr", "ser") if all(t in r["profiles"] for r in runs)]
+        width = 0.8 / max(1, len(tasks))
+        for k, task in enumerate(tasks):
+            weights = np.mean([r["profiles"][task]["layer_weights"] for r in runs], axis=0)
+            x = np.arange(len(weights))
+            ax.bar(x + k * width - 0.4 + width / 2, weights, width, color=colours[task], label=task.upper())
+            ax.set_xticks(x, ["emb"] + [str(i) for i in range(1, len(weights))], fontsize=7)
+        if tasks:
+            ax.axhline(1 / len(weights), color="gray", lw=0.8, ls="--")
+        gates = [f"{t.upper()} {np.mean([r['profiles'][t]['gate_mean'] for r in runs]):.2f}" for t in tasks
+                 if all("gate_mean" in r["profiles"][t] for r in runs)]
+        ax.set_title(arm.title + (f"\ngate mean: {', '.join(gates)}" if gates else ""), fontsize=8)
+        ax.legend(fontsize=7)
+    fig.supxlabel("encoder hidden state")
+    fig.supylabel("fusion weight")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_report(spec: ExperimentSpec, results_dir: Path, source: str = "") -> Path:
+    """table.md, metrics_per_arm.png and layer_weights.png in ``results_dir``; returns table.md."""
+    results_dir = Path(results_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    results = load_results(spec, results_dir)
+    plot_metrics(spec, results, results_dir / "metrics_per_arm.png")
+    plot_layer_weights(spec, results, results_dir / "layer_weights.png")
+    table = results_dir / "table.md"
+    table.write_text(table_markdown(spec, results, source))
+    return table

@@ -1,0 +1,124 @@
+"""The experiment runner end to end on tiny models: arms x seeds, table, plots, resume, bad specs."""
+import json
+
+import pytest
+import yaml
+
+from harmonifuse.cli import main
+from harmonifuse.config import ConfigError
+from harmonifuse.experiments.runner import ExperimentInterrupted, ExperimentRunner
+from harmonifuse.experiments.spec import arm_config, load_experiment
+from tiny import write_tiny_run_config
+
+
+def write_spec(tmp_path, **changes):
+    write_tiny_run_config(tmp_path, train={"max_steps": 4, "eval_every": 100, "save_every": 2})
+    spec = {
+        "name": "tinyexp", "base": "run.yaml", "overrides": ["data.dev={}"], "seeds": [0, 1],
+        "runs_dir": str(tmp_path / "runs"), "results_dir": str(tmp_path / "results"),
+        "evaluation": {"split": "test", "limit": 4, "batch_size": 4,
+                       "paraphrases": {"asr": "Write down what is said."}},
+        "arms": [{"name": "naive", "label": "naive multi-task",
+                  "overrides": ["model.fusion.mode=static", "model.gate.mode=none"]},
+                 {"name": "single-ser", "label": "single-task SER",
+                  "overrides": ["data.train={ser: ser_train.jsonl}"]}],
+    }
+    spec.update(changes)
+    path = tmp_path / "experiment.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_two_arms_two_seeds_table_plots_and_rerun_skips(tmp_path, capsys):
+    path = write_spec(tmp_path)
+    assert main(["experiment", str(path), "-q"]) == 0
+    out_dir = tmp_path / "results" / "tinyexp"
+    table = (out_dir / "table.md").read_text()
+    assert "Runs finished: 4 of 4" in table and table in capsys.readouterr().out
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in table.splitlines() if line.startswith("| ") and not line.startswith("| arm")}
+    naive, single = rows["naive multi-task"], rows["single-task SER"]
+    assert naive[:2] == ["2/2", "4"] and single[:2] == ["2/2", "4"]
+    assert "±" in naive[4] and "±" in naive[7]  # WER and UA, mean ± std over the two seeds
+    assert single[4] == "–" and "±" in single[7]  # an SER-only model has no WER
+    assert "*naive multi-task, paraphrased prompts*" in rows and "±" in rows["*naive multi-task, paraphrased prompts*"][4]
+    assert "*single-task SER, paraphrased prompts*" not in rows  # no SER paraphrase in this spec
+    for png in ("metrics_per_arm.png", "layer_weights.png"):
+        assert (out_dir / png).read_bytes()[:4] == b"\x89PNG"
+
+    naive0 = json.loads((out_dir / "runs" / "naive" / "seed0.json").read_text())
+    single0 = json.loads((out_dir / "runs" / "single-ser" / "seed0.json").read_text())
+    assert naive0["evaluated"] == {"asr": 4, "ser": 4} and single0["evaluated"] == {"ser": 4}
+    assert set(single0["profiles"]) == {"ser"}
+    # static fusion: both tasks read the very same layer mixture; no gate reported without a gate
+    assert naive0["profiles"]["asr"]["layer_weights"] == pytest.approx(naive0["profiles"]["ser"]["layer_weights"])
+    assert "gate_mean" not in naive0["profiles"]["asr"] and "gate_mean" in single0["profiles"]["ser"]
+    seed1 = json.loads((out_dir / "runs" / "naive" / "seed1.json").read_text())
+    assert seed1["profiles"]["asr"]["layer_weights"] != pytest.approx(naive0["profiles"]["asr"]["layer_weights"])
+    run_dir = tmp_path / "runs" / "tinyexp" / "naive" / "seed0"
+    assert (run_dir / "best" / "trained.safetensors").is_file() and not (run_dir / "checkpoints").exists()
+
+    # a rerun trains nothing and leaves the results alone
+    spec, base = load_experiment(path)
+    calls = []
+    before = (out_dir / "runs" / "naive" / "seed0.json").stat().st_mtime_ns
+    ExperimentRunner(spec, base, progress=False, train_fn=lambda *a, **k: calls.append(a)).run()
+    assert calls == [] and (out_dir / "runs" / "naive" / "seed0.json").stat().st_mtime_ns == before
+
+
+def test_interrupted_run_writes_no_result_and_resumes_from_its_checkpoint(tmp_path):
+    path = write_spec(tmp_path, seeds=[0])
+    spec, base = load_experiment(path)
+    seen = []
+
+    def stopped(config, resume, progress):
+        seen.append((config.train.output_dir, config.train.seed, resume))
+        return {"stop_reason": "signal 15", "steps": 2, "minutes": 0.1}
+
+    runner = ExperimentRunner(spec, base, progress=False, train_fn=stopped)
+    with pytest.raises(ExperimentInterrupted, match="naive seed 0 stopped .signal 15. at step 2"):
+        runner.run()
+    assert seen == [(str(tmp_path / "runs" / "tinyexp" / "naive" / "seed0"), 0, True)]
+    assert not (tmp_path / "results" / "tinyexp" / "runs").exists()
+
+
+def test_arm_configs_and_bad_specs(tmp_path):
+    path = write_spec(tmp_path)
+    spec, base = load_experiment(path)
+    single = arm_config(spec, base, spec.arms[1], seed=7)
+    assert single.data.train == {"ser": "ser_train.jsonl"} and single.data.dev == {}
+    assert single.train.seed == 7 and single.train.output_dir.endswith("tinyexp/single-ser/seed7")
+    assert single.train.max_steps == 4  # from the base config
+
+    bad = write_spec(tmp_path, arms=[{"name": "a b"}])
+    with pytest.raises(ConfigError, match=r"'arms\[0\].name'.*names a folder"):
+        load_experiment(bad)
+    bad = write_spec(tmp_path, arms=[{"name": "a"}, {"name": "a"}])
+    with pytest.raises(ConfigError, match="repeated names"):
+        load_experiment(bad)
+    bad = write_spec(tmp_path, base="missing.yaml")
+    with pytest.raises(ConfigError, match="missing.yaml not found"):
+        load_experiment(bad)
+    bad = write_spec(tmp_path, arms=[{"name": "x", "overrides": ["model.gate.mode=sometimes"]}])
+    spec, base = load_experiment(bad)
+    with pytest.raises(ConfigError, match="arm 'x'.*'model.gate.mode'"):
+        arm_config(spec, base, spec.arms[0], 0)
+    with pytest.raises(SystemExit, match=r"unknown arm\(s\) \['nope'\]"):
+        main(["experiment", str(path), "--arms", "nope", "--report-only"])
+
+
+@pytest.mark.parametrize("name", ["quick", "main"])
+def test_shipped_experiments_resolve_every_arm(name):
+    from pathlib import Path
+
+    spec, base = load_experiment(Path(__file__).parents[1] / "configs" / "experiments" / f"{name}.yaml")
+    assert len(spec.seeds) >= 3
+    configs = {arm.name: arm_config(spec, base, arm, 0) for arm in spec.arms}
+    assert configs["harmonifuse"].model.fusion.mode == "prompt" and configs["harmonifuse"].model.gate.mode == "content"
+    assert configs["naive"].model.fusion.mode == "static" and configs["naive"].model.gate.mode == "none"
+    assert all(c.data.dev == {} and c.train.max_steps == configs["naive"].train.max_steps for c in configs.values())
+    if name == "main":
+        assert set(configs["single-asr"].data.train) == {"asr"} and set(configs["single-ser"].data.train) == {"ser"}
+        assert configs["mixed-batches"].data.schedule == "mixed"
+        assert configs["task-fusion"].model.fusion.mode == "task"
+        assert configs["harmonifuse-10"].data.fraction == {"asr": 0.1}
