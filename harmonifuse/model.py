@@ -80,7 +80,8 @@ class HarmoniFuse(nn.Module):
         c = config.llm
         llm = SpeechLLM.from_pretrained(resolve_source(c.source), lora_rank=c.lora_rank, lora_alpha=c.lora_alpha,
                                         lora_dropout=c.lora_dropout, lora_targets=c.lora_targets,
-                                        chat_template=c.chat_template, max_new_tokens=c.max_new_tokens)
+                                        chat_template=c.chat_template, max_new_tokens=c.max_new_tokens,
+                                        attention=c.attention)
         return cls.from_parts(config, encoder, llm)
 
     @classmethod

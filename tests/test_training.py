@@ -139,3 +139,38 @@ def test_cli_analyze_keeps_good_files_when_one_is_bad(trained_run, tmp_path):
     assert lines[1]["file"] == str(bad) and "broken.wav" in lines[1]["error"]
     result = _cli("analyze", str(tmp_path / "absent.flac"), "--model", str(root / "run" / "best"))
     assert result.returncode == 1 and "absent.flac" in result.stdout
+
+
+def test_bf16_training_with_frozen_weights_stored_in_bf16_is_bit_identical(tmp_path, monkeypatch):
+    """Under bf16 autocast the trainer keeps frozen Linear weights in bf16: same numbers, fewer copies."""
+    from harmonifuse.llm import SpeechLLM
+
+    runs = {}
+    for name in ("stored", "cast_per_call"):
+        if name == "cast_per_call":
+            monkeypatch.setattr(SpeechLLM, "store_frozen_linears_in", lambda self, dtype: 0)
+        path = write_tiny_run_config(tmp_path / name, train={"max_steps": 4, "eval_every": 100, "save_every": 4,
+                                                            "precision": "bf16"},
+                                     model={"prompt": {"vector": "hidden_state"}})
+        config = load_run_config(str(path))
+        from harmonifuse.model import HarmoniFuse
+
+        model = HarmoniFuse.build(config.model)
+        train(config, progress=False, model=model)
+        linears = [m for m in model.llm.model.modules() if isinstance(m, torch.nn.Linear)]
+        runs[name] = (_final_weights(Path(config.train.output_dir)),
+                      {m.weight.dtype for m in linears if not m.weight.requires_grad})
+    (stored, stored_dtypes), (reference, reference_dtypes) = runs["stored"], runs["cast_per_call"]
+    assert torch.bfloat16 in stored_dtypes and reference_dtypes == {torch.float32}
+    assert stored.keys() == reference.keys()
+    for key in stored:
+        assert torch.equal(stored[key], reference[key]), key
+
+
+def test_attention_kernel_comes_from_the_config(tmp_path):
+    from harmonifuse.model import HarmoniFuse
+
+    config = load_run_config(str(write_tiny_run_config(tmp_path)), ["model.llm.attention=eager"])
+    assert HarmoniFuse.build(config.model).llm.model.config._attn_implementation == "eager"
+    config = load_run_config(str(write_tiny_run_config(tmp_path)))
+    assert HarmoniFuse.build(config.model).llm.model.config._attn_implementation == "sdpa"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import matplotlib
@@ -38,13 +39,15 @@ def table_markdown(spec: ExperimentSpec, results: dict[str, list[dict]], source:
     done = sum(len(r) for r in results.values())
     total = len(spec.arms) * len(spec.seeds)
     minutes = sum(r["train_minutes"] + r["eval_minutes"] for runs in results.values() for r in runs)
+    wall = sum(r.get("wall_minutes", 0.0) for runs in results.values() for r in runs)
     ev = spec.evaluation
     lines = [f"# Experiment `{spec.name}`", ""]
     if spec.description:
         lines += [spec.description.strip(), ""]
     lines += [
         f"Runs finished: {done} of {total} ({len(spec.arms)} arms x seeds {spec.seeds}); "
-        f"{minutes:.1f} minutes of training and scoring in all.",
+        f"{minutes:.1f} minutes of training and scoring in all"
+        + (f", {wall:.1f} minutes of wall time with model loading and resumed work." if wall else "."),
         f"Shared budget and settings: `{' '.join(spec.overrides) or '(base config)'}` on `{spec.base}`.",
         f"Scored on the {ev.split} split"
         + (f" ({ev.limit} utterances per task, a fixed spread-out subset)" if ev.limit else "")
@@ -150,5 +153,7 @@ def write_report(spec: ExperimentSpec, results_dir: Path, source: str = "") -> P
     plot_metrics(spec, results, results_dir / "metrics_per_arm.png")
     plot_layer_weights(spec, results, results_dir / "layer_weights.png")
     table = results_dir / "table.md"
-    table.write_text(table_markdown(spec, results, source))
+    tmp = table.with_name(f".table.md.{os.getpid()}")  # several runners may share one experiment
+    tmp.write_text(table_markdown(spec, results, source))
+    os.replace(tmp, table)
     return table

@@ -128,6 +128,7 @@ class ExperimentRunner:
         return write_report(self.spec, self.results_dir, self.source)
 
     def run_one(self, arm: ArmSpec, seed: int) -> dict:
+        began = time.perf_counter()
         config = arm_config(self.spec, self.base, arm, seed)
         output_dir = Path(config.train.output_dir)
         summary_file = output_dir / "summary.json"
@@ -143,4 +144,5 @@ class ExperimentRunner:
             shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)
         return {"arm": arm.name, "label": arm.title, "seed": seed, "steps": summary["steps"],
                 "train_minutes": summary["minutes"], "eval_minutes": (time.perf_counter() - start) / 60,
+                "wall_minutes": (time.perf_counter() - began) / 60,
                 "model": str(output_dir / "best"), **scored}
