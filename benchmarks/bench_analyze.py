@@ -3,7 +3,7 @@
 Runs both ways side by side on the same clips with the shipped model (or --model), prints the
 wall time of each, their ratio (goal >= 1.8x) and the real-time factor of ``analyze``.
 
-    .venv/bin/python benchmarks/bench_analyze.py [--model DIR] [--clips 8] [--batch 8]
+    .venv/bin/python benchmarks/bench_analyze.py [--model DIR] [--clips 8] [--batch 8] [--bf16]
 """
 from __future__ import annotations
 
@@ -24,14 +24,13 @@ def main() -> None:
     parser.add_argument("--model", default=None)
     parser.add_argument("--clips", type=int, default=8)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--bf16", action="store_true", help="run under bf16 autocast")
+    parser.add_argument("--bf16", action="store_true", help="the LLM in bf16 (see bench_inference.py)")
     args = parser.parse_args()
-    model = load_model(args.model or default_model()).eval()
+    model = load_model(args.model or default_model(), bf16=args.bf16).eval()
     utts = [u for u in read_manifest(REPO / "data" / "synthetic" / "asr_test.jsonl") if 3 <= u.duration <= 10]
     paths = [u.audio for u in utts[: args.clips]]
     seconds = sum(u.duration for u in utts[: args.clips])
     batches = [paths[i:i + args.batch] for i in range(0, len(paths), args.batch)]
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16)
 
     def both():
         for b in batches:
@@ -42,7 +41,7 @@ def main() -> None:
             model.transcribe(b)
             model.recognize_emotion(b)
 
-    with autocast:
+    with torch.no_grad():
         model.analyze(batches[0][:1])  # warm-up
         start = time.perf_counter(); both(); t_both = time.perf_counter() - start
         start = time.perf_counter(); separate(); t_sep = time.perf_counter() - start

@@ -123,9 +123,9 @@ def main() -> None:
             sys.exit(f"{variant} failed:\n{done.stderr[-3000:]}")
         results[variant] = json.loads(done.stdout.strip().splitlines()[-1])
     print(f"\nTraining step, batch {args.batch} ASR utterances, median of {args.steps} steps:")
-    print(f"{'variant':<18}{'step s':>9}{'LLM tokens':>12}{'peak RSS GB':>13}")
+    print(f"{'variant':<26}{'step s':>9}{'LLM tokens':>12}{'peak RSS GB':>13}")
     for name, r in results.items():
-        print(f"{name:<18}{r['step_s']:>9.3f}{r['tokens']:>12.0f}{r['peak_rss_gb']:>13.2f}")
+        print(f"{name:<26}{r['step_s']:>9.3f}{r['tokens']:>12.0f}{r['peak_rss_gb']:>13.2f}")
     base = results.get("cached-bf16")
     if base:
         for name in ("naive-trim-bf16", "naive-30s-bf16", "cached-fp32", "cached-bf16-sdpa",

@@ -17,6 +17,7 @@ AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif"}
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_MODEL = REPO_ROOT / "models" / "harmonifuse-demo"
 log = logging.getLogger("harmonifuse")
+BF16_HELP = "run the LLM in bf16 (faster on CPUs with bf16 matrix units and on GPUs; bf16 rounding)"
 
 
 def default_model() -> str | None:
@@ -41,15 +42,19 @@ def expand_audio_paths(items: list[str]) -> list[Path]:
     return paths
 
 
-def load_model(model_dir: str | None):
+def load_model(model_dir: str | None, *, bf16: bool = False):
+    import torch
+
     from .config import ModelConfig
     from .model import HarmoniFuse
 
     if model_dir is None:
         print("note: no trained model found (models/harmonifuse-demo or --model); using an UNTRAINED "
               "HarmoniFuse on the default pretrained parts: its answers are not meaningful", file=sys.stderr)
-        return HarmoniFuse.from_pretrained(ModelConfig())
-    return HarmoniFuse.from_pretrained(model_dir)
+        model = HarmoniFuse.from_pretrained(ModelConfig())
+    else:
+        model = HarmoniFuse.from_pretrained(model_dir)
+    return model.llm_in(torch.bfloat16) if bf16 else model
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
@@ -59,7 +64,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
     paths = expand_audio_paths(args.files)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    model = load_model(args.model or default_model())
+    model = load_model(args.model or default_model(), bf16=args.bf16)
     model.eval()
     unknown = set(tasks) - set(model.task_names)
     if unknown:
@@ -134,7 +139,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluation.report import run_evaluation
 
-    model = load_model(args.model or default_model())
+    model = load_model(args.model or default_model(), bf16=args.bf16)
     prompts = dict(p.split("=", 1) for p in args.prompt) if args.prompt else None
     summary = run_evaluation(model, [Path(m) for m in args.manifest], Path(args.out) if args.out else None,
                              batch_size=args.batch_size, folds=args.folds, progress=not args.quiet,
@@ -194,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", default="asr,ser", help="comma separated tasks (default: asr,ser)")
     p.add_argument("--json", action="store_true", help="one JSON object per line and file")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--bf16", action="store_true", help=BF16_HELP)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     p = sub.add_parser("prepare", help="write manifests for a corpus (or synthesise the built-in one)")
@@ -217,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log", help="a run's log.jsonl, for the training-curve plot")
     p.add_argument("--prompt", action="append", help="task=prompt to evaluate with another prompt (repeatable)")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--bf16", action="store_true", help=BF16_HELP)
     p.add_argument("--json", action="store_true", help="print one JSON object with the metrics")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 

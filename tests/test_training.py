@@ -117,6 +117,14 @@ def test_cli_evaluate_and_analyze_on_the_trained_tiny_model(trained_run, tmp_pat
     assert all({"transcript", "emotion", "emotion_probs"} <= set(line) for line in lines)
     assert [line["emotion"] for line in lines] == ["neutral", "happy", "sad"]
 
+    # the LLM in bf16: same answers on this learned set, probabilities within bf16 rounding
+    result = _cli("analyze", *map(str, clips), "--model", str(model_dir), "--json", "--bf16")
+    assert result.returncode == 0, result.stderr[-2000:]
+    halves = [json.loads(line) for line in result.stdout.strip().splitlines()]
+    assert [h["emotion"] for h in halves] == ["neutral", "happy", "sad"]
+    for half, full in zip(halves, lines):
+        assert half["emotion_probs"] == pytest.approx(full["emotion_probs"], abs=0.05)
+
 
 def test_cli_reports_bad_config_values_by_field(tmp_path):
     config_path = write_tiny_run_config(tmp_path)

@@ -149,6 +149,9 @@ class Trainer:
             model.llm.model.gradient_checkpointing_enable()
             if hasattr(model.llm.model, "enable_input_require_grads"):
                 model.llm.model.enable_input_require_grads()
+        self.autocast_dtype = choose_precision(tc.precision, self.device)
+        if self.autocast_dtype is not None:  # bit-identical under autocast, without per-call weight casts
+            model.llm.store_frozen_linears_in(self.autocast_dtype)
         self.ddp = None
         if world_size > 1:
             from torch.nn.parallel import DistributedDataParallel
@@ -156,9 +159,6 @@ class Trainer:
             self.ddp = DistributedDataParallel(model, find_unused_parameters=False)
         self.optimizer = torch.optim.AdamW(parameter_groups(model, oc), betas=(0.9, 0.98))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(oc, tc.max_steps))
-        self.autocast_dtype = choose_precision(tc.precision, self.device)
-        if self.autocast_dtype is not None:  # bit-identical under autocast, without per-call weight casts
-            model.llm.store_frozen_linears_in(self.autocast_dtype)
         self.checkpoints = CheckpointManager(self.output_dir, keep_last=tc.keep_last)
         self.logger = RunLogger(self.output_dir, self.is_main)
         self.step = 0
