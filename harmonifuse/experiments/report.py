@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ..evaluation.metrics import mean_std  # noqa: E402
-from .spec import ExperimentSpec  # noqa: E402
+from .spec import ExperimentSpec, run_result_path  # noqa: E402
 
 METRICS = (("wer", "WER"), ("cer", "CER"), ("wa", "WA"), ("ua", "UA"), ("macro_f1", "macro-F1"))
 LOWER_IS_BETTER = {"wer", "cer"}
@@ -20,12 +20,8 @@ LOWER_IS_BETTER = {"wer", "cer"}
 
 def load_results(spec: ExperimentSpec, results_dir: Path) -> dict[str, list[dict]]:
     """Arm name -> its finished runs (seed order), for the arms of ``spec`` only."""
-    out = {}
-    for arm in spec.arms:
-        runs = [json.loads((results_dir / "runs" / arm.name / f"seed{seed}.json").read_text())
-                for seed in spec.seeds if (results_dir / "runs" / arm.name / f"seed{seed}.json").is_file()]
-        out[arm.name] = runs
-    return out
+    paths = {arm.name: [run_result_path(results_dir, arm.name, seed) for seed in spec.seeds] for arm in spec.arms}
+    return {arm: [json.loads(p.read_text()) for p in arm_paths if p.is_file()] for arm, arm_paths in paths.items()}
 
 
 def _cell(values: list[float]) -> str:

@@ -21,10 +21,10 @@ from tqdm import tqdm
 from ..data.manifest import Utterance
 from ..evaluation.evaluate import evaluate, hidden_states_for
 from ..training.config import RunConfig
-from ..training.data import _spread_sample, feature_cache_for, read_split
+from ..training.data import feature_cache_for, read_split, spread_sample
 from ..training.trainer import choose_precision
 from .report import write_report
-from .spec import ArmSpec, EvaluationSpec, ExperimentSpec, arm_config
+from .spec import ArmSpec, EvaluationSpec, ExperimentSpec, arm_config, run_result_path
 
 log = logging.getLogger(__name__)
 FINISHED = ("max_steps", "max_minutes", "early_stop")
@@ -46,7 +46,7 @@ def evaluation_utterances(config: RunConfig, evaluation: EvaluationSpec) -> dict
         if not utterances.get(task):
             raise FileNotFoundError(f"{Path(config.data.root) / path}: no {task} utterances to evaluate on")
     if evaluation.limit:
-        utterances = {task: _spread_sample(utts, evaluation.limit) for task, utts in utterances.items()}
+        utterances = {task: spread_sample(utts, evaluation.limit) for task, utts in utterances.items()}
     return utterances
 
 
@@ -62,6 +62,8 @@ def score_run(config: RunConfig, model_dir: Path, evaluation: EvaluationSpec, *,
         cache.build([u for utts in utterances.values() for u in utts], progress=progress, on_error="fail")
     dtype = choose_precision(config.train.precision, model.llm.device)
     autocast = torch.autocast(model.llm.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+    if dtype is not None:  # as in training: identical under autocast, without per-call weight casts
+        model.llm.store_frozen_linears_in(dtype)
     tasks = list(utterances)
     result: dict = {}
     with autocast, torch.no_grad():
@@ -75,7 +77,7 @@ def score_run(config: RunConfig, model_dir: Path, evaluation: EvaluationSpec, *,
                                                     prompts=paraphrases, progress=progress)["metrics"]
         sample = next(iter(utterances.values()))[:evaluation.batch_size]
         hidden, lengths = hidden_states_for(model, sample, cache)
-        profiles = model.task_profiles(hidden.float(), lengths)
+        profiles = model.task_profiles(hidden, lengths)
     result["profiles"] = {t: {"layer_weights": p["layer_weights"],
                               **({"gate_mean": sum(p["gate"]) / len(p["gate"])} if p.get("gate") else {})}
                           for t, p in profiles.items() if t in tasks}
@@ -102,7 +104,7 @@ class ExperimentRunner:
         self.results_dir = Path(spec.results_dir) / spec.name
 
     def result_path(self, arm: ArmSpec, seed: int) -> Path:
-        return self.results_dir / "runs" / arm.name / f"seed{seed}.json"
+        return run_result_path(self.results_dir, arm.name, seed)
 
     def select(self, arms: Sequence[str] | None = None, seeds: Sequence[int] | None = None):
         known = {arm.name: arm for arm in self.spec.arms}

@@ -98,6 +98,11 @@ def load_experiment(path: str | Path) -> tuple[ExperimentSpec, Path]:
     return spec, base
 
 
+def run_result_path(results_dir: Path, arm: str, seed: int) -> Path:
+    """Where a scored run of ``arm`` and ``seed`` is kept; its presence marks the run finished."""
+    return Path(results_dir) / "runs" / arm / f"seed{seed}.json"
+
+
 def arm_config(spec: ExperimentSpec, base: Path, arm: ArmSpec, seed: int) -> RunConfig:
     """The run config of one arm and seed; its output folder is ``<runs_dir>/<name>/<arm>/seed<seed>``."""
     output_dir = Path(spec.runs_dir) / spec.name / arm.name / f"seed{seed}"

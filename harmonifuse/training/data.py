@@ -23,7 +23,7 @@ class RunData:
     cache: FeatureCache | None
 
 
-def _spread_sample(utterances: list[Utterance], limit: int) -> list[Utterance]:
+def spread_sample(utterances: list[Utterance], limit: int) -> list[Utterance]:
     """A fixed, seeded subset: manifests are often sorted by speaker or label, so never the first N."""
     if len(utterances) <= limit:
         return utterances
@@ -72,7 +72,7 @@ def build_run_data(config: DataConfig, encoder, labels: list[str], *, seed: int,
     train = read_split(root, config.train, labels)
     dev = read_split(root, config.dev, labels)
     test = read_split(root, config.test, labels)
-    dev = {task: _spread_sample(utts, config.dev_limit) for task, utts in dev.items()}
+    dev = {task: spread_sample(utts, config.dev_limit) for task, utts in dev.items()}
     cache = feature_cache_for(encoder, config)
     if cache is not None:
         everything = [u for split in (train, dev) for utts in split.values() for u in utts]
