@@ -7,16 +7,22 @@ batches of the built-in corpus, with the model of configs/demo.yaml and a real A
 - naive-trim:   audio loaded and Whisper run padded to 30 s every step, output cut to the real length;
 - naive-30s:    the same, and all 1,500 frames of the 30 s window go on to the projector and LLM
                 (the usual naive pipeline: Whisper's fixed window end to end);
-- cached-bf16-sdpa / -castpercall: the cached step with transformers' SDPA attention instead of
-                eager, or with the frozen weights cast to bf16 by autocast at every call instead
-                of stored in bf16 (the two speed-ups `train` uses, measured one at a time).
+- cached-bf16-sdpa / -castpercall / -fulllogits: the cached step with transformers' SDPA
+                attention instead of eager, with the frozen weights cast to bf16 by autocast at
+                every call instead of stored in bf16, or with the vocabulary projection at every
+                position instead of only where an answer token is predicted (the speed-ups
+                `train` uses, measured one at a time).
 
 It prints the median step time of each, the ratios (goal: cached >= 10x faster than naive), bf16
-vs float32, the cached bf16 step's distance from the FLOP limit (4 x parameters on the trainable
-path x tokens / the bf16 matmul rate measured here, the backward pass needing activation
-gradients only through the frozen weights) and the peak resident memory of each process.
+vs float32, the cached step's distance from the FLOP limit (4 x parameters on the trainable
+path x tokens / the matmul rate measured here in the step's precision, the backward pass needing
+activation gradients only through the frozen weights; the vocabulary projection counted at the
+positions that compute it) and the peak resident memory of each process.
 
-    .venv/bin/python benchmarks/bench_train_step.py [--steps 5]
+On a CPU without bf16 matrix units (no AMX or AVX512-BF16) bf16 matmuls are emulated and very
+slow: run the float32 variants there, e.g. `--variants cached-fp32,cached-fp32-fulllogits,naive-trim-fp32`.
+
+    .venv/bin/python benchmarks/bench_train_step.py [--steps 5] [--variants a,b]
 """
 from __future__ import annotations
 
@@ -27,19 +33,47 @@ import statistics
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-VARIANTS = {  # name: (features, precision, extra config overrides, frozen weights stored in bf16)
-    "cached-bf16": ("cached", "bf16", [], True),  # what `train configs/demo.yaml` does
-    "cached-bf16-sdpa": ("cached", "bf16", ["model.llm.attention=sdpa"], True),
-    "cached-bf16-castpercall": ("cached", "bf16", [], False),
-    "cached-fp32": ("cached", "fp32", [], False),
-    "naive-trim-bf16": ("naive-trim", "bf16", [], True),
-    "naive-30s-bf16": ("naive-30s", "bf16", [], True),
+
+
+class Variant(NamedTuple):
+    features: str  # cached | naive-trim | naive-30s
+    precision: str  # bf16 (autocast) | fp32
+    overrides: list[str] = []
+    store_bf16: bool = False  # frozen weights stored in bf16, as the trainer does under bf16 autocast
+    full_logits: bool = False  # the vocabulary projection at every position (the textbook loss)
+
+
+VARIANTS = {
+    "cached-bf16": Variant("cached", "bf16", store_bf16=True),  # what `train configs/demo.yaml` does on AMX
+    "cached-bf16-sdpa": Variant("cached", "bf16", ["model.llm.attention=sdpa"], store_bf16=True),
+    "cached-bf16-castpercall": Variant("cached", "bf16"),
+    "cached-bf16-fulllogits": Variant("cached", "bf16", store_bf16=True, full_logits=True),
+    "cached-fp32": Variant("cached", "fp32"),  # what `train` does without bf16 matrix units
+    "cached-fp32-fulllogits": Variant("cached", "fp32", full_logits=True),
+    "naive-trim-bf16": Variant("naive-trim", "bf16", store_bf16=True),
+    "naive-30s-bf16": Variant("naive-30s", "bf16", store_bf16=True),
+    "naive-trim-fp32": Variant("naive-trim", "fp32"),
+    "naive-30s-fp32": Variant("naive-30s", "fp32"),
 }
+DEFAULT_VARIANTS = ("cached-bf16", "cached-bf16-sdpa", "cached-bf16-castpercall", "cached-bf16-fulllogits",
+                    "cached-fp32", "naive-trim-bf16", "naive-30s-bf16")
+
+
+def full_logits_loss(llm, inputs):
+    """SpeechLLM.forward as first written: (B, T, V) logits, the loss masked to the answer tokens."""
+    from harmonifuse.llm import IGNORE_INDEX
+
+    logits = llm.model(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
+                       position_ids=inputs.position_ids).logits[:, :-1].float()
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                             inputs.labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX)
 
 
 def matmul_tflops(dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
@@ -63,13 +97,17 @@ def worker(variant: str, steps: int, batch_size: int) -> dict:
     from harmonifuse.training.run import load_run_config
     from harmonifuse.training.trainer import parameter_groups
 
-    features, precision, overrides, store_bf16 = VARIANTS[variant]
+    from harmonifuse.llm import IGNORE_INDEX
+
+    features, precision, overrides, store_bf16, full_logits = VARIANTS[variant]
     overrides = overrides + (["model.encoder.pad_to_30s=true"] if features != "cached" else [])
     config = load_run_config(str(REPO / "configs" / "demo.yaml"), overrides)
     torch.manual_seed(0)
     model = HarmoniFuse.build(config.model).train()
     if store_bf16:  # as the trainer does under bf16 autocast
         model.llm.store_frozen_linears_in(torch.bfloat16)
+    if full_logits:
+        model.llm.forward = types.MethodType(full_logits_loss, model.llm)
     utterances = read_manifest(REPO / "data" / "synthetic" / "asr_train.jsonl")
     pick = np.random.default_rng(0).choice(len(utterances), size=(steps + 2) * batch_size, replace=False)
     utterances = [utterances[i] for i in pick]
@@ -77,9 +115,15 @@ def worker(variant: str, steps: int, batch_size: int) -> dict:
     dataset = SpeechTaskDataset(utterances, "asr", cache=cache)
     optimizer = torch.optim.AdamW(parameter_groups(model, config.optim))
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
-    times, tokens, seen = [], [], []
-    # the LLM's input positions per step (speech + prompt + answer, all rows), for the FLOP count
-    model.llm.register_forward_pre_hook(lambda module, args: seen.append(int(args[0].attention_mask.sum())))
+    times, tokens, projected, seen = [], [], [], []
+
+    def count(module, args):  # LLM input positions and vocabulary-projected positions, for the FLOP count
+        inputs = args[0]
+        B, T = inputs.labels.shape
+        kept = B * (T - 1) if full_logits else B * int((inputs.labels[:, 1:] != IGNORE_INDEX).any(0).sum())
+        seen.append((int(inputs.attention_mask.sum()), kept))
+
+    model.llm.register_forward_pre_hook(count)
     for step in range(steps + 2):
         start = time.perf_counter()
         batch = collate([dataset[i] for i in range(step * batch_size, (step + 1) * batch_size)], "asr")
@@ -95,12 +139,18 @@ def worker(variant: str, steps: int, batch_size: int) -> dict:
         elapsed = time.perf_counter() - start
         if step >= 2:  # the first steps allocate and warm up
             times.append(elapsed)
-            tokens.append(seen[-1])
+            tokens.append(seen[-1][0])
+            projected.append(seen[-1][1])
     llm_params = sum(p.numel() for p in {id(p): p for p in model.llm.parameters()}.values())
+    vocab_params = model.llm.model.get_output_embeddings().weight.numel()  # tied: counted once above
     head_params = sum(p.numel() for n, p in model.named_parameters()
                       if p.requires_grad and not n.startswith("llm."))
+    step_flops = 4 * ((llm_params - vocab_params + head_params) * statistics.median(tokens)
+                      + vocab_params * statistics.median(projected))
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     return {"variant": variant, "step_s": statistics.median(times), "tokens": statistics.median(tokens),
-            "path_params": llm_params + head_params, "bf16_tflops": matmul_tflops(torch.bfloat16),
+            "projected": statistics.median(projected), "step_flops": step_flops,
+            "matmul_tflops": matmul_tflops(dtype), "precision": precision,
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}
 
 
@@ -108,7 +158,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=5, help="timed steps per variant (after 2 warm-up steps)")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"any of {', '.join(VARIANTS)}")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -123,22 +173,24 @@ def main() -> None:
             sys.exit(f"{variant} failed:\n{done.stderr[-3000:]}")
         results[variant] = json.loads(done.stdout.strip().splitlines()[-1])
     print(f"\nTraining step, batch {args.batch} ASR utterances, median of {args.steps} steps:")
-    print(f"{'variant':<26}{'step s':>9}{'LLM tokens':>12}{'peak RSS GB':>13}")
+    print(f"{'variant':<26}{'step s':>9}{'LLM tokens':>12}{'vocab-projected':>17}{'peak RSS GB':>13}")
     for name, r in results.items():
-        print(f"{name:<26}{r['step_s']:>9.3f}{r['tokens']:>12.0f}{r['peak_rss_gb']:>13.2f}")
-    base = results.get("cached-bf16")
-    if base:
-        for name in ("naive-trim-bf16", "naive-30s-bf16", "cached-fp32", "cached-bf16-sdpa",
-                     "cached-bf16-castpercall"):
-            if name in results:
-                print(f"{name} / cached-bf16: {results[name]['step_s'] / base['step_s']:.2f}x")
-        flops = 4 * base["path_params"] * base["tokens"]
-        limit = flops / (base["bf16_tflops"] * 1e12)
-        print(f"FLOP limit of the cached bf16 step: 4 x {base['path_params'] / 1e6:.1f} M parameters x "
-              f"{base['tokens']:.0f} tokens = {flops / 1e12:.2f} TFLOP at {base['bf16_tflops']:.2f} TFLOP/s "
-              f"(bf16 2048^2 matmul) = {limit:.3f} s; measured {base['step_s']:.3f} s = "
-              f"{base['step_s'] / limit:.1f}x the limit ({100 * limit / base['step_s']:.0f} % utilisation)")
-
+        print(f"{name:<26}{r['step_s']:>9.3f}{r['tokens']:>12.0f}{r['projected']:>17.0f}{r['peak_rss_gb']:>13.2f}")
+    for precision in ("bf16", "fp32"):  # every variant against the cached step of its precision
+        base_name = f"cached-{precision}"
+        base = results.get(base_name)
+        if not base:
+            continue
+        for name, r in results.items():
+            if name != base_name and r["precision"] == precision:
+                print(f"{name} / {base_name}: {r['step_s'] / base['step_s']:.2f}x")
+        limit = base["step_flops"] / (base["matmul_tflops"] * 1e12)
+        print(f"FLOP limit of the {base_name} step: {base['step_flops'] / 1e12:.3f} TFLOP at "
+              f"{base['matmul_tflops']:.3f} TFLOP/s ({precision} 2048^2 matmul) = {limit:.3f} s; measured "
+              f"{base['step_s']:.3f} s = {base['step_s'] / limit:.1f}x the limit "
+              f"({100 * limit / base['step_s']:.0f} % utilisation)")
+    if "cached-bf16" in results and "cached-fp32" in results:
+        print(f"cached-fp32 / cached-bf16: {results['cached-fp32']['step_s'] / results['cached-bf16']['step_s']:.2f}x")
 
 if __name__ == "__main__":
     main()

@@ -64,6 +64,8 @@ class ProjectorConfig:
     ctc_weight: float = 0.0
     """Weight of an auxiliary CTC loss on the projector output against the LLM's token embeddings
     (ASR items, training only; 0 disables it)."""
+    match_embedding_norm: bool = False
+    """Scale every projected position to the RMS of the LLM's token embeddings (fixed, not learned)."""
 
     def validate(self, prefix: str) -> None:
         _check(self.stack >= 1, f"{prefix}.stack", "must be >= 1")

@@ -76,6 +76,11 @@ class SpeechLLM(nn.Module):
     def hidden_size(self) -> int:
         return self.model.config.hidden_size
 
+    def embedding_rms(self) -> float:
+        """Root mean square of the input embedding table's entries: the scale text enters the LLM at."""
+        table = self.model.get_input_embeddings().weight.detach().float()
+        return float(table.pow(2).mean().sqrt())
+
     def store_frozen_linears_in(self, dtype: torch.dtype) -> int:
         """Keep the frozen Linear weights in ``dtype`` (the tied embedding excepted); returns how many.
 
@@ -167,12 +172,18 @@ class SpeechLLM(nn.Module):
     # -- training, generation, scoring ------------------------------------------------------------
 
     def forward(self, inputs: LLMInputs) -> torch.Tensor:
-        """Mean next-token cross-entropy over the answer tokens."""
+        """Mean next-token cross-entropy over the answer tokens.
+
+        Only the positions that predict an answer token in some row reach the vocabulary projection
+        (``logits_to_keep``): answers are a fraction of each sequence, and (B, T, V) logits with
+        V = 49k would cost a large share of the step.
+        """
+        targets = inputs.labels[:, 1:]  # (B, T-1): the token each position predicts
+        keep = (targets != IGNORE_INDEX).any(0).nonzero().squeeze(1)  # (K,)
         out = self.model(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
-                         position_ids=inputs.position_ids)
-        logits = out.logits[:, :-1].float()
-        targets = inputs.labels[:, 1:]
-        return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                         position_ids=inputs.position_ids, logits_to_keep=keep)
+        logits = out.logits.float()  # (B, K, V)
+        return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets[:, keep].reshape(-1),
                                            ignore_index=IGNORE_INDEX)
 
     @torch.no_grad()

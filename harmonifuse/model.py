@@ -93,8 +93,9 @@ class HarmoniFuse(nn.Module):
                               prompt_encoder.dim, num_tasks, temperature=config.fusion.temperature,
                               layer_norm=config.fusion.layer_norm)
         gate = build_gate(config.gate.mode, encoder.hidden_size, prompt_encoder.dim)
-        projector = FrameStackProjector(encoder.hidden_size, llm.hidden_size, stack=config.projector.stack,
-                                        hidden_size=config.projector.hidden_size)
+        p = config.projector
+        projector = FrameStackProjector(encoder.hidden_size, llm.hidden_size, stack=p.stack, hidden_size=p.hidden_size,
+                                        output_rms=llm.embedding_rms() if p.match_embedding_norm else None)
         return cls(config, encoder, prompt_encoder, fusion, gate, projector, llm)
 
     @classmethod

@@ -121,3 +121,18 @@ def test_projector_stacks_frames_and_tracks_lengths():
     assert torch.allclose(out[0, 1], projector.mlp(torch.cat([features[0, 2], features[0, 3]])), atol=1e-6)
     assert torch.allclose(out[0, 2], projector.mlp(torch.cat([features[0, 4], torch.zeros(4)])), atol=1e-6)
     assert float(out.sum()) == pytest.approx(-5.1517382, abs=1e-5)
+
+
+def test_projector_output_rms_fixes_the_scale_of_every_position_but_not_its_direction():
+    torch.manual_seed(3)
+    free = FrameStackProjector(4, 8, stack=2, hidden_size=6)
+    scaled = FrameStackProjector(4, 8, stack=2, hidden_size=6, output_rms=0.25)
+    scaled.load_state_dict(free.state_dict())
+    features = torch.randn(2, 5, 4) * 30
+    out_free, _ = free(features, torch.tensor([5, 3]))
+    out, _ = scaled(features, torch.tensor([5, 3]))
+    assert torch.allclose(out.pow(2).mean(-1).sqrt(), torch.full((2, 3), 0.25), atol=1e-5)
+    assert torch.allclose(torch.nn.functional.cosine_similarity(out, out_free, dim=-1), torch.ones(2, 3), atol=1e-5)
+    assert list(dict(scaled.named_parameters())) == list(dict(free.named_parameters()))
+    with pytest.raises(ValueError, match="output_rms must be > 0"):
+        FrameStackProjector(4, 8, output_rms=0.0)

@@ -53,6 +53,9 @@ def test_two_arms_two_seeds_table_plots_and_rerun_skips(tmp_path, capsys):
     # static fusion: both tasks read the very same layer mixture; no gate reported without a gate
     assert naive0["profiles"]["asr"]["layer_weights"] == pytest.approx(naive0["profiles"]["ser"]["layer_weights"])
     assert "gate_mean" not in naive0["profiles"]["asr"] and "gate_mean" in single0["profiles"]["ser"]
+    # what trained each run is recorded and shown: minutes and numerics depend on it
+    assert naive0["precision"] == "float32" and naive0["hardware"].endswith(", 1 threads")
+    assert f"Trained on: {naive0['hardware']}, float32 (seeds 0, 1)." in table
     seed1 = json.loads((out_dir / "runs" / "naive" / "seed1.json").read_text())
     assert seed1["profiles"]["asr"]["layer_weights"] != pytest.approx(naive0["profiles"]["asr"]["layer_weights"])
     run_dir = tmp_path / "runs" / "tinyexp" / "naive" / "seed0"
@@ -64,6 +67,15 @@ def test_two_arms_two_seeds_table_plots_and_rerun_skips(tmp_path, capsys):
     before = (out_dir / "runs" / "naive" / "seed0.json").stat().st_mtime_ns
     ExperimentRunner(spec, base, progress=False, train_fn=lambda *a, **k: calls.append(a)).run()
     assert calls == [] and (out_dir / "runs" / "naive" / "seed0.json").stat().st_mtime_ns == before
+
+
+def test_runs_from_different_machines_are_listed_apart():
+    from harmonifuse.experiments.report import _hardware_lines
+
+    runs = {"a": [{"seed": 0}, {"seed": 1, "hardware": "CPU X, AVX2, 2 threads", "precision": "float32"}],
+            "b": [{"seed": 2, "hardware": "CPU X, AVX2, 2 threads", "precision": "float32"}]}
+    assert _hardware_lines(runs) == ["Trained on: CPU X, AVX2, 2 threads, float32 (seeds 1, 2); not recorded (seeds 0)."]
+    assert _hardware_lines({"a": []}) == []
 
 
 def test_interrupted_run_writes_no_result_and_resumes_from_its_checkpoint(tmp_path):

@@ -48,6 +48,25 @@ def test_loss_is_masked_to_answer_tokens(model):
     assert answer_ids[-1] == model.llm.eos_token_id
 
 
+def test_loss_from_answer_positions_only_equals_the_loss_over_full_logits():
+    model = tiny_harmonifuse(seed=0)
+    enc = _hidden(model, seconds=(1.0, 0.4, 0.7))
+    tasks = ["asr", "ser", "asr"]
+    speech = model.speech_embeddings(enc.hidden_states, enc.lengths, tasks)
+    inputs = model.llm.build_inputs(speech.embeddings, speech.lengths, model.prompts_for(tasks),
+                                    ["hello world", "happy", "the lazy dog"])
+    loss = model.llm(inputs)
+    full = model.llm.model(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
+                           position_ids=inputs.position_ids).logits[:, :-1]
+    reference = torch.nn.functional.cross_entropy(full.reshape(-1, full.shape[-1]), inputs.labels[:, 1:].reshape(-1),
+                                                  ignore_index=IGNORE_INDEX)
+    assert float(loss) == pytest.approx(float(reference), rel=1e-6)
+    projector = model.projector.mlp[0].weight
+    (grad,) = torch.autograd.grad(loss, projector, retain_graph=True)
+    (reference_grad,) = torch.autograd.grad(reference, projector)
+    assert torch.allclose(grad, reference_grad, rtol=1e-5, atol=1e-8)
+
+
 def test_layout_puts_speech_before_prompt_in_chat_template(model):
     prefix, suffix = model.llm.layout("Transcribe the audio.")
     tok = model.llm.tokenizer
@@ -205,6 +224,19 @@ def test_stereo_and_8khz_are_converted_like_mono_16k(model, tmp_path):
     narrow = soxr.resample(mono, 16000, 8000).astype(np.float32)
     sf.write(tmp_path / "8k.wav", narrow, 8000, subtype="FLOAT")
     assert model.analyze(str(tmp_path / "8k.wav")) == model.analyze((narrow, 8000))
+
+
+def test_matched_embedding_norm_puts_speech_at_the_scale_of_the_llm_token_embeddings():
+    model = tiny_harmonifuse(seed=0, projector={"match_embedding_norm": True})
+    table = model.llm.model.get_input_embeddings().weight.detach()
+    assert model.projector.output_rms == pytest.approx(float(table.pow(2).mean().sqrt()), rel=1e-6)
+    enc = _hidden(model, seed=1)
+    with torch.no_grad():
+        speech = model.speech_embeddings(enc.hidden_states, enc.lengths, ["asr", "ser"])
+    rms = speech.embeddings.pow(2).mean(-1).sqrt()
+    assert torch.allclose(rms, torch.full_like(rms, model.projector.output_rms), rtol=1e-4)
+    # a fixed scale: no new trained parameters, so saved models stay loadable either way
+    assert set(model.trained_state_dict()) == set(tiny_harmonifuse(seed=0).trained_state_dict())
 
 
 def test_auxiliary_ctc_adds_to_the_loss_of_asr_items_in_training_only():

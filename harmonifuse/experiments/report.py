@@ -31,6 +31,19 @@ def _cell(values: list[float]) -> str:
     return f"{mean:.3f} ± {std:.3f}" if len(values) > 1 else f"{mean:.3f}"
 
 
+def _hardware_lines(results: dict[str, list[dict]]) -> list[str]:
+    """Which machine and precision trained which runs: minutes and numerics depend on both."""
+    seeds_by_setup: dict[str, set[int]] = {}
+    for runs in results.values():
+        for r in runs:
+            setup = f"{r['hardware']}, {r['precision']}" if r.get("hardware") else "not recorded"
+            seeds_by_setup.setdefault(setup, set()).add(r["seed"])
+    if not seeds_by_setup:
+        return []
+    return ["Trained on: " + "; ".join(f"{setup} (seeds {', '.join(map(str, sorted(seeds)))})"
+                                      for setup, seeds in sorted(seeds_by_setup.items())) + "."]
+
+
 def table_markdown(spec: ExperimentSpec, results: dict[str, list[dict]], source: str = "") -> str:
     done = sum(len(r) for r in results.values())
     total = len(spec.arms) * len(spec.seeds)
@@ -44,6 +57,7 @@ def table_markdown(spec: ExperimentSpec, results: dict[str, list[dict]], source:
         f"Runs finished: {done} of {total} ({len(spec.arms)} arms x seeds {spec.seeds}); "
         f"{minutes:.1f} minutes of training and scoring in all"
         + (f", {wall:.1f} minutes of wall time with model loading and resumed work." if wall else "."),
+        *_hardware_lines(results),
         f"Shared budget and settings: `{' '.join(spec.overrides) or '(base config)'}` on `{spec.base}`.",
         f"Scored on the {ev.split} split"
         + (f" ({ev.limit} utterances per task, a fixed spread-out subset)" if ev.limit else "")

@@ -147,4 +147,5 @@ class ExperimentRunner:
         return {"arm": arm.name, "label": arm.title, "seed": seed, "steps": summary["steps"],
                 "train_minutes": summary["minutes"], "eval_minutes": (time.perf_counter() - start) / 60,
                 "wall_minutes": (time.perf_counter() - began) / 60,
+                "precision": summary.get("precision"), "hardware": summary.get("hardware"),
                 "model": str(output_dir / "best"), **scored}

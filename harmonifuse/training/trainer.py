@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import platform
 import signal
 import time
 from dataclasses import asdict
@@ -88,6 +89,23 @@ def choose_precision(requested: str, device: torch.device) -> torch.dtype | None
     log.info("matmul float32 %.3fs vs bf16 %.3fs: %s", timings[torch.float32], timings[torch.bfloat16],
              "bf16 autocast" if faster else "float32")
     return torch.bfloat16 if faster else None
+
+
+def describe_hardware(device: torch.device) -> str:
+    """What a run's minutes were measured on, e.g. 'AMD EPYC, AVX2, 2 threads' or 'cuda: NVIDIA A100'."""
+    if device.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(device)}"
+    name, flags = platform.processor() or platform.machine(), set()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                name = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    units = torch.backends.cpu.get_cpu_capability() + (" + AMX" if "amx_bf16" in flags else "")
+    return f"{name}, {units}, {torch.get_num_threads()} threads"
 
 
 # -- logging ------------------------------------------------------------------------------------------
@@ -316,7 +334,9 @@ class Trainer:
             self.export(self.output_dir / "best")
         summary = {"steps": self.step, "minutes": self.train_seconds / 60, "stop_reason": stop_reason,
                    "best_step": self.best_step, "best_metric": self.best_metric,
-                   "skipped": self.data.loader.skip_counts()}
+                   "skipped": self.data.loader.skip_counts(),
+                   "precision": "bf16 autocast" if self.autocast_dtype is not None else "float32",
+                   "hardware": describe_hardware(self.device)}
         if self.is_main:
             (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         self.logger.close()
