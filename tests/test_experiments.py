@@ -69,13 +69,23 @@ def test_two_arms_two_seeds_table_plots_and_rerun_skips(tmp_path, capsys):
     assert calls == [] and (out_dir / "runs" / "naive" / "seed0.json").stat().st_mtime_ns == before
 
 
-def test_runs_from_different_machines_are_listed_apart():
-    from harmonifuse.experiments.report import _hardware_lines
+def test_runs_from_different_machines_are_listed_apart(tmp_path):
+    from harmonifuse.experiments.report import _hardware_lines, table_markdown
 
-    runs = {"a": [{"seed": 0}, {"seed": 1, "hardware": "CPU X, AVX2, 2 threads", "precision": "float32"}],
-            "b": [{"seed": 2, "hardware": "CPU X, AVX2, 2 threads", "precision": "float32"}]}
-    assert _hardware_lines(runs) == ["Trained on: CPU X, AVX2, 2 threads, float32 (seeds 1, 2); not recorded (seeds 0)."]
-    assert _hardware_lines({"a": []}) == []
+    cpu = {"hardware": "CPU X, AVX2, 2 threads", "precision": "float32"}
+    run = {"steps": 4, "eval_minutes": 0.1, "metrics": {"ua": 0.5}}
+    runs = {"naive": [{**run, "seed": 0, "train_minutes": 1.0},
+                      {**run, "seed": 1, "train_minutes": 3.0, **cpu}],
+            "single-ser": [{**run, "seed": 0, "train_minutes": 2.0, **cpu},
+                           {**run, "seed": 1, "train_minutes": 4.0, **cpu}]}
+    assert _hardware_lines(runs) == [
+        "Trained on: CPU X, AVX2, 2 threads, float32 (seeds 0, 1); not recorded (seeds 0)."]
+    assert _hardware_lines({"naive": []}) == []
+    spec, _ = load_experiment(write_spec(tmp_path))
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in table_markdown(spec, runs).splitlines() if line.startswith(("| naive", "| single"))}
+    assert rows["naive multi-task"][2] == "1.0-3.0"  # two machines: the range, not a mean of neither
+    assert rows["single-task SER"][2] == "3.0"
 
 
 def test_interrupted_run_writes_no_result_and_resumes_from_its_checkpoint(tmp_path):

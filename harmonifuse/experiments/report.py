@@ -75,10 +75,13 @@ def table_markdown(spec: ExperimentSpec, results: dict[str, list[dict]], source:
             lines.append(f"| {arm.title} | 0/{len(spec.seeds)} | | | " + " | ".join("" for _ in METRICS) + " |")
             continue
         steps = sorted({r["steps"] for r in runs})
-        train_min = np.mean([r["train_minutes"] for r in runs])
+        minutes = [r["train_minutes"] for r in runs]
+        # a mean over different machines describes none of them: show the range instead
+        mixed = len({(r.get("hardware"), r.get("precision")) for r in runs}) > 1
+        train_min = f"{min(minutes):.1f}-{max(minutes):.1f}" if mixed else f"{np.mean(minutes):.1f}"
         cells = [_cell([r["metrics"][k] for r in runs if k in r["metrics"]]) for k, _ in METRICS]
         lines.append(f"| {arm.title} | {len(runs)}/{len(spec.seeds)} | {'/'.join(map(str, steps))} | "
-                     f"{train_min:.1f} | " + " | ".join(cells) + " |")
+                     f"{train_min} | " + " | ".join(cells) + " |")
         if any("paraphrase_metrics" in r for r in runs):
             cells = [_cell([r["paraphrase_metrics"][k] for r in runs if k in r.get("paraphrase_metrics", {})])
                      for k, _ in METRICS]
