@@ -126,6 +126,20 @@ def test_cli_evaluate_and_analyze_on_the_trained_tiny_model(trained_run, tmp_pat
         assert half["emotion_probs"] == pytest.approx(full["emotion_probs"], abs=0.05)
 
 
+def test_demo_evaluates_a_spread_out_subset_of_the_test_split(trained_run, tmp_path):
+    root, _ = trained_run
+    out = tmp_path / "demo"
+    result = subprocess.run([sys.executable, "-m", "harmonifuse.demo", "--model", str(root / "run" / "best"),
+                             "--corpus", str(root / "corpus"), "--out", str(out), "--limit", "3"],
+                            env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "3 utterances per task, a fixed spread-out subset" in result.stdout and "| ua |" in result.stdout
+    for task in ("asr", "ser"):
+        ids = [json.loads(line)["id"] for line in (out / "limited" / f"{task}_test.jsonl").read_text().splitlines()]
+        assert len(ids) == 3 and ids != [f"{task}_{i}" for i in range(3)]  # not simply the first three
+    assert json.loads((out / "metrics.json").read_text())["n_ser"] == 3
+
+
 def test_cli_reports_bad_config_values_by_field(tmp_path):
     config_path = write_tiny_run_config(tmp_path)
     result = _cli("train", str(config_path), "model.fusion.mode=layerwise", "-q")
