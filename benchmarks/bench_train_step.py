@@ -92,12 +92,11 @@ def worker(variant: str, steps: int, batch_size: int) -> dict:
     from harmonifuse.data.batch import collate
     from harmonifuse.data.dataset import SpeechTaskDataset
     from harmonifuse.data.manifest import read_manifest
+    from harmonifuse.llm import answer_positions
     from harmonifuse.model import HarmoniFuse
     from harmonifuse.training.data import feature_cache_for
     from harmonifuse.training.run import load_run_config
     from harmonifuse.training.trainer import parameter_groups
-
-    from harmonifuse.llm import IGNORE_INDEX
 
     features, precision, overrides, store_bf16, full_logits = VARIANTS[variant]
     overrides = overrides + (["model.encoder.pad_to_30s=true"] if features != "cached" else [])
@@ -120,7 +119,7 @@ def worker(variant: str, steps: int, batch_size: int) -> dict:
     def count(module, args):  # LLM input positions and vocabulary-projected positions, for the FLOP count
         inputs = args[0]
         B, T = inputs.labels.shape
-        kept = B * (T - 1) if full_logits else B * int((inputs.labels[:, 1:] != IGNORE_INDEX).any(0).sum())
+        kept = B * (T - 1) if full_logits else B * len(answer_positions(inputs.labels))
         seen.append((int(inputs.attention_mask.sum()), kept))
 
     model.llm.register_forward_pre_hook(count)
@@ -191,6 +190,7 @@ def main() -> None:
               f"({100 * limit / base['step_s']:.0f} % utilisation)")
     if "cached-bf16" in results and "cached-fp32" in results:
         print(f"cached-fp32 / cached-bf16: {results['cached-fp32']['step_s'] / results['cached-bf16']['step_s']:.2f}x")
+
 
 if __name__ == "__main__":
     main()

@@ -28,6 +28,11 @@ class LLMInputs:
     labels: torch.Tensor | None = None
 
 
+def answer_positions(labels: torch.Tensor) -> torch.Tensor:
+    """labels (B, T) -> (K,) the positions whose next token is an answer token in some row."""
+    return (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero().squeeze(1)
+
+
 class SpeechLLM(nn.Module):
     def __init__(self, model: nn.Module, tokenizer, *, chat_template: bool = True, max_new_tokens: int = 96) -> None:
         super().__init__()
@@ -179,7 +184,7 @@ class SpeechLLM(nn.Module):
         V = 49k would cost a large share of the step.
         """
         targets = inputs.labels[:, 1:]  # (B, T-1): the token each position predicts
-        keep = (targets != IGNORE_INDEX).any(0).nonzero().squeeze(1)  # (K,)
+        keep = answer_positions(inputs.labels)  # (K,)
         out = self.model(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
                          position_ids=inputs.position_ids, logits_to_keep=keep)
         logits = out.logits.float()  # (B, K, V)

@@ -31,13 +31,16 @@ def _cell(values: list[float]) -> str:
     return f"{mean:.3f} ± {std:.3f}" if len(values) > 1 else f"{mean:.3f}"
 
 
+def _setup(run: dict) -> str:
+    """The machine and precision that trained a run: minutes and numerics depend on both."""
+    return f"{run['hardware']}, {run['precision']}" if run.get("hardware") else "not recorded"
+
+
 def _hardware_lines(results: dict[str, list[dict]]) -> list[str]:
-    """Which machine and precision trained which runs: minutes and numerics depend on both."""
     seeds_by_setup: dict[str, set[int]] = {}
     for runs in results.values():
         for r in runs:
-            setup = f"{r['hardware']}, {r['precision']}" if r.get("hardware") else "not recorded"
-            seeds_by_setup.setdefault(setup, set()).add(r["seed"])
+            seeds_by_setup.setdefault(_setup(r), set()).add(r["seed"])
     if not seeds_by_setup:
         return []
     return ["Trained on: " + "; ".join(f"{setup} (seeds {', '.join(map(str, sorted(seeds)))})"
@@ -77,7 +80,7 @@ def table_markdown(spec: ExperimentSpec, results: dict[str, list[dict]], source:
         steps = sorted({r["steps"] for r in runs})
         minutes = [r["train_minutes"] for r in runs]
         # a mean over different machines describes none of them: show the range instead
-        mixed = len({(r.get("hardware"), r.get("precision")) for r in runs}) > 1
+        mixed = len({_setup(r) for r in runs}) > 1
         train_min = f"{min(minutes):.1f}-{max(minutes):.1f}" if mixed else f"{np.mean(minutes):.1f}"
         cells = [_cell([r["metrics"][k] for r in runs if k in r["metrics"]]) for k, _ in METRICS]
         lines.append(f"| {arm.title} | {len(runs)}/{len(spec.seeds)} | {'/'.join(map(str, steps))} | "
