@@ -66,11 +66,35 @@ class ProjectorConfig:
     (ASR items, training only; 0 disables it)."""
     match_embedding_norm: bool = False
     """Scale every projected position to the RMS of the LLM's token embeddings (fixed, not learned)."""
+    ctc_scale: float = 1.0
+    """Logit scale of the embedding-CTC (its start value when learned)."""
+    ctc_learn_scale: bool = False
+    """Learn the CTC logit scale (needed with ``match_embedding_norm``: unit-scale logits stay flat)."""
+    ctc_learned_blank: bool = False
+    """CTC blank as a learned vector instead of a special token of the LLM (see harmonifuse/ctc.py)."""
 
     def validate(self, prefix: str) -> None:
         _check(self.stack >= 1, f"{prefix}.stack", "must be >= 1")
         _check(self.ctc_weight >= 0, f"{prefix}.ctc_weight", "must be >= 0")
         _check(self.hidden_size >= 1, f"{prefix}.hidden_size", "must be >= 1")
+        _check(self.ctc_scale > 0, f"{prefix}.ctc_scale", "must be > 0")
+
+
+@dataclass
+class AugmentConfig:
+    """SpecAugment-style masking of the encoder's hidden states in training (see harmonifuse/augment.py)."""
+
+    time_masks: int = 0
+    time_width: int = 10
+    """Frames per time mask at most (Whisper: 50 frames per second)."""
+    channel_masks: int = 0
+    channel_width: int = 16
+
+    def validate(self, prefix: str) -> None:
+        _check(self.time_masks >= 0, f"{prefix}.time_masks", "must be >= 0")
+        _check(self.channel_masks >= 0, f"{prefix}.channel_masks", "must be >= 0")
+        _check(self.time_width >= 1, f"{prefix}.time_width", "must be >= 1")
+        _check(self.channel_width >= 1, f"{prefix}.channel_width", "must be >= 1")
 
 
 @dataclass
@@ -116,6 +140,7 @@ class TasksConfig:
 @dataclass
 class ModelConfig:
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)

@@ -1,23 +1,103 @@
-"""Auxiliary CTC on the projector output, scored against the LLM's own token embeddings.
+"""CTC on the projector output, scored against the LLM's own token embeddings.
 
 The LLM can only read speech embeddings that resemble its text embeddings; early in training the
 projector's output does not, and the answer loss gives it a weak, indirect signal (the plateau
-before alignment "clicks"). CTC with logits ``speech @ E^T`` (E the frozen input embedding table,
-no new parameters) pulls each speech position towards the embedding of a token it carries, in
-order: a direct alignment signal. Used on ASR items during training only.
+before alignment "clicks"). CTC with logits ``s * speech @ E^T`` (E the frozen input embedding
+table) pulls each speech position towards the embedding of a token it carries, in order: a direct
+alignment signal. It serves twice: as an auxiliary loss beside the answer loss, and alone in the
+alignment stage, where no LLM pass is needed and a step costs a fraction of a full one.
+
+The blank. By default it is a token of the LLM's vocabulary that never occurs in a transcript (a
+special token); with ``learned_blank`` it is a vector of its own, outside the vocabulary. The
+latter matters once CTC has shaped the projector: most positions are blank, and if they sit on
+a special token such as ``<|endoftext|>`` (a document boundary for the LLM) the LLM reads a
+sequence of document breaks; a learned blank is a direction the LLM has no prior meaning for.
+
+The logit scale ``s`` matters when the projector's output norm is pinned to that of the text
+embeddings (``projector.match_embedding_norm``): with ``s = 1`` a softmax over 49k tokens cannot
+become sharp, and CTC would pull the projector towards compromise directions. A learned ``s``
+(one scalar, log-parametrised) lets CTC be confident while the LLM still sees text-scale inputs.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
 
 
 def embedding_ctc_loss(speech: torch.Tensor, lengths: torch.Tensor, targets: list[list[int]],
-                       embedding: torch.Tensor, blank: int) -> torch.Tensor:
-    """speech (B, N, H), lengths (B,), token ids per item, embedding (V, H) -> mean CTC loss per target token."""
-    logits = speech.float() @ embedding.float().T  # (B, N, V)
+                       embedding: torch.Tensor, blank: int, scale: torch.Tensor | float = 1.0) -> torch.Tensor:
+    """speech (B, N, H), lengths (B,), token ids per item, embedding (V, H) -> mean CTC loss per target token.
+
+    ``blank`` is a row of ``embedding``: a token, or an extra row appended for a learned blank.
+    """
+    logits = (speech.float() @ embedding.float().T) * scale  # (B, N, V)
     log_probs = logits.log_softmax(-1).transpose(0, 1)  # (N, B, V)
     flat = torch.tensor([t for ids in targets for t in ids], dtype=torch.long, device=speech.device)
     target_lengths = torch.tensor([len(ids) for ids in targets], dtype=torch.long, device=speech.device)
     return nn.functional.ctc_loss(log_probs, flat, lengths, target_lengths, blank=blank, reduction="mean",
                                   zero_infinity=True)
+
+
+def greedy_ctc_decode(speech: torch.Tensor, lengths: torch.Tensor, embedding: torch.Tensor,
+                      blank: int) -> list[list[int]]:
+    """speech (B, N, H), lengths (B,) -> token ids per item: best token per position, repeats merged,
+    blanks dropped. The logit scale does not change the argmax, so it is not needed here."""
+    best = (speech.float() @ embedding.float().T).argmax(-1)  # (B, N)
+    decoded = []
+    for row, n in zip(best.tolist(), lengths.tolist()):
+        ids, previous = [], None
+        for token in row[:n]:
+            if token != previous and token != blank:
+                ids.append(token)
+            previous = token
+        decoded.append(ids)
+    return decoded
+
+
+class EmbeddingCTC(nn.Module):
+    """The embedding-CTC head: a logit scale, learned (a parameter) or fixed (a buffer), and the blank.
+
+    Args:
+        init_scale: the logit scale (its start value when learned).
+        learn_scale: learn the scale.
+        blank_size: with a size H, the blank is a learned vector (H,) appended to the embedding
+            table; without (None), the caller's ``blank`` token id is the blank.
+    """
+
+    def __init__(self, init_scale: float = 1.0, learn_scale: bool = False, blank_size: int | None = None) -> None:
+        super().__init__()
+        if not init_scale > 0:
+            raise ValueError(f"init_scale must be > 0, got {init_scale}")
+        log_scale = torch.tensor(math.log(init_scale))
+        if learn_scale:
+            self.log_scale = nn.Parameter(log_scale)
+        else:
+            self.register_buffer("log_scale", log_scale)
+        # zeros: the blank's logit starts at 0, the middle of the token logits' range
+        self.blank_vector = nn.Parameter(torch.zeros(blank_size)) if blank_size else None
+
+    @property
+    def scale(self) -> torch.Tensor:
+        return self.log_scale.exp()
+
+    def _table(self, embedding: torch.Tensor, blank: int) -> tuple[torch.Tensor, int]:
+        """(V, H) token table -> the CTC classes (V or V+1, H) and the blank's row."""
+        if self.blank_vector is None:
+            return embedding, blank
+        return torch.cat([embedding, self.blank_vector[None].to(embedding.dtype)]), embedding.shape[0]
+
+    def forward(self, speech: torch.Tensor, lengths: torch.Tensor, targets: list[list[int]], embedding: torch.Tensor,
+                blank: int) -> torch.Tensor:
+        """speech (B, N, H), lengths (B,), token ids per item, embedding (V, H) -> mean CTC loss per token.
+
+        ``blank``: the blank token id (ignored when the blank is learned)."""
+        table, blank = self._table(embedding, blank)
+        return embedding_ctc_loss(speech, lengths, targets, table, blank, self.scale.float())
+
+    def decode(self, speech: torch.Tensor, lengths: torch.Tensor, embedding: torch.Tensor,
+               blank: int) -> list[list[int]]:
+        """speech (B, N, H), lengths (B,) -> token ids per item (greedy)."""
+        table, blank = self._table(embedding, blank)
+        return greedy_ctc_decode(speech, lengths, table, blank)

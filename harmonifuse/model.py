@@ -19,7 +19,8 @@ import yaml
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .ctc import embedding_ctc_loss
+from .augment import FeatureMasking
+from .ctc import EmbeddingCTC
 from .config import ModelConfig, from_dict, load_yaml
 from .encoders import EncoderOutput, SpeechEncoder, build_encoder
 from .fusion import LayerFusion, build_fusion
@@ -43,6 +44,8 @@ class ModelOutput:
     gate_mean: torch.Tensor | None
     ctc_loss: torch.Tensor | None = None
     """The auxiliary CTC term alone (already included in ``loss``, weighted), for logging."""
+    answer_loss: torch.Tensor | None = None
+    """``loss`` without the auxiliary terms (None: ``loss`` has none)."""
 
 
 @dataclass
@@ -57,7 +60,8 @@ class SpeechEmbeddings:
 
 class HarmoniFuse(nn.Module):
     def __init__(self, config: ModelConfig, encoder: SpeechEncoder, prompt_encoder: nn.Module, fusion: LayerFusion,
-                 gate: nn.Module, projector: FrameStackProjector, llm: SpeechLLM) -> None:
+                 gate: nn.Module, projector: FrameStackProjector, llm: SpeechLLM, ctc: EmbeddingCTC | None = None,
+                 augment: FeatureMasking | None = None) -> None:
         super().__init__()
         self.config = config
         self.encoder = encoder
@@ -66,6 +70,8 @@ class HarmoniFuse(nn.Module):
         self.gate = gate
         self.projector = projector
         self.llm = llm
+        self.ctc = ctc if ctc is not None else EmbeddingCTC()
+        self.augment = augment if augment is not None else FeatureMasking()
         self.task_names = config.tasks.task_names
 
     # -- construction -------------------------------------------------------------------------------
@@ -96,7 +102,11 @@ class HarmoniFuse(nn.Module):
         p = config.projector
         projector = FrameStackProjector(encoder.hidden_size, llm.hidden_size, stack=p.stack, hidden_size=p.hidden_size,
                                         output_rms=llm.embedding_rms() if p.match_embedding_norm else None)
-        return cls(config, encoder, prompt_encoder, fusion, gate, projector, llm)
+        ctc = EmbeddingCTC(p.ctc_scale, learn_scale=p.ctc_learn_scale,
+                           blank_size=llm.hidden_size if p.ctc_learned_blank else None)
+        a = config.augment
+        augment = FeatureMasking(a.time_masks, a.time_width, a.channel_masks, a.channel_width)
+        return cls(config, encoder, prompt_encoder, fusion, gate, projector, llm, ctc, augment)
 
     @classmethod
     def from_pretrained(cls, source: str | os.PathLike | ModelConfig, overrides: list[str] | None = None) -> "HarmoniFuse":
@@ -179,28 +189,71 @@ class HarmoniFuse(nn.Module):
             gate_mean = (gate.mean(-1) * valid).sum(1) / valid.sum(1)
         return SpeechEmbeddings(embeddings, lengths, self.fusion.weights(prompt_vectors, task_ids), gate_mean)
 
-    def forward(self, batch: Any, prompts: Sequence[str] | None = None) -> ModelOutput:
-        """Loss on the answer tokens of a batch (cached hidden states or waveforms)."""
+    def _hidden(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hidden states of a training batch, cached or from the encoder, masked in training mode:
+        (L+1, B, T, D), (B,)."""
         if getattr(batch, "hidden_states", None) is not None:
-            hidden, frame_lengths = batch.hidden_states, batch.frame_lengths
+            hidden, lengths = batch.hidden_states, batch.frame_lengths
         else:
             encoded = self.encode(batch.waveforms, batch.wave_lengths)
-            hidden, frame_lengths = encoded.hidden_states, encoded.lengths
+            hidden, lengths = encoded.hidden_states, encoded.lengths
+        return self.augment(hidden, lengths), lengths
+
+    def _ctc_loss(self, speech: SpeechEmbeddings, tasks: Sequence[str], targets: Sequence[str]) -> torch.Tensor | None:
+        """Embedding-CTC over the ASR items of a batch (None when it has none)."""
+        asr = [i for i, task in enumerate(tasks) if task == "asr"]
+        if not asr:
+            return None
+        index = torch.tensor(asr, device=speech.embeddings.device)
+        token_ids = [self.llm.tokenize(targets[i]) for i in asr]
+        return self.ctc(speech.embeddings[index], speech.lengths[index], token_ids,
+                        self.llm.model.get_input_embeddings().weight, blank=self.llm.ctc_blank_id)
+
+    def forward(self, batch: Any, prompts: Sequence[str] | None = None) -> ModelOutput:
+        """Loss on the answer tokens of a batch (cached hidden states or waveforms)."""
+        hidden, frame_lengths = self._hidden(batch)
         speech = self.speech_embeddings(hidden, frame_lengths, batch.tasks, prompts)
         prompts = list(prompts) if prompts is not None else self.prompts_for(batch.tasks)
         inputs = self.llm.build_inputs(speech.embeddings, speech.lengths, prompts, list(batch.targets))
         num_tokens = int((inputs.labels[:, 1:] != IGNORE_INDEX).sum())
         loss = self.llm(inputs)
-        ctc = None
+        answer_loss, ctc = loss, None
         weight = self.config.projector.ctc_weight
-        asr = [i for i, task in enumerate(batch.tasks) if task == "asr"]
-        if weight > 0 and self.training and asr:
-            index = torch.tensor(asr, device=speech.embeddings.device)
-            targets = [self.llm.tokenize(batch.targets[i]) for i in asr]
-            ctc = embedding_ctc_loss(speech.embeddings[index], speech.lengths[index], targets,
-                                     self.llm.model.get_input_embeddings().weight, blank=self.llm.ctc_blank_id)
-            loss = loss + weight * ctc
-        return ModelOutput(loss, num_tokens, speech.layer_weights, speech.gate_mean, ctc)
+        if weight > 0 and self.training:
+            ctc = self._ctc_loss(speech, batch.tasks, batch.targets)
+            if ctc is not None:
+                loss = loss + weight * ctc
+            else:  # a learned CTC head still joins the graph, as DDP needs every trained parameter to
+                loss = loss + sum(p.sum() for p in self.ctc.parameters()) * 0.0
+        return ModelOutput(loss, num_tokens, speech.layer_weights, speech.gate_mean, ctc, answer_loss)
+
+    def alignment_loss(self, batch: Any) -> ModelOutput:
+        """The embedding-CTC alone on an ASR batch: the alignment stage, with no LLM pass.
+
+        Trains fusion, gate and projector (and a learned CTC scale) to put each token's embedding
+        where the speech carries it, before the LLM has to learn to read them.
+        """
+        if any(task != "asr" for task in batch.tasks):
+            raise ValueError(f"the alignment stage takes ASR batches only, got tasks {sorted(set(batch.tasks))}")
+        hidden, frame_lengths = self._hidden(batch)
+        speech = self.speech_embeddings(hidden, frame_lengths, batch.tasks)
+        loss = self._ctc_loss(speech, batch.tasks, batch.targets)
+        num_tokens = sum(len(self.llm.tokenize(t)) for t in batch.targets)
+        return ModelOutput(loss, num_tokens, speech.layer_weights, speech.gate_mean, loss)
+
+    @torch.no_grad()
+    def ctc_transcribe_hidden(self, hidden_states: torch.Tensor, frame_lengths: torch.Tensor,
+                              prompt: str | None = None) -> list[str]:
+        """Greedy CTC transcripts straight from the projector, without the LLM: hidden (L+1, B, T, D) -> B texts.
+
+        What the alignment stage has taught the projector; far cheaper than decoding with the LLM.
+        """
+        B = hidden_states.shape[1]
+        prompts = [prompt or self.config.tasks.prompts["asr"]] * B
+        speech = self.speech_embeddings(hidden_states, frame_lengths, ["asr"] * B, prompts)
+        ids = self.ctc.decode(speech.embeddings, speech.lengths, self.llm.model.get_input_embeddings().weight,
+                              blank=self.llm.ctc_blank_id)
+        return [self.llm.tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids]
 
     @torch.no_grad()
     def task_profiles(self, hidden_states: torch.Tensor, frame_lengths: torch.Tensor,

@@ -45,6 +45,26 @@ def predict(model, utterances: Sequence[Utterance], task: str, *, batch_size: in
     return results  # type: ignore[return-value]
 
 
+@torch.no_grad()
+def ctc_asr_metrics(model, utterances: Sequence[Utterance], *, batch_size: int = 16, cache=None,
+                    progress: bool = True) -> dict:
+    """WER and CER of the projector's greedy CTC transcripts (no LLM): what the alignment stage reached."""
+    order = np.argsort([u.duration for u in utterances], kind="stable")
+    hyps: list[str] = [""] * len(utterances)
+    was_training = model.training
+    model.eval()
+    try:
+        for start in tqdm(range(0, len(order), batch_size), desc="CTC transcripts", unit="batch",
+                          disable=not progress, leave=False):
+            index = order[start:start + batch_size]
+            hidden, lengths = hidden_states_for(model, [utterances[i] for i in index], cache)
+            for i, text in zip(index, model.ctc_transcribe_hidden(hidden, lengths)):
+                hyps[i] = text
+    finally:
+        model.train(was_training)
+    return asr_metrics([u.text for u in utterances], hyps)
+
+
 def evaluate(model, manifests: Mapping[str, Sequence[Utterance]], *, batch_size: int = 8, cache=None,
              prompts: Mapping[str, str] | None = None, progress: bool = True) -> dict:
     """``{"asr": [...], "ser": [...]}`` utterances -> metrics and per-utterance predictions.

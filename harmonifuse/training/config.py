@@ -64,12 +64,41 @@ class OptimConfig:
 
 
 @dataclass
+class AlignConfig:
+    """The alignment stage, run before the main training.
+
+    Fusion, gate and projector (and a learned CTC scale) learn the embedding-CTC alone on ASR
+    batches: no LLM pass, so a step costs a fraction of a full one, and the LLM afterwards reads
+    speech positions that already sit near the embeddings of the tokens they carry.
+    """
+
+    max_steps: int = 0
+    """Steps of the stage (0: no alignment stage)."""
+    max_minutes: float = 0.0
+    """Stop the stage after this much time (0: no limit); its schedule still spans max_steps."""
+    batch_size: int = 16
+    lr: float = 2e-3
+    warmup_steps: int = 20
+    eval_every: int = 100
+    """Score greedy-CTC transcripts on the dev ASR subset every this many steps (and at the end)."""
+
+    def validate(self, prefix: str) -> None:
+        _check(self.max_steps >= 0, f"{prefix}.max_steps", "must be >= 0 (0 disables the stage)")
+        _check(self.max_minutes >= 0, f"{prefix}.max_minutes", "must be >= 0 (0: no limit)")
+        _check(self.batch_size >= 1, f"{prefix}.batch_size", "must be >= 1")
+        _check(self.lr > 0, f"{prefix}.lr", "must be > 0")
+        _check(self.warmup_steps >= 0, f"{prefix}.warmup_steps", "must be >= 0")
+        _check(self.eval_every >= 1, f"{prefix}.eval_every", "must be >= 1")
+
+
+@dataclass
 class TrainConfig:
     output_dir: str = "runs/demo"
     seed: int = 0
     max_steps: int = 1500
     max_minutes: float = 0.0
-    """Stop after this much training time (0: no limit); the learning-rate schedule still spans max_steps."""
+    """Stop after this much training time, the alignment stage included (0: no limit); the
+    learning-rate schedule still spans max_steps."""
     eval_every: int = 250
     save_every: int = 250
     keep_last: int = 2
@@ -97,4 +126,5 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

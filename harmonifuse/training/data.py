@@ -21,6 +21,8 @@ class RunData:
     dev: dict[str, list[Utterance]]
     test: dict[str, list[Utterance]]
     cache: FeatureCache | None
+    align_loader: MultiTaskLoader | None = None
+    """ASR batches for the alignment stage (None without one)."""
 
 
 def spread_sample(utterances: list[Utterance], limit: int) -> list[Utterance]:
@@ -67,7 +69,9 @@ def feature_cache_for(encoder, config: DataConfig) -> FeatureCache | None:
 
 
 def build_run_data(config: DataConfig, encoder, labels: list[str], *, seed: int, rank: int = 0,
-                   world_size: int = 1, progress: bool = True, num_workers: int = 0) -> RunData:
+                   world_size: int = 1, progress: bool = True, num_workers: int = 0,
+                   align_batch_size: int = 0) -> RunData:
+    """Manifests, feature cache and loaders; ``align_batch_size > 0`` adds the alignment stage's ASR loader."""
     root = ensure_corpus(config, progress=progress and rank == 0)
     train = read_split(root, config.train, labels)
     dev = read_split(root, config.dev, labels)
@@ -84,10 +88,22 @@ def build_run_data(config: DataConfig, encoder, labels: list[str], *, seed: int,
             dist.barrier()
     datasets = {task: SpeechTaskDataset(utts, task, cache=cache, load_kwargs={"max_seconds": config.max_seconds},
                                         on_error=config.bad_samples) for task, utts in train.items()}
-    sampler = BatchInterleavedSampler(
-        {task: ds.durations for task, ds in datasets.items()}, batch_size=config.batch_size,
-        schedule={"name": config.schedule, **config.schedule_options}, seed=seed,
-        pool_size=config.pool_size or None, rank=rank, world_size=world_size,
-        limit=dict(config.limit) or None, fraction=dict(config.fraction) or None)
-    loader = MultiTaskLoader(datasets, sampler, num_workers=num_workers)
-    return RunData(loader, dev, test, cache)
+    def loader_for(tasks: list[str], batch_size: int, schedule: dict, limit: dict, fraction: dict) -> MultiTaskLoader:
+        sampler = BatchInterleavedSampler(
+            {task: datasets[task].durations for task in tasks}, batch_size=batch_size, schedule=schedule, seed=seed,
+            pool_size=config.pool_size or None, rank=rank, world_size=world_size,
+            limit=limit or None, fraction=fraction or None)
+        return MultiTaskLoader({task: datasets[task] for task in tasks}, sampler, num_workers=num_workers)
+
+    loader = loader_for(list(datasets), config.batch_size, {"name": config.schedule, **config.schedule_options},
+                        dict(config.limit), dict(config.fraction))
+    align_loader = None
+    if align_batch_size:
+        if "asr" not in datasets:
+            raise ValueError("the alignment stage (align.max_steps > 0) needs ASR training data: data.train has no "
+                             "'asr' manifest; set align.max_steps=0")
+        # the same ASR subset as the main stage, so a limited-data arm stays limited
+        align_loader = loader_for(["asr"], align_batch_size, {"name": "round_robin"},
+                                  {t: n for t, n in config.limit.items() if t == "asr"},
+                                  {t: f for t, f in config.fraction.items() if t == "asr"})
+    return RunData(loader, dev, test, cache, align_loader)

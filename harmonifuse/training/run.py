@@ -36,7 +36,8 @@ def train(config: RunConfig, *, resume: bool = False, progress: bool = True, mod
     model = model if model is not None else HarmoniFuse.build(config.model)
     data = build_run_data(config.data, model.encoder, config.model.tasks.emotion_labels, seed=config.train.seed,
                           rank=rank, world_size=world_size, progress=progress,
-                          num_workers=config.train.num_workers)
+                          num_workers=config.train.num_workers,
+                          align_batch_size=config.align.batch_size if config.align.max_steps else 0)
     trainer = Trainer(config, model, data, rank=rank, world_size=world_size, progress=progress)
     if resume:
         trainer.resume()

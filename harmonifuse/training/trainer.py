@@ -6,6 +6,7 @@ same task at the same step, each its own shard. Only rank 0 writes logs and chec
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -22,7 +23,7 @@ import torch.distributed as dist
 import yaml
 from tqdm import tqdm
 
-from ..evaluation.evaluate import evaluate
+from ..evaluation.evaluate import ctc_asr_metrics, evaluate
 from .checkpoint import CheckpointManager, rng_state, set_rng_state
 from .config import RunConfig
 from .data import RunData
@@ -170,13 +171,19 @@ class Trainer:
         self.autocast_dtype = choose_precision(tc.precision, self.device)
         if self.autocast_dtype is not None:  # bit-identical under autocast, without per-call weight casts
             model.llm.store_frozen_linears_in(self.autocast_dtype)
-        self.ddp = None
-        if world_size > 1:
-            from torch.nn.parallel import DistributedDataParallel
-
-            self.ddp = DistributedDataParallel(model, find_unused_parameters=False)
+        self.ddp = None  # wrapped when the main stage starts (see fit)
         self.optimizer = torch.optim.AdamW(parameter_groups(model, oc), betas=(0.9, 0.98))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(oc, tc.max_steps))
+        ac = config.align
+        self.align_optimizer = self.align_scheduler = None
+        if ac.max_steps:  # fusion, gate, projector and the CTC scale only: the LLM takes no part
+            groups = [{**g, "lr": ac.lr} for g in parameter_groups(model, oc) if g["name"] == "harmonifuse"]
+            self.align_optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.98))
+            self.align_scheduler = torch.optim.lr_scheduler.LambdaLR(
+                self.align_optimizer, lr_lambda(dataclasses.replace(oc, warmup_steps=ac.warmup_steps), ac.max_steps))
+        self.align_step = 0
+        self.align_seconds = 0.0
+        self.align_done = not ac.max_steps
         self.checkpoints = CheckpointManager(self.output_dir, keep_last=tc.keep_last)
         self.logger = RunLogger(self.output_dir, self.is_main)
         self.step = 0
@@ -189,16 +196,27 @@ class Trainer:
     # -- state ---------------------------------------------------------------------------------------
 
     def state(self) -> dict[str, Any]:
-        return {
+        state = {
             "step": self.step, "train_seconds": self.train_seconds, "best_metric": self.best_metric,
             "best_step": self.best_step, "evals_since_best": self.evals_since_best,
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "loader": self.data.loader.state_dict(), "rng": rng_state(),
         }
+        if self.align_optimizer is not None:
+            state["align"] = {"step": self.align_step, "seconds": self.align_seconds, "done": self.align_done,
+                              "optimizer": self.align_optimizer.state_dict(),
+                              "scheduler": self.align_scheduler.state_dict(),
+                              "loader": self.data.align_loader.state_dict()}
+        return state
+
+    @property
+    def total_seconds(self) -> float:
+        """Training time of both stages: what ``train.max_minutes`` and the logs' minutes count."""
+        return self.align_seconds + self.train_seconds
 
     def save_checkpoint(self) -> None:
-        if self.is_main:
-            self.checkpoints.save(self.step, self.model.trained_state_dict(), self.state())
+        if self.is_main:  # numbered by steps of both stages, so the newest always sorts last
+            self.checkpoints.save(self.align_step + self.step, self.model.trained_state_dict(), self.state())
         if self.world_size > 1:
             dist.barrier()
 
@@ -218,16 +236,27 @@ class Trainer:
         set_rng_state(state["rng"])
         for key in ("step", "train_seconds", "best_metric", "best_step", "evals_since_best"):
             setattr(self, key, state[key])
+        align = state.get("align")
+        if (align is not None) != (self.align_optimizer is not None):
+            raise ValueError(f"{latest} was written {'with' if align else 'without'} an alignment stage and this "
+                             f"config has {'none' if align else 'one'} (align.max_steps); resume with the run's own "
+                             f"config ({self.output_dir / 'config.yaml'})")
+        if align is not None:
+            self.align_optimizer.load_state_dict(align["optimizer"])
+            self.align_scheduler.load_state_dict(align["scheduler"])
+            self.data.align_loader.load_state_dict(align["loader"])
+            self.align_step, self.align_seconds, self.align_done = align["step"], align["seconds"], align["done"]
         log.warning("resumed from %s (step %d)", latest, self.step)
         return True
 
     # -- the loop -----------------------------------------------------------------------------------
 
-    def _batches(self):
+    @staticmethod
+    def _batches(loader):
         while True:
-            for batch in self.data.loader:
+            for batch in loader:
                 yield batch
-            self.data.loader.set_epoch(self.data.loader.sampler.epoch + 1)
+            loader.set_epoch(loader.sampler.epoch + 1)
 
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -236,12 +265,14 @@ class Trainer:
 
     def _global_token_mean(self, out) -> torch.Tensor:
         """Under DDP, rescale so the averaged gradient is that of the mean over *all* ranks' answer
-        tokens, exactly what one process with the global batch computes."""
+        tokens, exactly what one process with the global batch computes. Auxiliary terms (CTC) are
+        means over items, which DDP's averaging over equal shards already makes global."""
         if self.world_size == 1:
             return out.loss
         total = torch.tensor([float(out.num_tokens)])
         dist.all_reduce(total)
-        return out.loss * (out.num_tokens * self.world_size / float(total))
+        answer = out.answer_loss if out.answer_loss is not None else out.loss
+        return answer * (out.num_tokens * self.world_size / float(total)) + (out.loss - answer)
 
     def _empty_step(self, sync: bool) -> None:
         """A zero-gradient step that still takes part in DDP's token count and gradient all-reduce."""
@@ -262,9 +293,17 @@ class Trainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "config.yaml").write_text(yaml.safe_dump(asdict(self.config), sort_keys=False))
         previous = {s: signal.signal(s, self._handle_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-        module = self.ddp or self.model
         self.model.train()
-        batches = self._batches()
+        if not self.align_done and not self.fit_align():
+            return self._finish(f"signal {self._stop_signal}", previous)
+        if self.world_size > 1 and self.ddp is None:
+            # only now: DDP's gradient hooks must not see the alignment stage's backward passes,
+            # which bypass DDP's forward (measured: the main stage then drifted from one process)
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.ddp = DistributedDataParallel(self.model, find_unused_parameters=False)
+        module = self.ddp or self.model
+        batches = self._batches(self.data.loader)
         bar = tqdm(total=tc.max_steps, initial=self.step, desc="train", unit="step", disable=not self.progress,
                    dynamic_ncols=True)
         running: dict[str, list[float]] = {}
@@ -305,7 +344,7 @@ class Trainer:
                 if self.step % tc.log_every == 0 or self.step == 1:
                     losses = {f"loss_{t}": sum(v) / len(v) for t, v in running.items() if v}
                     running = {}
-                    record.update(kind="train", step=self.step, minutes=self.train_seconds / 60,
+                    record.update(kind="train", step=self.step, minutes=self.total_seconds / 60,
                                   utt_per_s=items * self.world_size / elapsed, **losses,
                                   **{f"lr_{g['name']}": g["lr"] for g in self.optimizer.param_groups})
                     self.logger.write(record)
@@ -316,7 +355,7 @@ class Trainer:
                         break
                 if self.step % tc.save_every == 0:
                     self.save_checkpoint()
-                if tc.max_minutes and self.train_seconds / 60 >= tc.max_minutes:
+                if tc.max_minutes and self.total_seconds / 60 >= tc.max_minutes:
                     stop_reason = "max_minutes"
                     break
                 if self._stop_signal is not None:
@@ -324,15 +363,20 @@ class Trainer:
                     break
         finally:
             bar.close()
-            for s, handler in previous.items():
-                signal.signal(s, handler)
         if stop_reason.startswith("max_minutes") and self.step % tc.eval_every != 0:
             self.evaluate_dev()  # the last steps may hold the best model
-        if self.step % tc.save_every != 0:
+        return self._finish(stop_reason, previous)
+
+    def _finish(self, stop_reason: str, previous_handlers: dict) -> dict:
+        """Save the last steps, export a model if none was, write the summary."""
+        for s, handler in previous_handlers.items():
+            signal.signal(s, handler)
+        if self.step % self.config.train.save_every != 0:
             self.save_checkpoint()  # never lose the last steps, whatever stopped the run
         if self.best_step < 0 and self.is_main:
             self.export(self.output_dir / "best")
-        summary = {"steps": self.step, "minutes": self.train_seconds / 60, "stop_reason": stop_reason,
+        summary = {"steps": self.step, "minutes": self.total_seconds / 60, "stop_reason": stop_reason,
+                   "align_steps": self.align_step, "align_minutes": self.align_seconds / 60,
                    "best_step": self.best_step, "best_metric": self.best_metric,
                    "skipped": self.data.loader.skip_counts(),
                    "precision": "bf16 autocast" if self.autocast_dtype is not None else "float32",
@@ -341,6 +385,80 @@ class Trainer:
             (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         self.logger.close()
         return summary
+
+    # -- the alignment stage ----------------------------------------------------------------------
+
+    def fit_align(self) -> bool:
+        """Train fusion, gate and projector on the embedding-CTC alone; False if a signal stopped it."""
+        ac, tc, oc = self.config.align, self.config.train, self.config.optim
+        params = [p for group in self.align_optimizer.param_groups for p in group["params"]]
+        batches = self._batches(self.data.align_loader)
+        bar = tqdm(total=ac.max_steps, initial=self.align_step, desc="align (CTC)", unit="step",
+                   disable=not self.progress, dynamic_ncols=True)
+        losses: list[float] = []
+        try:
+            while self.align_step < ac.max_steps:
+                start = time.perf_counter()
+                self.align_optimizer.zero_grad(set_to_none=True)
+                batch = next(batches).to(self.device)
+                record: dict[str, Any] = {}
+                if len(batch):
+                    with self._autocast():
+                        out = self.model.alignment_loss(batch)
+                    out.loss.backward()
+                    losses.append(float(out.loss.detach()))
+                    record["layer_weights_asr"] = out.layer_weights.detach().float().mean(0).tolist()
+                    if out.gate_mean is not None:
+                        record["gate_mean_asr"] = float(out.gate_mean.detach().float().mean())
+                if self.world_size > 1:  # outside DDP's forward: average the gradients by hand
+                    for p in params:
+                        grad = p.grad if p.grad is not None else torch.zeros_like(p)
+                        dist.all_reduce(grad)
+                        p.grad = grad / self.world_size
+                if oc.clip_norm > 0:
+                    record["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, oc.clip_norm))
+                self.align_optimizer.step()
+                self.align_scheduler.step()
+                self.align_step += 1
+                elapsed = time.perf_counter() - start
+                self.align_seconds += elapsed
+                bar.update(1)
+                if self.align_step % tc.log_every == 0 or self.align_step == 1:
+                    loss = sum(losses) / len(losses) if losses else float("nan")
+                    losses = []
+                    record.update(kind="align", step=self.align_step, minutes=self.total_seconds / 60,
+                                  loss_ctc=loss, ctc_scale=float(self.model.ctc.scale),
+                                  lr=self.align_optimizer.param_groups[0]["lr"],
+                                  utt_per_s=len(batch) * self.world_size / elapsed)
+                    self.logger.write(record)
+                    bar.set_postfix(loss_ctc=f"{loss:.3f}")
+                out_of_time = bool(ac.max_minutes) and self.align_seconds / 60 >= ac.max_minutes
+                if self.align_step % ac.eval_every == 0 or self.align_step == ac.max_steps or out_of_time:
+                    self.evaluate_align()
+                if self._stop_signal is not None:
+                    self.save_checkpoint()
+                    return False
+                if out_of_time:
+                    break
+                if self.align_step % tc.save_every == 0:
+                    self.save_checkpoint()
+        finally:
+            bar.close()
+        self.align_done = True
+        self.save_checkpoint()
+        return True
+
+    def evaluate_align(self) -> None:
+        """Greedy-CTC WER of the projector on the dev ASR subset (rank 0; no LLM pass)."""
+        utterances = self.data.dev.get("asr")
+        if not self.is_main or not utterances:
+            return
+        with self._autocast():
+            metrics = ctc_asr_metrics(self.model, utterances, batch_size=self.config.align.batch_size,
+                                      cache=self.data.cache, progress=self.progress)
+        self.logger.write({"kind": "align_dev", "step": self.align_step, "minutes": self.total_seconds / 60,
+                           **metrics})
+        tqdm.write(f"align step {self.align_step}: CTC wer {metrics['wer']:.4f}, cer {metrics['cer']:.4f}")
 
     def export(self, directory: Path) -> None:
         self.model.save_pretrained(directory)

@@ -1,0 +1,205 @@
+"""The embedding-CTC head and the alignment stage (CTC alone, before the LLM takes part)."""
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+import types
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from harmonifuse.config import ConfigError
+from harmonifuse.ctc import EmbeddingCTC, embedding_ctc_loss, greedy_ctc_decode
+from harmonifuse.training.run import load_run_config, train
+from test_training import ENV, _cli, _final_weights
+from tiny import tiny_harmonifuse, write_tiny_run_config
+
+CTC_SETTINGS = {"ctc_weight": 0.3, "ctc_learn_scale": True, "ctc_learned_blank": True, "ctc_scale": 4.0,
+                "match_embedding_norm": True}
+
+
+def test_greedy_decode_merges_repeats_and_drops_blanks_up_to_the_length():
+    table = torch.eye(6)  # token t is the direction e_t; token 0 is the blank
+    speech = table[[3, 3, 0, 4, 4, 3, 5]][None] * 2.0  # the last position lies beyond the length
+    assert greedy_ctc_decode(speech, torch.tensor([6]), table, blank=0) == [[3, 4, 3]]
+    # a blank between two equal tokens keeps both
+    speech = table[[3, 0, 3]][None]
+    assert greedy_ctc_decode(speech, torch.tensor([3]), table, blank=0) == [[3, 3]]
+
+
+def test_learned_blank_is_an_extra_class_outside_the_vocabulary():
+    torch.manual_seed(0)
+    table = torch.randn(7, 4)
+    head = EmbeddingCTC(init_scale=3.0, learn_scale=True, blank_size=4)
+    with torch.no_grad():
+        head.blank_vector.copy_(torch.tensor([0.0, 0.0, 0.0, 5.0]))
+    speech, lengths, targets = torch.randn(2, 6, 4), torch.tensor([6, 4]), [[1, 2], [5]]
+    expected = embedding_ctc_loss(speech, lengths, targets, torch.cat([table, head.blank_vector[None]]), blank=7,
+                                  scale=3.0)
+    assert float(head(speech, lengths, targets, table, blank=0)) == pytest.approx(float(expected), rel=1e-5)
+    # positions on the blank vector decode to nothing; token 0 is an ordinary token here
+    speech = torch.stack([head.blank_vector.detach(), table[0] * 9, head.blank_vector.detach()])[None]
+    assert head.decode(speech, torch.tensor([3]), table, blank=0) == [[0]]
+    assert float(head.scale) == pytest.approx(3.0)
+    assert {name for name, _ in head.named_parameters()} == {"log_scale", "blank_vector"}
+
+
+def test_a_fixed_scale_and_token_blank_add_no_trained_parameters():
+    plain = tiny_harmonifuse(seed=0)
+    assert not any(name.startswith("ctc.") for name in plain.trained_state_dict())
+    learned = tiny_harmonifuse(seed=0, projector=CTC_SETTINGS)
+    assert {n for n in learned.trained_state_dict() if n.startswith("ctc.")} == {"ctc.log_scale", "ctc.blank_vector"}
+    assert float(learned.ctc.log_scale) == pytest.approx(math.log(4.0))
+
+
+def _asr_batch(model, tasks=("asr", "asr"), targets=("hello world", "the lazy dog")):
+    torch.manual_seed(1)
+    lengths = torch.tensor([16000, 9600])
+    encoded = model.encode(torch.randn(2, 16000) * 0.1, lengths)
+    return types.SimpleNamespace(hidden_states=encoded.hidden_states, frame_lengths=encoded.lengths,
+                                 tasks=list(tasks), targets=list(targets))
+
+
+def test_alignment_loss_trains_fusion_gate_projector_and_ctc_head_but_not_the_llm():
+    model = tiny_harmonifuse(seed=0, projector=CTC_SETTINGS).train()
+    out = model.alignment_loss(_asr_batch(model))
+    out.loss.backward()
+    grads = {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+    assert all(grads[n] is None for n in grads if n.startswith("llm."))  # no LLM pass at all
+    for part in ("projector.", "fusion.", "gate.", "ctc.log_scale", "ctc.blank_vector"):
+        assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if n.startswith(part)), part
+    assert out.num_tokens == len(model.llm.tokenize("hello world")) + len(model.llm.tokenize("the lazy dog"))
+    with pytest.raises(ValueError, match="ASR batches only"):
+        model.alignment_loss(_asr_batch(model, tasks=("asr", "ser"), targets=("hello world", "sad")))
+
+
+def test_ctc_transcripts_read_back_what_the_projector_puts_on_token_embeddings():
+    model = tiny_harmonifuse(seed=0, projector=CTC_SETTINGS).eval()
+    ids = model.llm.tokenize("hello world")
+    table = model.llm.model.get_input_embeddings().weight
+    with torch.no_grad():  # the words' tokens on orthogonal directions, every other token near zero
+        table.mul_(0.01)
+        for k, i in enumerate(sorted(set(ids))):
+            table[i] = torch.nn.functional.one_hot(torch.tensor(k), table.shape[1]).float()
+    table = table.detach()
+    with torch.no_grad():
+        model.ctc.blank_vector.fill_(-1.0)
+    blank = model.ctc.blank_vector.detach()
+    # a projector that emits each token twice, blanks between them ("hello" has a double "l")
+    rows = [blank] + [row for i in ids for row in (table[i] * 5, table[i] * 5, blank)]
+    speech = torch.stack(rows)[None]
+    model.speech_embeddings = lambda hidden, lengths, tasks, prompts: types.SimpleNamespace(
+        embeddings=speech, lengths=torch.tensor([speech.shape[1]]))
+    assert model.ctc_transcribe_hidden(torch.zeros(1, 1, 1, 1), torch.tensor([1])) == ["hello world"]
+
+
+@pytest.fixture(scope="module")
+def aligned_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("align")
+    path = write_tiny_run_config(root, align={"max_steps": 60, "eval_every": 30, "batch_size": 4, "lr": 1e-2,
+                                              "warmup_steps": 0},
+                                 model={"projector": {"stack": 2, "hidden_size": 24, **CTC_SETTINGS}},
+                                 train={"max_steps": 6, "eval_every": 6, "save_every": 3, "keep_last": 10})
+    summary = train(load_run_config(path), progress=False)
+    return root, summary
+
+
+def test_alignment_stage_lowers_ctc_loss_before_the_main_stage(aligned_run):
+    root, summary = aligned_run
+    records = [json.loads(line) for line in (root / "run" / "log.jsonl").read_text().splitlines()]
+    kinds = [r["kind"] for r in records]
+    assert kinds.index("train") > max(i for i, k in enumerate(kinds) if k.startswith("align"))  # stage 1 first
+    align = [r for r in records if r["kind"] == "align"]
+    assert [r["step"] for r in align] == list(range(1, 61))
+    first, last = sum(r["loss_ctc"] for r in align[:5]) / 5, sum(r["loss_ctc"] for r in align[-5:]) / 5
+    assert last < 0.5 * first
+    assert align[-1]["ctc_scale"] != pytest.approx(4.0)  # the scale is learned
+    dev = [r for r in records if r["kind"] == "align_dev"]
+    assert [r["step"] for r in dev] == [30, 60] and all("wer" in r and "cer" in r for r in dev)
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
+    assert summary["align_steps"] == 60 and summary["steps"] == 6
+    assert summary["minutes"] >= summary["align_minutes"] > 0
+
+
+def test_alignment_stage_leaves_the_lora_adapters_untouched(aligned_run):
+    root, _ = aligned_run
+    from harmonifuse.model import HarmoniFuse
+    from harmonifuse.training.run import seed_everything
+
+    seed_everything(0)  # as train() does before building: the same initial LoRA weights
+    fresh = HarmoniFuse.build(load_run_config(str(root / "run.yaml")).model).trained_state_dict()
+    after_align = load_file(str(root / "run" / "checkpoints" / "step_0000060" / "trained.safetensors"))
+    after_main = load_file(str(root / "run" / "checkpoints" / "step_0000066" / "trained.safetensors"))
+    lora = [name for name in fresh if "lora_" in name]
+    assert lora and all(torch.equal(after_align[n], fresh[n]) for n in lora)
+    assert any(not torch.equal(after_main[n], fresh[n]) for n in lora)
+    assert not torch.equal(after_align["projector.mlp.0.weight"], fresh["projector.mlp.0.weight"])
+
+
+def test_kill_during_alignment_then_resume_equals_uninterrupted_run(tmp_path):
+    config_path = write_tiny_run_config(tmp_path, align={"max_steps": 30, "batch_size": 4, "eval_every": 1000},
+                                        model={"projector": {"stack": 2, "hidden_size": 24, **CTC_SETTINGS}},
+                                        train={"max_steps": 4, "save_every": 2, "eval_every": 1000})
+    reference = load_run_config(config_path, [f"train.output_dir={tmp_path / 'reference'}"])
+    train(reference, progress=False)
+
+    killed_dir = tmp_path / "killed"
+    args = [sys.executable, "-m", "harmonifuse.cli", "train", str(config_path), f"train.output_dir={killed_dir}", "-q"]
+    process = subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (killed_dir / "checkpoints" / "step_0000006" / "done.json").exists():
+        assert process.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (killed_dir / "checkpoints" / "step_0000030").exists(), "killed after the alignment stage"
+
+    resumed = _cli("train", str(config_path), f"train.output_dir={killed_dir}", "--resume", "-q")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = _final_weights(tmp_path / "reference"), _final_weights(killed_dir)
+    assert a.keys() == b.keys() and "ctc.log_scale" in a
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_alignment_under_ddp_equals_one_process_with_the_global_batch(tmp_path):
+    config_path = write_tiny_run_config(tmp_path, align={"max_steps": 4, "batch_size": 4, "eval_every": 1000},
+                                        model={"projector": {"stack": 2, "hidden_size": 24, **CTC_SETTINGS}},
+                                        train={"max_steps": 2, "save_every": 2, "eval_every": 1000})
+    single = load_run_config(config_path, [f"train.output_dir={tmp_path / 'single'}", "data.batch_size=4"])
+    train(single, progress=False)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29563",
+               "-m", "harmonifuse.cli", "train", str(config_path), f"train.output_dir={tmp_path / 'ddp'}",
+               "data.batch_size=2", "align.batch_size=2", "-q"]
+    result = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    a, b = _final_weights(tmp_path / "single"), _final_weights(tmp_path / "ddp")
+    assert "ctc.blank_vector" in a
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=2e-5, rtol=1e-4), (name, (a[name] - b[name]).abs().max())
+    records = [json.loads(line) for line in (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "align"] == [1, 2, 3, 4]
+
+
+def test_resume_with_a_config_that_changes_the_stages_is_refused(tmp_path):
+    config_path = write_tiny_run_config(tmp_path, train={"max_steps": 2, "save_every": 2, "eval_every": 1000})
+    assert _cli("train", str(config_path), "-q").returncode == 0
+    result = _cli("train", str(config_path), "align.max_steps=5", "train.max_steps=4", "--resume", "-q")
+    assert result.returncode != 0 and "alignment stage" in result.stderr and "align.max_steps" in result.stderr
+
+
+def test_bad_alignment_settings_name_the_field(tmp_path):
+    config_path = write_tiny_run_config(tmp_path)
+    with pytest.raises(ConfigError, match="align.batch_size"):
+        load_run_config(config_path, ["align.batch_size=0"])
+    with pytest.raises(ConfigError, match="align.max_steps"):
+        load_run_config(config_path, ["align.max_steps=-1"])
+    with pytest.raises(ConfigError, match="model.projector.ctc_scale"):
+        load_run_config(config_path, ["model.projector.ctc_scale=0"])
+    no_asr = load_run_config(config_path, ["align.max_steps=5", "data.train={ser: ser_train.jsonl}"])
+    with pytest.raises(ValueError, match="needs ASR training data.*align.max_steps=0"):
+        train(no_asr, progress=False)
