@@ -11,7 +11,9 @@ batches of the built-in corpus, with the model of configs/demo.yaml and a real A
                 attention instead of eager, with the frozen weights cast to bf16 by autocast at
                 every call instead of stored in bf16, or with the vocabulary projection at every
                 position instead of only where an answer token is predicted (the speed-ups
-                `train` uses, measured one at a time).
+                `train` uses, measured one at a time);
+- align-bf16 / align-fp32: a step of the alignment stage (CTC alone, no LLM pass) on
+                `align.batch_size` (16) cached utterances, compared per utterance with the cached step.
 
 It prints the median step time of each, the ratios (goal: cached >= 10x faster than naive), bf16
 vs float32, the cached step's distance from the FLOP limit (4 x parameters on the trainable
@@ -48,6 +50,7 @@ class Variant(NamedTuple):
     overrides: list[str] = []
     store_bf16: bool = False  # frozen weights stored in bf16, as the trainer does under bf16 autocast
     full_logits: bool = False  # the vocabulary projection at every position (the textbook loss)
+    align: bool = False  # a step of the alignment stage (CTC alone) on align.batch_size utterances
 
 
 VARIANTS = {
@@ -61,9 +64,11 @@ VARIANTS = {
     "naive-30s-bf16": Variant("naive-30s", "bf16", store_bf16=True),
     "naive-trim-fp32": Variant("naive-trim", "fp32"),
     "naive-30s-fp32": Variant("naive-30s", "fp32"),
+    "align-bf16": Variant("cached", "bf16", store_bf16=True, align=True),
+    "align-fp32": Variant("cached", "fp32", align=True),
 }
 DEFAULT_VARIANTS = ("cached-bf16", "cached-bf16-sdpa", "cached-bf16-castpercall", "cached-bf16-fulllogits",
-                    "cached-fp32", "naive-trim-bf16", "naive-30s-bf16")
+                    "cached-fp32", "naive-trim-bf16", "naive-30s-bf16", "align-bf16")
 
 
 def full_logits_loss(llm, inputs):
@@ -98,9 +103,11 @@ def worker(variant: str, steps: int, batch_size: int) -> dict:
     from harmonifuse.training.run import load_run_config
     from harmonifuse.training.trainer import parameter_groups
 
-    features, precision, overrides, store_bf16, full_logits = VARIANTS[variant]
+    features, precision, overrides, store_bf16, full_logits, align = VARIANTS[variant]
     overrides = overrides + (["model.encoder.pad_to_30s=true"] if features != "cached" else [])
     config = load_run_config(str(REPO / "configs" / "demo.yaml"), overrides)
+    if align:
+        batch_size = config.align.batch_size
     torch.manual_seed(0)
     model = HarmoniFuse.build(config.model).train()
     if store_bf16:  # as the trainer does under bf16 autocast
@@ -132,14 +139,14 @@ def worker(variant: str, steps: int, batch_size: int) -> dict:
             batch.wave_lengths = torch.full_like(batch.wave_lengths, window)
         optimizer.zero_grad(set_to_none=True)
         with autocast:
-            out = model(batch)
+            out = model.alignment_loss(batch) if align else model(batch)
         out.loss.backward()
         optimizer.step()
         elapsed = time.perf_counter() - start
         if step >= 2:  # the first steps allocate and warm up
             times.append(elapsed)
-            tokens.append(seen[-1][0])
-            projected.append(seen[-1][1])
+            tokens.append(seen[-1][0] if seen else 0)  # no LLM pass in an alignment step
+            projected.append(seen[-1][1] if seen else 0)
     llm_params = sum(p.numel() for p in {id(p): p for p in model.llm.parameters()}.values())
     vocab_params = model.llm.model.get_output_embeddings().weight.numel()  # tied: counted once above
     head_params = sum(p.numel() for n, p in model.named_parameters()
@@ -149,7 +156,7 @@ def worker(variant: str, steps: int, batch_size: int) -> dict:
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     return {"variant": variant, "step_s": statistics.median(times), "tokens": statistics.median(tokens),
             "projected": statistics.median(projected), "step_flops": step_flops,
-            "matmul_tflops": matmul_tflops(dtype), "precision": precision,
+            "matmul_tflops": matmul_tflops(dtype), "precision": precision, "batch": batch_size, "align": align,
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}
 
 
@@ -181,8 +188,12 @@ def main() -> None:
         if not base:
             continue
         for name, r in results.items():
-            if name != base_name and r["precision"] == precision:
+            if name != base_name and r["precision"] == precision and not r["align"]:
                 print(f"{name} / {base_name}: {r['step_s'] / base['step_s']:.2f}x")
+            elif r["align"] and r["precision"] == precision:
+                per_utt, base_per_utt = r["step_s"] / r["batch"], base["step_s"] / base["batch"]
+                print(f"{name} ({r['batch']} utt.) / {base_name} ({base['batch']} utt.): "
+                      f"{r['step_s'] / base['step_s']:.2f}x per step, {per_utt / base_per_utt:.2f}x per utterance")
         limit = base["step_flops"] / (base["matmul_tflops"] * 1e12)
         print(f"FLOP limit of the {base_name} step: {base['step_flops'] / 1e12:.3f} TFLOP at "
               f"{base['matmul_tflops']:.3f} TFLOP/s ({precision} 2048^2 matmul) = {limit:.3f} s; measured "

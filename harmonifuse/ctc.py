@@ -28,14 +28,16 @@ from torch import nn
 
 def embedding_ctc_loss(speech: torch.Tensor, lengths: torch.Tensor, targets: list[list[int]],
                        embedding: torch.Tensor, blank: int, scale: torch.Tensor | float = 1.0) -> torch.Tensor:
-    """speech (B, N, H), lengths (B,), token ids per item, embedding (V, H) -> mean CTC loss per target token.
+    """speech (B, N, H), lengths (B,), token ids per item, embedding (V, H) -> mean CTC loss per target token."""
+    return ctc_loss_from_logits((speech.float() @ embedding.float().T) * scale, lengths, targets, blank)
 
-    ``blank`` is a row of ``embedding``: a token, or an extra row appended for a learned blank.
-    """
-    logits = (speech.float() @ embedding.float().T) * scale  # (B, N, V)
-    log_probs = logits.log_softmax(-1).transpose(0, 1)  # (N, B, V)
-    flat = torch.tensor([t for ids in targets for t in ids], dtype=torch.long, device=speech.device)
-    target_lengths = torch.tensor([len(ids) for ids in targets], dtype=torch.long, device=speech.device)
+
+def ctc_loss_from_logits(logits: torch.Tensor, lengths: torch.Tensor, targets: list[list[int]],
+                         blank: int) -> torch.Tensor:
+    """logits (B, N, C), lengths (B,), class ids per item -> mean CTC loss per target token."""
+    log_probs = logits.float().log_softmax(-1).transpose(0, 1)  # (N, B, C)
+    flat = torch.tensor([t for ids in targets for t in ids], dtype=torch.long, device=logits.device)
+    target_lengths = torch.tensor([len(ids) for ids in targets], dtype=torch.long, device=logits.device)
     return nn.functional.ctc_loss(log_probs, flat, lengths, target_lengths, blank=blank, reduction="mean",
                                   zero_infinity=True)
 
@@ -44,7 +46,12 @@ def greedy_ctc_decode(speech: torch.Tensor, lengths: torch.Tensor, embedding: to
                       blank: int) -> list[list[int]]:
     """speech (B, N, H), lengths (B,) -> token ids per item: best token per position, repeats merged,
     blanks dropped. The logit scale does not change the argmax, so it is not needed here."""
-    best = (speech.float() @ embedding.float().T).argmax(-1)  # (B, N)
+    return greedy_ctc_from_logits(speech.float() @ embedding.float().T, lengths, blank)
+
+
+def greedy_ctc_from_logits(logits: torch.Tensor, lengths: torch.Tensor, blank: int) -> list[list[int]]:
+    """logits (B, N, C), lengths (B,) -> class ids per item, repeats merged, blanks dropped."""
+    best = logits.argmax(-1)  # (B, N)
     decoded = []
     for row, n in zip(best.tolist(), lengths.tolist()):
         ids, previous = [], None
@@ -82,22 +89,27 @@ class EmbeddingCTC(nn.Module):
     def scale(self) -> torch.Tensor:
         return self.log_scale.exp()
 
-    def _table(self, embedding: torch.Tensor, blank: int) -> tuple[torch.Tensor, int]:
-        """(V, H) token table -> the CTC classes (V or V+1, H) and the blank's row."""
+    def logits(self, speech: torch.Tensor, embedding: torch.Tensor, blank: int) -> tuple[torch.Tensor, int]:
+        """speech (B, N, H), embedding (V, H) -> unscaled class logits (B, N, V or V+1) and the blank's class.
+
+        A learned blank's logit is computed apart and appended: concatenating it to the table
+        instead would copy the 49k-row table and take its gradient at every step."""
+        logits = speech.float() @ embedding.float().T
         if self.blank_vector is None:
-            return embedding, blank
-        return torch.cat([embedding, self.blank_vector[None].to(embedding.dtype)]), embedding.shape[0]
+            return logits, blank
+        blank_logit = speech.float() @ self.blank_vector.float()  # (B, N)
+        return torch.cat([logits, blank_logit[..., None]], dim=-1), embedding.shape[0]
 
     def forward(self, speech: torch.Tensor, lengths: torch.Tensor, targets: list[list[int]], embedding: torch.Tensor,
                 blank: int) -> torch.Tensor:
         """speech (B, N, H), lengths (B,), token ids per item, embedding (V, H) -> mean CTC loss per token.
 
         ``blank``: the blank token id (ignored when the blank is learned)."""
-        table, blank = self._table(embedding, blank)
-        return embedding_ctc_loss(speech, lengths, targets, table, blank, self.scale.float())
+        logits, blank = self.logits(speech, embedding, blank)
+        return ctc_loss_from_logits(logits * self.scale.float(), lengths, targets, blank)
 
     def decode(self, speech: torch.Tensor, lengths: torch.Tensor, embedding: torch.Tensor,
                blank: int) -> list[list[int]]:
         """speech (B, N, H), lengths (B,) -> token ids per item (greedy)."""
-        table, blank = self._table(embedding, blank)
-        return greedy_ctc_decode(speech, lengths, table, blank)
+        logits, blank = self.logits(speech, embedding, blank)
+        return greedy_ctc_from_logits(logits, lengths, blank)

@@ -1,10 +1,8 @@
 """The embedding-CTC head and the alignment stage (CTC alone, before the LLM takes part)."""
 import json
 import math
-import signal
 import subprocess
 import sys
-import time
 import types
 
 import pytest
@@ -14,7 +12,7 @@ from safetensors.torch import load_file
 from harmonifuse.config import ConfigError
 from harmonifuse.ctc import EmbeddingCTC, embedding_ctc_loss, greedy_ctc_decode
 from harmonifuse.training.run import load_run_config, train
-from test_training import ENV, _cli, _final_weights
+from test_training import ENV, _cli, _final_weights, kill_and_resume
 from tiny import tiny_harmonifuse, write_tiny_run_config
 
 CTC_SETTINGS = {"ctc_weight": 0.3, "ctc_learn_scale": True, "ctc_learned_blank": True, "ctc_scale": 4.0,
@@ -143,24 +141,8 @@ def test_kill_during_alignment_then_resume_equals_uninterrupted_run(tmp_path):
     config_path = write_tiny_run_config(tmp_path, align={"max_steps": 30, "batch_size": 4, "eval_every": 1000},
                                         model={"projector": {"stack": 2, "hidden_size": 24, **CTC_SETTINGS}},
                                         train={"max_steps": 4, "save_every": 2, "eval_every": 1000})
-    reference = load_run_config(config_path, [f"train.output_dir={tmp_path / 'reference'}"])
-    train(reference, progress=False)
-
-    killed_dir = tmp_path / "killed"
-    args = [sys.executable, "-m", "harmonifuse.cli", "train", str(config_path), f"train.output_dir={killed_dir}", "-q"]
-    process = subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (killed_dir / "checkpoints" / "step_0000006" / "done.json").exists():
-        assert process.poll() is None, "the run ended before it could be killed"
-        assert time.time() < deadline
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert not (killed_dir / "checkpoints" / "step_0000030").exists(), "killed after the alignment stage"
-
-    resumed = _cli("train", str(config_path), f"train.output_dir={killed_dir}", "--resume", "-q")
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    a, b = _final_weights(tmp_path / "reference"), _final_weights(killed_dir)
+    a, b, at_kill = kill_and_resume(config_path, tmp_path, "step_0000006", poll=0.02)
+    assert "step_0000030" not in at_kill, "killed after the alignment stage"
     assert a.keys() == b.keys() and "ctc.log_scale" in a
     for name in a:
         assert torch.equal(a[name], b[name]), name

@@ -86,6 +86,12 @@ def test_runs_from_different_machines_are_listed_apart(tmp_path):
             for line in table_markdown(spec, runs).splitlines() if line.startswith(("| naive", "| single"))}
     assert rows["naive multi-task"][2] == "1.0-3.0"  # two machines: the range, not a mean of neither
     assert rows["single-task SER"][2] == "3.0"
+    assert rows["naive multi-task"][1] == "4" and rows["single-task SER"][1] == "4"
+    # runs with an alignment stage show its steps before the main steps
+    runs["naive"] = [{**r, "align_steps": 250} for r in runs["naive"]]
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in table_markdown(spec, runs).splitlines() if line.startswith("| naive")}
+    assert rows["naive multi-task"][1] == "250 + 4"
 
 
 def test_interrupted_run_writes_no_result_and_resumes_from_its_checkpoint(tmp_path):
@@ -129,7 +135,7 @@ def test_arm_configs_and_bad_specs(tmp_path):
         main(["experiment", str(path), "--arms", "nope", "--report-only"])
 
 
-@pytest.mark.parametrize("name", ["quick", "main"])
+@pytest.mark.parametrize("name", ["quick", "main", "aligned"])
 def test_shipped_experiments_resolve_every_arm(name):
     from pathlib import Path
 
@@ -139,6 +145,9 @@ def test_shipped_experiments_resolve_every_arm(name):
     assert configs["harmonifuse"].model.fusion.mode == "prompt" and configs["harmonifuse"].model.gate.mode == "content"
     assert configs["naive"].model.fusion.mode == "static" and configs["naive"].model.gate.mode == "none"
     assert all(c.data.dev == {} and c.train.max_steps == configs["naive"].train.max_steps for c in configs.values())
+    # quick and main keep the recipe their results were measured with; aligned runs the current one
+    assert all(c.align.max_steps == (250 if name == "aligned" else 0) for c in configs.values())
+    assert all(c.model.projector.match_embedding_norm == (name == "aligned") for c in configs.values())
     if name == "main":
         assert set(configs["single-asr"].data.train) == {"asr"} and set(configs["single-ser"].data.train) == {"ser"}
         assert configs["mixed-batches"].data.schedule == "mixed"

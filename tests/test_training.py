@@ -50,28 +50,31 @@ def test_loss_falls_and_dev_metrics_improve(trained_run):
     assert (root / "run" / "best" / "trained.safetensors").is_file()
 
 
-def test_kill_then_resume_equals_uninterrupted_run(tmp_path):
-    settings = {"max_steps": 24, "save_every": 2, "eval_every": 1000}
-    config_path = write_tiny_run_config(tmp_path, train=settings)
-    reference = load_run_config(config_path, [f"train.output_dir={tmp_path / 'reference'}"])
-    train(reference, progress=False)
-
-    killed_dir = tmp_path / "killed"
+def kill_and_resume(config_path: Path, root: Path, kill_at: str, poll: float = 0.05):
+    """Train ``config_path`` uninterrupted, and again in a subprocess SIGKILLed as soon as checkpoint
+    ``kill_at`` is complete, then resumed; -> (reference weights, resumed weights, checkpoints at the kill)."""
+    train(load_run_config(config_path, [f"train.output_dir={root / 'reference'}"]), progress=False)
+    killed_dir = root / "killed"
     args = [sys.executable, "-m", "harmonifuse.cli", "train", str(config_path), f"train.output_dir={killed_dir}", "-q"]
     process = subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while not (killed_dir / "checkpoints" / "step_0000008" / "done.json").exists():
+    while not (killed_dir / "checkpoints" / kill_at / "done.json").exists():
         assert process.poll() is None, "the run ended before it could be killed"
         assert time.time() < deadline
-        time.sleep(0.05)
+        time.sleep(poll)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    steps_at_kill = sorted(p.name for p in (killed_dir / "checkpoints").glob("step_*"))
-    assert "step_0000024" not in steps_at_kill
-
+    at_kill = sorted(p.name for p in (killed_dir / "checkpoints").glob("step_*"))
     resumed = _cli("train", str(config_path), f"train.output_dir={killed_dir}", "--resume", "-q")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    a, b = _final_weights(tmp_path / "reference"), _final_weights(killed_dir)
+    return _final_weights(root / "reference"), _final_weights(killed_dir), at_kill
+
+
+def test_kill_then_resume_equals_uninterrupted_run(tmp_path):
+    settings = {"max_steps": 24, "save_every": 2, "eval_every": 1000}
+    config_path = write_tiny_run_config(tmp_path, train=settings)
+    a, b, at_kill = kill_and_resume(config_path, tmp_path, "step_0000008")
+    assert "step_0000024" not in at_kill
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name

@@ -77,13 +77,15 @@ def table_markdown(spec: ExperimentSpec, results: dict[str, list[dict]], source:
         if not runs:
             lines.append(f"| {arm.title} | 0/{len(spec.seeds)} | | | " + " | ".join("" for _ in METRICS) + " |")
             continue
-        steps = sorted({r["steps"] for r in runs})
+        # "250 + 200": alignment-stage steps + main steps, for runs that had an alignment stage
+        steps = sorted({f"{r['align_steps']} + {r['steps']}" if r.get("align_steps") else str(r["steps"])
+                        for r in runs})
         minutes = [r["train_minutes"] for r in runs]
         # a mean over different machines describes none of them: show the range instead
         mixed = len({_setup(r) for r in runs}) > 1
         train_min = f"{min(minutes):.1f}-{max(minutes):.1f}" if mixed else f"{np.mean(minutes):.1f}"
         cells = [_cell([r["metrics"][k] for r in runs if k in r["metrics"]]) for k, _ in METRICS]
-        lines.append(f"| {arm.title} | {len(runs)}/{len(spec.seeds)} | {'/'.join(map(str, steps))} | "
+        lines.append(f"| {arm.title} | {len(runs)}/{len(spec.seeds)} | {'/'.join(steps)} | "
                      f"{train_min} | " + " | ".join(cells) + " |")
         if any("paraphrase_metrics" in r for r in runs):
             cells = [_cell([r["paraphrase_metrics"][k] for r in runs if k in r.get("paraphrase_metrics", {})])

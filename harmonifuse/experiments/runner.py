@@ -145,6 +145,7 @@ class ExperimentRunner:
         if not self.spec.keep_checkpoints:
             shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)
         return {"arm": arm.name, "label": arm.title, "seed": seed, "steps": summary["steps"],
+                "align_steps": summary.get("align_steps", 0),
                 "train_minutes": summary["minutes"], "eval_minutes": (time.perf_counter() - start) / 60,
                 "wall_minutes": (time.perf_counter() - began) / 60,
                 "precision": summary.get("precision"), "hardware": summary.get("hardware"),

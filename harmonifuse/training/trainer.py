@@ -297,8 +297,8 @@ class Trainer:
         if not self.align_done and not self.fit_align():
             return self._finish(f"signal {self._stop_signal}", previous)
         if self.world_size > 1 and self.ddp is None:
-            # only now: DDP's gradient hooks must not see the alignment stage's backward passes,
-            # which bypass DDP's forward (measured: the main stage then drifted from one process)
+            # wrapped only now: the alignment stage runs outside DDP's forward and averages its
+            # gradients by hand, so DDP's hooks need never meet its backward passes
             from torch.nn.parallel import DistributedDataParallel
 
             self.ddp = DistributedDataParallel(self.model, find_unused_parameters=False)
@@ -479,7 +479,7 @@ class Trainer:
                 parts.append(metrics["ua"])
             metrics["score"] = sum(parts) / len(parts)
             value = metrics[tc.metric] if tc.metric != "wer" else -metrics["wer"]
-            self.logger.write({"kind": "dev", "step": self.step, "minutes": self.train_seconds / 60,
+            self.logger.write({"kind": "dev", "step": self.step, "minutes": self.total_seconds / 60,
                                **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}})
             tqdm.write(f"step {self.step}: " + ", ".join(f"{k} {metrics[k]:.4f}" for k in ("wer", "cer", "wa", "ua")
                                                           if k in metrics))
