@@ -72,6 +72,9 @@ class ProjectorConfig:
     """Learn the CTC logit scale (needed with ``match_embedding_norm``: unit-scale logits stay flat)."""
     ctc_learned_blank: bool = False
     """CTC blank as a learned vector instead of a special token of the LLM (see harmonifuse/ctc.py)."""
+    token_mixture: bool = False
+    """Feed the LLM each position's expected token embedding under the CTC posterior instead of the
+    projector output itself (the projector output is then what the CTC scores)."""
 
     def validate(self, prefix: str) -> None:
         _check(self.stack >= 1, f"{prefix}.stack", "must be >= 1")

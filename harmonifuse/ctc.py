@@ -100,6 +100,19 @@ class EmbeddingCTC(nn.Module):
         blank_logit = speech.float() @ self.blank_vector.float()  # (B, N)
         return torch.cat([logits, blank_logit[..., None]], dim=-1), embedding.shape[0]
 
+    def token_mixture(self, speech: torch.Tensor, embedding: torch.Tensor, blank: int) -> torch.Tensor:
+        """speech (B, N, H) -> (B, N, H): each position's expected class embedding under the CTC
+        posterior, sum_v p_v E_v (the learned blank's vector included). An LLM input that stays on
+        its own token embeddings, however the projector moves (run G in docs/recipes.md: it
+        learned slower than reading the projector output directly)."""
+        logits, _ = self.logits(speech, embedding, blank)
+        probs = (logits * self.scale.float()).softmax(-1)  # (B, N, C)
+        vocabulary = embedding.shape[0]
+        mixture = probs[..., :vocabulary] @ embedding.to(probs.dtype)
+        if self.blank_vector is not None:
+            mixture = mixture + probs[..., vocabulary:] * self.blank_vector.to(probs.dtype)
+        return mixture
+
     def forward(self, speech: torch.Tensor, lengths: torch.Tensor, targets: list[list[int]], embedding: torch.Tensor,
                 blank: int) -> torch.Tensor:
         """speech (B, N, H), lengths (B,), token ids per item, embedding (V, H) -> mean CTC loss per token.

@@ -56,6 +56,12 @@ class SpeechEmbeddings:
     lengths: torch.Tensor
     layer_weights: torch.Tensor
     gate_mean: torch.Tensor | None
+    projected: torch.Tensor | None = None
+    """(B, N, H) the projector output when the LLM reads its CTC token mixture instead; what CTC scores."""
+
+    @property
+    def ctc_input(self) -> torch.Tensor:
+        return self.projected if self.projected is not None else self.embeddings
 
 
 class HarmoniFuse(nn.Module):
@@ -174,20 +180,28 @@ class HarmoniFuse(nn.Module):
         return self.encoder(waveforms, lengths)
 
     def speech_embeddings(self, hidden_states: torch.Tensor, frame_lengths: torch.Tensor, tasks: Sequence[str],
-                          prompts: Sequence[str] | None = None) -> SpeechEmbeddings:
-        """hidden states (L+1, B, T, D) -> LLM-width speech embeddings (B, N, H) for each item's task."""
+                          prompts: Sequence[str] | None = None, *, for_llm: bool = True) -> SpeechEmbeddings:
+        """hidden states (L+1, B, T, D) -> LLM-width speech embeddings (B, N, H) for each item's task.
+
+        ``for_llm=False``: only what CTC needs (no token mixture), for the alignment stage."""
         prompts = list(prompts) if prompts is not None else self.prompts_for(tasks)
         prompt_vectors = self.prompt_encoder(prompts).to(hidden_states.device)
         task_ids = self.task_ids(tasks)
         fused = self.fusion(hidden_states, prompt_vectors, task_ids)
         gated, gate = self.gate(fused, prompt_vectors)
         embeddings, lengths = self.projector(gated, frame_lengths)
+        projected = None
+        if self.config.projector.token_mixture and for_llm:
+            projected = embeddings
+            embeddings = self.ctc.token_mixture(projected, self.llm.model.get_input_embeddings().weight,
+                                                self.llm.ctc_blank_id)
         gate_mean = None
         if gate is not None:
             valid = (torch.arange(gate.shape[1], device=gate.device)[None, :] < frame_lengths[:, None]).to(gate.dtype)
             valid = valid if gate.shape[1] > 1 else torch.ones_like(valid[:, :1])
             gate_mean = (gate.mean(-1) * valid).sum(1) / valid.sum(1)
-        return SpeechEmbeddings(embeddings, lengths, self.fusion.weights(prompt_vectors, task_ids), gate_mean)
+        return SpeechEmbeddings(embeddings, lengths, self.fusion.weights(prompt_vectors, task_ids), gate_mean,
+                                projected)
 
     def _hidden(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Hidden states of a training batch, cached or from the encoder, masked in training mode:
@@ -206,7 +220,7 @@ class HarmoniFuse(nn.Module):
             return None
         index = torch.tensor(asr, device=speech.embeddings.device)
         token_ids = [self.llm.tokenize(targets[i]) for i in asr]
-        return self.ctc(speech.embeddings[index], speech.lengths[index], token_ids,
+        return self.ctc(speech.ctc_input[index], speech.lengths[index], token_ids,
                         self.llm.model.get_input_embeddings().weight, blank=self.llm.ctc_blank_id)
 
     def forward(self, batch: Any, prompts: Sequence[str] | None = None) -> ModelOutput:
@@ -236,7 +250,7 @@ class HarmoniFuse(nn.Module):
         if any(task != "asr" for task in batch.tasks):
             raise ValueError(f"the alignment stage takes ASR batches only, got tasks {sorted(set(batch.tasks))}")
         hidden, frame_lengths = self._hidden(batch)
-        speech = self.speech_embeddings(hidden, frame_lengths, batch.tasks)
+        speech = self.speech_embeddings(hidden, frame_lengths, batch.tasks, for_llm=False)
         loss = self._ctc_loss(speech, batch.tasks, batch.targets)
         num_tokens = sum(len(self.llm.tokenize(t)) for t in batch.targets)
         return ModelOutput(loss, num_tokens, speech.layer_weights, speech.gate_mean, loss)
@@ -250,8 +264,8 @@ class HarmoniFuse(nn.Module):
         """
         B = hidden_states.shape[1]
         prompts = [prompt or self.config.tasks.prompts["asr"]] * B
-        speech = self.speech_embeddings(hidden_states, frame_lengths, ["asr"] * B, prompts)
-        ids = self.ctc.decode(speech.embeddings, speech.lengths, self.llm.model.get_input_embeddings().weight,
+        speech = self.speech_embeddings(hidden_states, frame_lengths, ["asr"] * B, prompts, for_llm=False)
+        ids = self.ctc.decode(speech.ctc_input, speech.lengths, self.llm.model.get_input_embeddings().weight,
                               blank=self.llm.ctc_blank_id)
         return [self.llm.tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids]
 

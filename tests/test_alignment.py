@@ -53,6 +53,38 @@ def test_a_fixed_scale_and_token_blank_add_no_trained_parameters():
     assert float(learned.ctc.log_scale) == pytest.approx(math.log(4.0))
 
 
+def test_token_mixture_is_the_posterior_weighted_class_embedding():
+    torch.manual_seed(0)
+    table = torch.randn(5, 3)
+    head = EmbeddingCTC(init_scale=2.0, blank_size=3)
+    with torch.no_grad():
+        head.blank_vector.copy_(torch.tensor([1.0, -1.0, 0.5]))
+    speech = torch.randn(2, 4, 3)
+    classes = torch.cat([table, head.blank_vector.detach()[None]])  # (6, 3)
+    probs = (2.0 * speech @ classes.T).softmax(-1)
+    expected = probs @ classes
+    assert torch.allclose(head.token_mixture(speech, table, blank=0), expected, atol=1e-6)
+    # a confident position is (almost) the token's own embedding
+    sharp, eye = EmbeddingCTC(init_scale=50.0), torch.eye(3)
+    mixed = sharp.token_mixture(eye[2][None, None] * 3, eye, blank=0)
+    assert torch.allclose(mixed[0, 0], eye[2], atol=1e-3)
+
+
+def test_with_token_mixture_the_llm_reads_mixtures_and_ctc_scores_the_projector_output():
+    model = tiny_harmonifuse(seed=0, projector={**CTC_SETTINGS, "token_mixture": True}).train()
+    batch = _asr_batch(model)
+    speech = model.speech_embeddings(batch.hidden_states, batch.frame_lengths, batch.tasks)
+    table = model.llm.model.get_input_embeddings().weight
+    expected = model.ctc.token_mixture(speech.projected, table, model.llm.ctc_blank_id)
+    assert torch.allclose(speech.embeddings, expected) and speech.ctc_input is speech.projected
+    # the alignment stage skips the mixture; CTC sees the same projector output either way
+    light = model.speech_embeddings(batch.hidden_states, batch.frame_lengths, batch.tasks, for_llm=False)
+    assert light.projected is None and torch.allclose(light.ctc_input, speech.projected)
+    out = model(batch)
+    out.loss.backward()
+    assert model.projector.mlp[0].weight.grad.abs().sum() > 0  # the answer loss reaches the projector
+
+
 def _asr_batch(model, tasks=("asr", "asr"), targets=("hello world", "the lazy dog")):
     torch.manual_seed(1)
     lengths = torch.tensor([16000, 9600])
@@ -89,8 +121,8 @@ def test_ctc_transcripts_read_back_what_the_projector_puts_on_token_embeddings()
     # a projector that emits each token twice, blanks between them ("hello" has a double "l")
     rows = [blank] + [row for i in ids for row in (table[i] * 5, table[i] * 5, blank)]
     speech = torch.stack(rows)[None]
-    model.speech_embeddings = lambda hidden, lengths, tasks, prompts: types.SimpleNamespace(
-        embeddings=speech, lengths=torch.tensor([speech.shape[1]]))
+    model.speech_embeddings = lambda hidden, lengths, tasks, prompts, for_llm: types.SimpleNamespace(
+        ctc_input=speech, lengths=torch.tensor([speech.shape[1]]))
     assert model.ctc_transcribe_hidden(torch.zeros(1, 1, 1, 1), torch.tensor([1])) == ["hello world"]
 
 
