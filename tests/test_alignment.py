@@ -152,6 +152,12 @@ def test_alignment_stage_lowers_ctc_loss_before_the_main_stage(aligned_run):
     assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
     assert summary["align_steps"] == 60 and summary["steps"] == 6
     assert summary["minutes"] >= summary["align_minutes"] > 0
+    # minutes run on across the two stages, so the training curves can share one axis
+    minutes = [r["minutes"] for r in records if "minutes" in r and r["kind"] in ("align", "train")]
+    assert minutes == sorted(minutes)
+    from harmonifuse.evaluation.plots import plot_training_curves
+
+    assert plot_training_curves(root / "run" / "log.jsonl", root / "curves.png").stat().st_size > 10_000
 
 
 def test_alignment_stage_leaves_the_lora_adapters_untouched(aligned_run):

@@ -69,26 +69,42 @@ def plot_task_profiles(profiles: Mapping[str, Mapping[str, Sequence[float]]], pa
 
 
 def plot_training_curves(log_file: Path, path: Path) -> Path | None:
-    """Per-task training loss and dev WER / UA against steps, from a run's log.jsonl."""
+    """Training losses and dev metrics against training minutes, from a run's log.jsonl.
+
+    Minutes, not steps: they run on across the alignment stage and the main stage (each counts
+    its own steps). The alignment stage's CTC loss and greedy-CTC dev WER are drawn apart.
+    """
     if not Path(log_file).is_file():
         return None
-    train, dev = [], []
+    kinds: dict[str, list[dict]] = {}
     for line in Path(log_file).read_text().splitlines():
         record = json.loads(line)
-        (dev if record.get("kind") == "dev" else train).append(record)
+        kinds.setdefault(record.get("kind", "train"), []).append(record)
+
+    def x(record):
+        return record.get("minutes", record["step"])
+
+    x_label = "training minutes" if all("minutes" in r for rs in kinds.values() for r in rs) else "step"
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    train = kinds.get("train", [])
     for key in sorted({k for r in train for k in r if k.startswith("loss_")}):
-        points = [(r["step"], r[key]) for r in train if key in r]
-        axes[0].plot(*zip(*points), label=key.removeprefix("loss_"))
+        axes[0].plot(*zip(*[(x(r), r[key]) for r in train if key in r]), label=key.removeprefix("loss_"))
+    align = [r for r in kinds.get("align", []) if "loss_ctc" in r]
+    if align:
+        axes[0].plot(*zip(*[(x(r), r["loss_ctc"]) for r in align]), label="ctc (alignment stage)", color="grey")
     axes[0].set_yscale("log")
-    axes[0].set_xlabel("step")
+    axes[0].set_xlabel(x_label)
     axes[0].set_ylabel("training loss")
     axes[0].legend()
-    for key, label in (("wer", "dev WER"), ("ua", "dev UA")):
-        points = [(r["step"], r[key]) for r in dev if key in r]
+    series = [("dev", "wer", "dev WER"), ("dev", "ua", "dev UA"), ("align_dev", "wer", "dev WER, greedy CTC (alignment)")]
+    for kind, key, label in series:
+        points = [(x(r), r[key]) for r in kinds.get(kind, []) if key in r]
         if points:
             axes[1].plot(*zip(*points), marker="o", label=label)
-    axes[1].set_xlabel("step")
+    if align:
+        for ax in axes:
+            ax.axvline(x(align[-1]), color="grey", linestyle=":", linewidth=1)
+    axes[1].set_xlabel(x_label)
     axes[1].set_ylim(0, 1.05)
     axes[1].legend()
     axes[1].set_title("dev metrics")

@@ -105,7 +105,8 @@ def describe_hardware(device: torch.device) -> str:
             elif key.strip() == "flags":
                 flags = set(value.split())
                 break
-    units = torch.backends.cpu.get_cpu_capability() + (" + AMX" if "amx_bf16" in flags else "")
+    units = torch.backends.cpu.get_cpu_capability() + "".join(
+        f" + {name}" for flag, name in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX512-BF16")) if flag in flags)
     return f"{name}, {units}, {torch.get_num_threads()} threads"
 
 
