@@ -69,7 +69,8 @@ class ProjectorConfig:
     ctc_scale: float = 1.0
     """Logit scale of the embedding-CTC (its start value when learned)."""
     ctc_learn_scale: bool = False
-    """Learn the CTC logit scale (needed with ``match_embedding_norm``: unit-scale logits stay flat)."""
+    """Learn the CTC logit scale. With ``match_embedding_norm`` the scale must exceed 1 (unit-scale
+    logits over 49k tokens stay flat); a fixed small one keeps outputs closer to the token embeddings."""
     ctc_learned_blank: bool = False
     """CTC blank as a learned vector instead of a special token of the LLM (see harmonifuse/ctc.py)."""
     token_mixture: bool = False

@@ -8,15 +8,17 @@ alignment signal. It serves twice: as an auxiliary loss beside the answer loss, 
 alignment stage, where no LLM pass is needed and a step costs a fraction of a full one.
 
 The blank. By default it is a token of the LLM's vocabulary that never occurs in a transcript (a
-special token); with ``learned_blank`` it is a vector of its own, outside the vocabulary. The
+special token); with ``projector.ctc_learned_blank`` it is a vector of its own, outside the vocabulary. The
 latter matters once CTC has shaped the projector: most positions are blank, and if they sit on
 a special token such as ``<|endoftext|>`` (a document boundary for the LLM) the LLM reads a
 sequence of document breaks; a learned blank is a direction the LLM has no prior meaning for.
 
 The logit scale ``s`` matters when the projector's output norm is pinned to that of the text
 embeddings (``projector.match_embedding_norm``): with ``s = 1`` a softmax over 49k tokens cannot
-become sharp, and CTC would pull the projector towards compromise directions. A learned ``s``
-(one scalar, log-parametrised) lets CTC be confident while the LLM still sees text-scale inputs.
+become sharp. A small fixed ``s`` (3 in configs/demo.yaml) makes a confident CTC need outputs close
+to the token embeddings (cosine 0.41 to the CTC token on dev); a learned ``s`` (one scalar,
+log-parametrised, ``projector.ctc_learn_scale``) grew to 8-12 and let CTC be as accurate with
+outputs that point only loosely at them (cosine 0.20-0.22). See docs/recipes.md.
 """
 from __future__ import annotations
 
