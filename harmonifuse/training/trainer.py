@@ -285,6 +285,15 @@ class Trainer:
         with contextlib.nullcontext() if sync else self.ddp.no_sync():
             zero.backward()
 
+    def _optimizer_step(self, optimizer, scheduler, record: dict) -> None:
+        """Clip the gradients of ``optimizer``'s parameters (norm into the log record), step, schedule."""
+        clip = self.config.optim.clip_norm
+        if clip > 0:
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            record["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, clip))
+        optimizer.step()
+        scheduler.step()
+
     def _handle_signal(self, signum, frame) -> None:
         self._stop_signal = signum
 
@@ -333,11 +342,7 @@ class Trainer:
                     record[f"layer_weights_{batch.task}"] = out.layer_weights.detach().float().mean(0).tolist()
                     if out.gate_mean is not None:
                         record[f"gate_mean_{batch.task}"] = float(out.gate_mean.detach().float().mean())
-                if oc.clip_norm > 0:
-                    record["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(
-                        [p for p in self.model.parameters() if p.requires_grad], oc.clip_norm))
-                self.optimizer.step()
-                self.scheduler.step()
+                self._optimizer_step(self.optimizer, self.scheduler, record)
                 self.step += 1
                 elapsed = time.perf_counter() - start
                 self.train_seconds += elapsed
@@ -391,7 +396,7 @@ class Trainer:
 
     def fit_align(self) -> bool:
         """Train fusion, gate and projector on the embedding-CTC alone; False if a signal stopped it."""
-        ac, tc, oc = self.config.align, self.config.train, self.config.optim
+        ac, tc = self.config.align, self.config.train
         params = [p for group in self.align_optimizer.param_groups for p in group["params"]]
         batches = self._batches(self.data.align_loader)
         bar = tqdm(total=ac.max_steps, initial=self.align_step, desc="align (CTC)", unit="step",
@@ -416,10 +421,7 @@ class Trainer:
                         grad = p.grad if p.grad is not None else torch.zeros_like(p)
                         dist.all_reduce(grad)
                         p.grad = grad / self.world_size
-                if oc.clip_norm > 0:
-                    record["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, oc.clip_norm))
-                self.align_optimizer.step()
-                self.align_scheduler.step()
+                self._optimizer_step(self.align_optimizer, self.align_scheduler, record)
                 self.align_step += 1
                 elapsed = time.perf_counter() - start
                 self.align_seconds += elapsed
