@@ -43,7 +43,7 @@ class FeatureMasking(nn.Module):
         channels = torch.arange(D, device=device)[None, :]  # (1, D)
         span_limit = (lengths.float() * self.max_time_fraction).clamp(min=1).long()  # (B,)
         for _ in range(self.time_masks):
-            width = (torch.rand(B, device=device) * (torch.minimum(span_limit, torch.tensor(self.time_width)) + 1)).long()
+            width = (torch.rand(B, device=device) * (span_limit.clamp(max=self.time_width) + 1)).long()
             start = (torch.rand(B, device=device) * (lengths - width).clamp(min=1)).long()
             covered = (frames >= start[:, None]) & (frames < (start + width)[:, None])  # (B, T)
             keep &= ~covered[:, :, None]
