@@ -44,13 +44,6 @@ def ctc_loss_from_logits(logits: torch.Tensor, lengths: torch.Tensor, targets: l
                                   zero_infinity=True)
 
 
-def greedy_ctc_decode(speech: torch.Tensor, lengths: torch.Tensor, embedding: torch.Tensor,
-                      blank: int) -> list[list[int]]:
-    """speech (B, N, H), lengths (B,) -> token ids per item: best token per position, repeats merged,
-    blanks dropped. The logit scale does not change the argmax, so it is not needed here."""
-    return greedy_ctc_from_logits(speech.float() @ embedding.float().T, lengths, blank)
-
-
 def greedy_ctc_from_logits(logits: torch.Tensor, lengths: torch.Tensor, blank: int) -> list[list[int]]:
     """logits (B, N, C), lengths (B,) -> class ids per item, repeats merged, blanks dropped."""
     best = logits.argmax(-1)  # (B, N)
@@ -71,8 +64,8 @@ class EmbeddingCTC(nn.Module):
     Args:
         init_scale: the logit scale (its start value when learned).
         learn_scale: learn the scale.
-        blank_size: with a size H, the blank is a learned vector (H,) appended to the embedding
-            table; without (None), the caller's ``blank`` token id is the blank.
+        blank_size: with a size H, the blank is a learned vector (H,), an extra class after the
+            vocabulary; without (None), the caller's ``blank`` token id is the blank.
     """
 
     def __init__(self, init_scale: float = 1.0, learn_scale: bool = False, blank_size: int | None = None) -> None:

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from harmonifuse.config import ConfigError
-from harmonifuse.ctc import EmbeddingCTC, embedding_ctc_loss, greedy_ctc_decode
+from harmonifuse.ctc import EmbeddingCTC, embedding_ctc_loss
 from harmonifuse.training.run import load_run_config, train
 from test_training import ENV, _cli, _final_weights, kill_and_resume
 from tiny import tiny_harmonifuse, write_tiny_run_config
@@ -22,10 +22,11 @@ CTC_SETTINGS = {"ctc_weight": 0.3, "ctc_learn_scale": True, "ctc_learned_blank":
 def test_greedy_decode_merges_repeats_and_drops_blanks_up_to_the_length():
     table = torch.eye(6)  # token t is the direction e_t; token 0 is the blank
     speech = table[[3, 3, 0, 4, 4, 3, 5]][None] * 2.0  # the last position lies beyond the length
-    assert greedy_ctc_decode(speech, torch.tensor([6]), table, blank=0) == [[3, 4, 3]]
+    head = EmbeddingCTC()  # fixed scale, the blank a token of the table
+    assert head.decode(speech, torch.tensor([6]), table, blank=0) == [[3, 4, 3]]
     # a blank between two equal tokens keeps both
     speech = table[[3, 0, 3]][None]
-    assert greedy_ctc_decode(speech, torch.tensor([3]), table, blank=0) == [[3, 3]]
+    assert head.decode(speech, torch.tensor([3]), table, blank=0) == [[3, 3]]
 
 
 def test_learned_blank_is_an_extra_class_outside_the_vocabulary():

@@ -22,46 +22,42 @@ def hidden_states_for(model, utterances: Sequence[Utterance], cache) -> tuple[to
 
 
 @torch.no_grad()
-def predict(model, utterances: Sequence[Utterance], task: str, *, batch_size: int = 8, cache=None,
-            prompt: str | None = None, progress: bool = True, desc: str | None = None) -> list[dict]:
-    """One result dict per utterance (``transcript`` or ``emotion`` + ``emotion_probs``), in input order."""
-    order = np.argsort([u.duration for u in utterances], kind="stable")  # similar lengths, little padding
-    results: list[dict | None] = [None] * len(utterances)
+def map_batches(model, utterances: Sequence[Utterance], answer, *, batch_size: int = 8, cache=None,
+                progress: bool = True, desc: str = "evaluate") -> list:
+    """``answer(hidden (L+1, B, T, D), lengths (B,))`` -> one result per item, over batches of similar
+    length (little padding) in eval mode; results come back in input order."""
+    order = np.argsort([u.duration for u in utterances], kind="stable")
+    results: list = [None] * len(utterances)
     was_training = model.training
     model.eval()
     try:
-        with tqdm(total=len(utterances), desc=desc or f"evaluate {task}", unit="utt", disable=not progress,
-                  leave=False) as bar:
+        with tqdm(total=len(utterances), desc=desc, unit="utt", disable=not progress, leave=False) as bar:
             for start in range(0, len(order), batch_size):
                 index = order[start:start + batch_size]
                 chunk = [utterances[i] for i in index]
                 hidden, lengths = hidden_states_for(model, chunk, cache)
-                prompts = {task: prompt} if prompt else None
-                for i, result in zip(index, model.analyze_hidden(hidden, lengths, tasks=(task,), prompts=prompts)):
+                for i, result in zip(index, answer(hidden, lengths)):
                     results[i] = result
                 bar.update(len(chunk))
     finally:
         model.train(was_training)
-    return results  # type: ignore[return-value]
+    return results
 
 
-@torch.no_grad()
+def predict(model, utterances: Sequence[Utterance], task: str, *, batch_size: int = 8, cache=None,
+            prompt: str | None = None, progress: bool = True, desc: str | None = None) -> list[dict]:
+    """One result dict per utterance (``transcript`` or ``emotion`` + ``emotion_probs``), in input order."""
+    prompts = {task: prompt} if prompt else None
+    return map_batches(model, utterances,
+                       lambda hidden, lengths: model.analyze_hidden(hidden, lengths, tasks=(task,), prompts=prompts),
+                       batch_size=batch_size, cache=cache, progress=progress, desc=desc or f"evaluate {task}")
+
+
 def ctc_asr_metrics(model, utterances: Sequence[Utterance], *, batch_size: int = 16, cache=None,
                     progress: bool = True) -> dict:
     """WER and CER of the projector's greedy CTC transcripts (no LLM): what the alignment stage reached."""
-    order = np.argsort([u.duration for u in utterances], kind="stable")
-    hyps: list[str] = [""] * len(utterances)
-    was_training = model.training
-    model.eval()
-    try:
-        for start in tqdm(range(0, len(order), batch_size), desc="CTC transcripts", unit="batch",
-                          disable=not progress, leave=False):
-            index = order[start:start + batch_size]
-            hidden, lengths = hidden_states_for(model, [utterances[i] for i in index], cache)
-            for i, text in zip(index, model.ctc_transcribe_hidden(hidden, lengths)):
-                hyps[i] = text
-    finally:
-        model.train(was_training)
+    hyps = map_batches(model, utterances, model.ctc_transcribe_hidden, batch_size=batch_size, cache=cache,
+                       progress=progress, desc="CTC transcripts")
     return asr_metrics([u.text for u in utterances], hyps)
 
 
