@@ -207,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="corpus folder (for synthetic: the output folder)")
     p.add_argument("out", nargs="?", help="output folder for the manifests")
     p.add_argument("--seed", type=int, default=0, help="synthetic only")
-    p.add_argument("--size", help="synthetic only: tiny | default | ...")
+    p.add_argument("--size", help="synthetic only: tiny | small | default | large")
 
     p = sub.add_parser("train", help="train a model from a YAML config")
     p.add_argument("config", help="YAML run config, e.g. configs/demo.yaml")

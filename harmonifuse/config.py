@@ -63,7 +63,10 @@ class ProjectorConfig:
     hidden_size: int = 1024
     ctc_weight: float = 0.0
     """Weight of an auxiliary CTC loss on the projector output against the LLM's token embeddings
-    (ASR items, training only; 0 disables it)."""
+    (items of ``ctc_tasks``, training only; 0 disables it)."""
+    ctc_tasks: list[str] = field(default_factory=lambda: ["asr"])
+    """Tasks whose answer the embedding-CTC targets, in the alignment stage and as the auxiliary
+    loss: the transcript for ASR, the label word for SER (the SER path then starts aligned too)."""
     match_embedding_norm: bool = False
     """Scale every projected position to the RMS of the LLM's token embeddings (fixed, not learned)."""
     ctc_scale: float = 1.0
@@ -82,6 +85,8 @@ class ProjectorConfig:
         _check(self.ctc_weight >= 0, f"{prefix}.ctc_weight", "must be >= 0")
         _check(self.hidden_size >= 1, f"{prefix}.hidden_size", "must be >= 1")
         _check(self.ctc_scale > 0, f"{prefix}.ctc_scale", "must be > 0")
+        _check(bool(self.ctc_tasks) and set(self.ctc_tasks) <= {"asr", "ser"}, f"{prefix}.ctc_tasks",
+               f"must list one or both of asr, ser; got {self.ctc_tasks!r}")
 
 
 @dataclass

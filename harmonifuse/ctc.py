@@ -35,13 +35,16 @@ def embedding_ctc_loss(speech: torch.Tensor, lengths: torch.Tensor, targets: lis
 
 
 def ctc_loss_from_logits(logits: torch.Tensor, lengths: torch.Tensor, targets: list[list[int]],
-                         blank: int) -> torch.Tensor:
-    """logits (B, N, C), lengths (B,), class ids per item -> mean CTC loss per target token."""
+                         blank: int, reduction: str = "mean") -> torch.Tensor:
+    """logits (B, N, C), lengths (B,), class ids per item -> mean CTC loss per target token.
+
+    ``reduction="none"``: the negative log-likelihood of each item's whole target (B,), infinite
+    where the target cannot fit in the item's length (a training loss zeroes those instead)."""
     log_probs = logits.float().log_softmax(-1).transpose(0, 1)  # (N, B, C)
     flat = torch.tensor([t for ids in targets for t in ids], dtype=torch.long, device=logits.device)
     target_lengths = torch.tensor([len(ids) for ids in targets], dtype=torch.long, device=logits.device)
-    return nn.functional.ctc_loss(log_probs, flat, lengths, target_lengths, blank=blank, reduction="mean",
-                                  zero_infinity=True)
+    return nn.functional.ctc_loss(log_probs, flat, lengths, target_lengths, blank=blank, reduction=reduction,
+                                  zero_infinity=reduction == "mean")
 
 
 def greedy_ctc_from_logits(logits: torch.Tensor, lengths: torch.Tensor, blank: int) -> list[list[int]]:
@@ -115,6 +118,16 @@ class EmbeddingCTC(nn.Module):
         ``blank``: the blank token id (ignored when the blank is learned)."""
         logits, blank = self.logits(speech, embedding, blank)
         return ctc_loss_from_logits(logits * self.scale.float(), lengths, targets, blank)
+
+    def candidate_nll(self, speech: torch.Tensor, lengths: torch.Tensor, candidates: list[list[int]],
+                      embedding: torch.Tensor, blank: int) -> torch.Tensor:
+        """speech (B, N, H), lengths (B,), K candidate token sequences -> (B, K) negative
+        log-likelihoods of each whole candidate: closed-set scoring (e.g. the emotion label words)."""
+        logits, blank = self.logits(speech, embedding, blank)
+        logits = logits * self.scale.float()
+        B = speech.shape[0]
+        return torch.stack([ctc_loss_from_logits(logits, lengths, [ids] * B, blank, reduction="none")
+                            for ids in candidates], dim=1)
 
     def decode(self, speech: torch.Tensor, lengths: torch.Tensor, embedding: torch.Tensor,
                blank: int) -> list[list[int]]:

@@ -214,12 +214,12 @@ class HarmoniFuse(nn.Module):
         return self.augment(hidden, lengths), lengths
 
     def _ctc_loss(self, speech: SpeechEmbeddings, tasks: Sequence[str], targets: Sequence[str]) -> torch.Tensor | None:
-        """Embedding-CTC over the ASR items of a batch (None when it has none)."""
-        asr = [i for i, task in enumerate(tasks) if task == "asr"]
-        if not asr:
+        """Embedding-CTC over the items of ``projector.ctc_tasks`` in a batch (None when it has none)."""
+        chosen = [i for i, task in enumerate(tasks) if task in self.config.projector.ctc_tasks]
+        if not chosen:
             return None
-        index = torch.tensor(asr, device=speech.embeddings.device)
-        token_ids = [self.llm.tokenize(targets[i]) for i in asr]
+        index = torch.tensor(chosen, device=speech.embeddings.device)
+        token_ids = [self.llm.tokenize(targets[i]) for i in chosen]
         return self.ctc(speech.ctc_input[index], speech.lengths[index], token_ids,
                         self.llm.model.get_input_embeddings().weight, blank=self.llm.ctc_blank_id)
 
@@ -242,13 +242,15 @@ class HarmoniFuse(nn.Module):
         return ModelOutput(loss, num_tokens, speech.layer_weights, speech.gate_mean, ctc, answer_loss)
 
     def alignment_loss(self, batch: Any) -> ModelOutput:
-        """The embedding-CTC alone on an ASR batch: the alignment stage, with no LLM pass.
+        """The embedding-CTC alone on a batch of ``projector.ctc_tasks``: the alignment stage, no LLM pass.
 
-        Trains fusion, gate and projector (and a learned CTC scale) to put each token's embedding
-        where the speech carries it, before the LLM has to learn to read them.
+        Trains fusion, gate and projector (and a learned CTC scale) to put each answer token's
+        embedding where the speech carries it, before the LLM has to learn to read them.
         """
-        if any(task != "asr" for task in batch.tasks):
-            raise ValueError(f"the alignment stage takes ASR batches only, got tasks {sorted(set(batch.tasks))}")
+        others = sorted(set(batch.tasks) - set(self.config.projector.ctc_tasks))
+        if others:
+            raise ValueError(f"the alignment stage takes batches of model.projector.ctc_tasks "
+                             f"{self.config.projector.ctc_tasks} only, got tasks {others}")
         hidden, frame_lengths = self._hidden(batch)
         speech = self.speech_embeddings(hidden, frame_lengths, batch.tasks, for_llm=False)
         loss = self._ctc_loss(speech, batch.tasks, batch.targets)
@@ -268,6 +270,23 @@ class HarmoniFuse(nn.Module):
         ids = self.ctc.decode(speech.ctc_input, speech.lengths, self.llm.model.get_input_embeddings().weight,
                               blank=self.llm.ctc_blank_id)
         return [self.llm.tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids]
+
+    @torch.no_grad()
+    def ctc_classify_hidden(self, hidden_states: torch.Tensor, frame_lengths: torch.Tensor,
+                            prompt: str | None = None) -> list[dict[str, float]]:
+        """Closed-set SER from the projector alone: hidden (L+1, B, T, D) -> B dicts label -> probability.
+
+        Each label word is scored by its CTC likelihood (a softmax over the labels' negative CTC
+        losses), as the LLM's label scoring does with its answer likelihood.
+        """
+        B = hidden_states.shape[1]
+        prompts = [prompt or self.config.tasks.prompts["ser"]] * B
+        speech = self.speech_embeddings(hidden_states, frame_lengths, ["ser"] * B, prompts, for_llm=False)
+        labels = list(self.config.tasks.emotion_labels)
+        nll = self.ctc.candidate_nll(speech.ctc_input, speech.lengths, [self.llm.tokenize(x) for x in labels],
+                                     self.llm.model.get_input_embeddings().weight, blank=self.llm.ctc_blank_id)
+        probs = torch.softmax(-nll, dim=1)  # (B, labels)
+        return [dict(zip(labels, row.tolist())) for row in probs]
 
     @torch.no_grad()
     def task_profiles(self, hidden_states: torch.Tensor, frame_lengths: torch.Tensor,

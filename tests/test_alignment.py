@@ -103,8 +103,42 @@ def test_alignment_loss_trains_fusion_gate_projector_and_ctc_head_but_not_the_ll
     for part in ("projector.", "fusion.", "gate.", "ctc.log_scale", "ctc.blank_vector"):
         assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if n.startswith(part)), part
     assert out.num_tokens == len(model.llm.tokenize("hello world")) + len(model.llm.tokenize("the lazy dog"))
-    with pytest.raises(ValueError, match="ASR batches only"):
+    with pytest.raises(ValueError, match=r"ctc_tasks \['asr'\] only, got tasks \['ser'\]"):
         model.alignment_loss(_asr_batch(model, tasks=("asr", "ser"), targets=("hello world", "sad")))
+
+
+def test_with_ser_among_the_ctc_tasks_its_label_word_is_a_ctc_target_too():
+    model = tiny_harmonifuse(seed=0, projector={**CTC_SETTINGS, "ctc_tasks": ["asr", "ser"]}).train()
+    batch = _asr_batch(model, tasks=("asr", "ser"), targets=("hello world", "sad"))
+    out = model.alignment_loss(batch)
+    assert out.num_tokens == len(model.llm.tokenize("hello world")) + len(model.llm.tokenize("sad"))
+    speech = model.speech_embeddings(batch.hidden_states, batch.frame_lengths, batch.tasks, for_llm=False)
+    table = model.llm.model.get_input_embeddings().weight
+    expected = model.ctc(speech.ctc_input, speech.lengths, [model.llm.tokenize(t) for t in batch.targets], table,
+                         blank=model.llm.ctc_blank_id)
+    assert float(out.loss) == pytest.approx(float(expected), rel=1e-5)
+    asr_only = tiny_harmonifuse(seed=0, projector=CTC_SETTINGS).train()  # same weights, SER item left out
+    expected_asr = asr_only.ctc(speech.ctc_input[:1], speech.lengths[:1], [model.llm.tokenize("hello world")],
+                                table, blank=model.llm.ctc_blank_id)
+    assert float(asr_only.train()(batch).ctc_loss) == pytest.approx(float(expected_asr), rel=1e-5)
+
+
+def test_candidate_nll_is_each_whole_sequence_ctc_loss_and_infinite_when_it_cannot_fit():
+    torch.manual_seed(0)
+    table, head = torch.randn(6, 4), EmbeddingCTC(init_scale=2.0)
+    speech, lengths = torch.randn(2, 5, 4), torch.tensor([5, 2])
+    nll = head.candidate_nll(speech, lengths, [[1], [2, 3], [4, 4]], table, blank=0)
+    assert nll.shape == (2, 3)
+    log_probs = (2.0 * speech @ table.T).log_softmax(-1)
+    for b in range(2):
+        for k, ids in enumerate([[1], [2, 3], [4, 4]]):
+            expected = torch.nn.functional.ctc_loss(log_probs[b, : lengths[b]][:, None], torch.tensor([ids]),
+                                                    lengths[b:b + 1], torch.tensor([len(ids)]), blank=0,
+                                                    reduction="sum")
+            if b == 1 and k == 2:  # "4 4" needs a blank between the repeats: 3 positions, the item has 2
+                assert math.isinf(float(nll[b, k]))
+            else:
+                assert float(nll[b, k]) == pytest.approx(float(expected), rel=1e-5)
 
 
 def test_ctc_transcripts_read_back_what_the_projector_puts_on_token_embeddings():
@@ -125,6 +159,19 @@ def test_ctc_transcripts_read_back_what_the_projector_puts_on_token_embeddings()
     model.speech_embeddings = lambda hidden, lengths, tasks, prompts, for_llm: types.SimpleNamespace(
         ctc_input=speech, lengths=torch.tensor([speech.shape[1]]))
     assert model.ctc_transcribe_hidden(torch.zeros(1, 1, 1, 1), torch.tensor([1])) == ["hello world"]
+    # closed-set scoring: of the emotion labels, the one whose tokens the projector spells wins
+    labels = model.config.tasks.emotion_labels
+    spelled = [label for label in labels if set(model.llm.tokenize(label)) <= set(ids)]
+    assert not spelled  # none of them is "hello world": the scores are a distribution, nothing sure
+    probs = model.ctc_classify_hidden(torch.zeros(1, 1, 1, 1), torch.tensor([1]))
+    assert sorted(probs[0]) == sorted(labels) and sum(probs[0].values()) == pytest.approx(1.0)
+    word = model.llm.tokenize(labels[2])
+    with torch.no_grad():
+        for k, i in enumerate(sorted(set(word))):
+            table[i] = torch.nn.functional.one_hot(torch.tensor(k + 4), table.shape[1]).float()
+    speech = torch.stack([blank] + [row for i in word for row in (table[i] * 5, blank)])[None]
+    probs = model.ctc_classify_hidden(torch.zeros(1, 1, 1, 1), torch.tensor([1]))
+    assert max(probs[0], key=probs[0].get) == labels[2] and probs[0][labels[2]] > 0.9
 
 
 @pytest.fixture(scope="module")
@@ -159,6 +206,18 @@ def test_alignment_stage_lowers_ctc_loss_before_the_main_stage(aligned_run):
     from harmonifuse.evaluation.plots import plot_training_curves
 
     assert plot_training_curves(root / "run" / "log.jsonl", root / "curves.png").stat().st_size > 10_000
+
+
+def test_an_alignment_stage_over_both_tasks_interleaves_them_and_scores_ser_by_its_labels(tmp_path):
+    path = write_tiny_run_config(tmp_path, align={"max_steps": 6, "eval_every": 6, "batch_size": 4},
+                                 model={"projector": {"stack": 2, "hidden_size": 24, **CTC_SETTINGS,
+                                                      "ctc_tasks": ["asr", "ser"]}},
+                                 train={"max_steps": 2, "eval_every": 1000, "save_every": 1000})
+    train(load_run_config(path), progress=False)
+    records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert {t for r in records if r["kind"] == "align" for t in r["tasks"]} == {"asr", "ser"}
+    (dev,) = [r for r in records if r["kind"] == "align_dev"]
+    assert {"wer", "cer", "wa", "ua", "macro_f1"} <= set(dev) and 0 <= dev["ua"] <= 1
 
 
 def test_alignment_stage_leaves_the_lora_adapters_untouched(aligned_run):
@@ -221,6 +280,8 @@ def test_bad_alignment_settings_name_the_field(tmp_path):
         load_run_config(config_path, ["align.max_steps=-1"])
     with pytest.raises(ConfigError, match="model.projector.ctc_scale"):
         load_run_config(config_path, ["model.projector.ctc_scale=0"])
+    with pytest.raises(ConfigError, match="model.projector.ctc_tasks"):
+        load_run_config(config_path, ["model.projector.ctc_tasks=[asr, speaker]"])
     no_asr = load_run_config(config_path, ["align.max_steps=5", "data.train={ser: ser_train.jsonl}"])
-    with pytest.raises(ValueError, match="needs ASR training data.*align.max_steps=0"):
+    with pytest.raises(ValueError, match=r"no manifest for \['asr'\].*align.max_steps=0"):
         train(no_asr, progress=False)

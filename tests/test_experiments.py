@@ -148,6 +148,8 @@ def test_shipped_experiments_resolve_every_arm(name):
     # quick and main keep the recipe their results were measured with; aligned runs the current one
     assert all(c.align.max_steps == (250 if name == "aligned" else 0) for c in configs.values())
     assert all(c.model.projector.match_embedding_norm == (name == "aligned") for c in configs.values())
+    assert all(c.model.augment.time_masks == (2 if name == "aligned" else 0) for c in configs.values())
+    assert all(c.data.root == "data/synthetic" for c in configs.values())  # the default-size corpus
     if name == "main":
         assert set(configs["single-asr"].data.train) == {"asr"} and set(configs["single-ser"].data.train) == {"ser"}
         assert configs["mixed-batches"].data.schedule == "mixed"

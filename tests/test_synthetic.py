@@ -91,6 +91,23 @@ def test_splits_are_speaker_disjoint_and_asr_sentences_unseen(tiny):
     assert len({it["text"] for it in plan if it["task"] == "asr"}) >= 2000
 
 
+def test_large_size_keeps_the_default_dev_and_test_utterances():
+    sentences = load_sentences()
+    default = synthetic._plan(0, synthetic.SIZES["default"], sentences)
+    large = synthetic._plan(0, synthetic.SIZES["large"], sentences)
+
+    def held_out(plan):
+        return [it for it in plan if it["split"] != "train"]
+
+    assert held_out(large) == held_out(default)  # same ids, voices, sentences, prosody draws
+    train = [it for it in large if it["split"] == "train"]
+    assert len(train) == synthetic.SIZES["large"]["asr_train"] + synthetic.SIZES["large"]["ser_train"]
+    pool = synthetic._split_pools(sentences, 0)["train"]
+    asr_texts = {it["text"] for it in train if it["task"] == "asr"}
+    assert asr_texts == {s.text for s in pool}  # the whole training pool is read
+    assert not {t.lower() for t in asr_texts} & {it["text"].lower() for it in held_out(large)}
+
+
 def test_durations_match_audio(tiny):
     for utts in _load(tiny).values():
         for u in utts:

@@ -61,6 +61,15 @@ def ctc_asr_metrics(model, utterances: Sequence[Utterance], *, batch_size: int =
     return asr_metrics([u.text for u in utterances], hyps)
 
 
+def ctc_ser_metrics(model, utterances: Sequence[Utterance], *, batch_size: int = 16, cache=None,
+                    progress: bool = True) -> dict:
+    """WA, UA and macro-F1 of the projector's closed-set CTC label scoring (no LLM)."""
+    probs = map_batches(model, utterances, model.ctc_classify_hidden, batch_size=batch_size, cache=cache,
+                        progress=progress, desc="CTC labels")
+    predictions = [max(p, key=p.get) for p in probs]
+    return ser_metrics([u.emotion for u in utterances], predictions, model.config.tasks.emotion_labels)
+
+
 def evaluate(model, manifests: Mapping[str, Sequence[Utterance]], *, batch_size: int = 8, cache=None,
              prompts: Mapping[str, str] | None = None, progress: bool = True) -> dict:
     """``{"asr": [...], "ser": [...]}`` utterances -> metrics and per-utterance predictions.

@@ -67,9 +67,10 @@ class OptimConfig:
 class AlignConfig:
     """The alignment stage, run before the main training.
 
-    Fusion, gate and projector (and a learned CTC scale) learn the embedding-CTC alone on ASR
-    batches: no LLM pass, so a step costs a fraction of a full one, and the LLM afterwards reads
-    speech positions that already sit near the embeddings of the tokens they carry.
+    Fusion, gate and projector (and a learned CTC scale) learn the embedding-CTC alone on batches
+    of ``model.projector.ctc_tasks`` (ASR; with SER, its label words): no LLM pass, so a step costs
+    a fraction of a full one, and the LLM afterwards reads speech positions that already sit near
+    the embeddings of the tokens they carry.
     """
 
     max_steps: int = 0
@@ -80,7 +81,8 @@ class AlignConfig:
     lr: float = 2e-3
     warmup_steps: int = 20
     eval_every: int = 100
-    """Score greedy-CTC transcripts on the dev ASR subset every this many steps (and at the end)."""
+    """Score the projector's CTC on the dev subsets every this many steps (and at the end): greedy
+    transcripts (WER) for ASR, label scoring (UA) for SER."""
 
     def validate(self, prefix: str) -> None:
         _check(self.max_steps >= 0, f"{prefix}.max_steps", "must be >= 0 (0 disables the stage)")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,8 +71,9 @@ def feature_cache_for(encoder, config: DataConfig) -> FeatureCache | None:
 
 def build_run_data(config: DataConfig, encoder, labels: list[str], *, seed: int, rank: int = 0,
                    world_size: int = 1, progress: bool = True, num_workers: int = 0,
-                   align_batch_size: int = 0) -> RunData:
-    """Manifests, feature cache and loaders; ``align_batch_size > 0`` adds the alignment stage's ASR loader."""
+                   align_batch_size: int = 0, align_tasks: Sequence[str] = ("asr",)) -> RunData:
+    """Manifests, feature cache and loaders; ``align_batch_size > 0`` adds the alignment stage's
+    loader over ``align_tasks`` (interleaved by the main schedule when there are several)."""
     root = ensure_corpus(config, progress=progress and rank == 0)
     train = read_split(root, config.train, labels)
     dev = read_split(root, config.dev, labels)
@@ -99,11 +101,15 @@ def build_run_data(config: DataConfig, encoder, labels: list[str], *, seed: int,
                         dict(config.limit), dict(config.fraction))
     align_loader = None
     if align_batch_size:
-        if "asr" not in datasets:
-            raise ValueError("the alignment stage (align.max_steps > 0) needs ASR training data: data.train has no "
-                             "'asr' manifest; set align.max_steps=0")
-        # the same ASR subset as the main stage, so a limited-data arm stays limited
-        align_loader = loader_for(["asr"], align_batch_size, {"name": "round_robin"},
-                                  {t: n for t, n in config.limit.items() if t == "asr"},
-                                  {t: f for t, f in config.fraction.items() if t == "asr"})
+        missing = [t for t in align_tasks if t not in datasets]
+        if missing:
+            raise ValueError(f"the alignment stage (align.max_steps > 0) trains on model.projector.ctc_tasks "
+                             f"{list(align_tasks)}, but data.train has no manifest for {missing}; add one, "
+                             f"drop the task from ctc_tasks, or set align.max_steps=0")
+        schedule = ({"name": config.schedule, **config.schedule_options} if len(align_tasks) > 1
+                    else {"name": "round_robin"})
+        # the same subsets as the main stage, so a limited-data arm stays limited
+        align_loader = loader_for(list(align_tasks), align_batch_size, schedule,
+                                  {t: n for t, n in config.limit.items() if t in align_tasks},
+                                  {t: f for t, f in config.fraction.items() if t in align_tasks})
     return RunData(loader, dev, test, cache, align_loader)

@@ -37,7 +37,8 @@ def train(config: RunConfig, *, resume: bool = False, progress: bool = True, mod
     data = build_run_data(config.data, model.encoder, config.model.tasks.emotion_labels, seed=config.train.seed,
                           rank=rank, world_size=world_size, progress=progress,
                           num_workers=config.train.num_workers,
-                          align_batch_size=config.align.batch_size if config.align.max_steps else 0)
+                          align_batch_size=config.align.batch_size if config.align.max_steps else 0,
+                          align_tasks=config.model.projector.ctc_tasks)
     trainer = Trainer(config, model, data, rank=rank, world_size=world_size, progress=progress)
     if resume:
         trainer.resume()

@@ -23,7 +23,7 @@ import torch.distributed as dist
 import yaml
 from tqdm import tqdm
 
-from ..evaluation.evaluate import ctc_asr_metrics, evaluate
+from ..evaluation.evaluate import ctc_asr_metrics, ctc_ser_metrics, evaluate
 from .checkpoint import CheckpointManager, rng_state, set_rng_state
 from .config import RunConfig
 from .data import RunData
@@ -413,9 +413,10 @@ class Trainer:
                         out = self.model.alignment_loss(batch)
                     out.loss.backward()
                     losses.append(float(out.loss.detach()))
-                    record["layer_weights_asr"] = out.layer_weights.detach().float().mean(0).tolist()
+                    record["tasks"] = [batch.task]
+                    record[f"layer_weights_{batch.task}"] = out.layer_weights.detach().float().mean(0).tolist()
                     if out.gate_mean is not None:
-                        record["gate_mean_asr"] = float(out.gate_mean.detach().float().mean())
+                        record[f"gate_mean_{batch.task}"] = float(out.gate_mean.detach().float().mean())
                 if self.world_size > 1:  # outside DDP's forward: average the gradients by hand
                     for p in params:
                         grad = p.grad if p.grad is not None else torch.zeros_like(p)
@@ -452,16 +453,21 @@ class Trainer:
         return True
 
     def evaluate_align(self) -> None:
-        """Greedy-CTC WER of the projector on the dev ASR subset (rank 0; no LLM pass)."""
-        utterances = self.data.dev.get("asr")
-        if not self.is_main or not utterances:
+        """The projector's greedy-CTC WER and CTC label-scoring UA on the dev subsets of the
+        alignment stage's tasks (rank 0; no LLM pass)."""
+        scorers = {"asr": ctc_asr_metrics, "ser": ctc_ser_metrics}
+        tasks = [t for t in self.config.model.projector.ctc_tasks if self.data.dev.get(t)]
+        if not self.is_main or not tasks:
             return
+        metrics = {}
         with self._autocast():
-            metrics = ctc_asr_metrics(self.model, utterances, batch_size=self.config.align.batch_size,
-                                      cache=self.data.cache, progress=self.progress)
+            for task in tasks:
+                metrics.update(scorers[task](self.model, self.data.dev[task], batch_size=self.config.align.batch_size,
+                                             cache=self.data.cache, progress=self.progress))
         self.logger.write({"kind": "align_dev", "step": self.align_step, "minutes": self.total_seconds / 60,
-                           **metrics})
-        tqdm.write(f"align step {self.align_step}: CTC wer {metrics['wer']:.4f}, cer {metrics['cer']:.4f}")
+                           **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}})
+        tqdm.write(f"align step {self.align_step}: CTC " + ", ".join(
+            f"{k} {metrics[k]:.4f}" for k in ("wer", "cer", "ua") if k in metrics))
 
     def export(self, directory: Path) -> None:
         self.model.save_pretrained(directory)
