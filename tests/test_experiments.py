@@ -149,7 +149,9 @@ def test_shipped_experiments_resolve_every_arm(name):
     assert all(c.align.max_steps == (250 if name == "aligned" else 0) for c in configs.values())
     assert all(c.model.projector.match_embedding_norm == (name == "aligned") for c in configs.values())
     assert all(c.model.augment.time_masks == (2 if name == "aligned" else 0) for c in configs.values())
-    assert all(c.data.root == "data/synthetic" for c in configs.values())  # the default-size corpus
+    # the default-size corpus and ASR-only CTC, as when their runs were measured
+    assert all(c.data.root == "data/synthetic" and c.data.synthetic_size == "default" for c in configs.values())
+    assert all(c.model.projector.ctc_tasks == ["asr"] for c in configs.values())
     if name == "main":
         assert set(configs["single-asr"].data.train) == {"asr"} and set(configs["single-ser"].data.train) == {"ser"}
         assert configs["mixed-batches"].data.schedule == "mixed"

@@ -96,11 +96,13 @@ def plot_training_curves(log_file: Path, path: Path) -> Path | None:
     axes[0].set_xlabel(x_label)
     axes[0].set_ylabel("training loss")
     axes[0].legend()
-    series = [("dev", "wer", "dev WER"), ("dev", "ua", "dev UA"), ("align_dev", "wer", "dev WER, greedy CTC (alignment)")]
-    for kind, key, label in series:
+    series = [("dev", "wer", "dev WER", "C0", "-"), ("dev", "ua", "dev UA", "C1", "-"),
+              ("align_dev", "wer", "dev WER, greedy CTC (alignment)", "C0", "--"),
+              ("align_dev", "ua", "dev UA, CTC label scoring (alignment)", "C1", "--")]
+    for kind, key, label, color, style in series:  # a metric keeps its colour across the two stages
         points = [(x(r), r[key]) for r in kinds.get(kind, []) if key in r]
         if points:
-            axes[1].plot(*zip(*points), marker="o", label=label)
+            axes[1].plot(*zip(*points), marker="o", label=label, color=color, linestyle=style)
     if align:
         for ax in axes:
             ax.axvline(x(align[-1]), color="grey", linestyle=":", linewidth=1)
