@@ -145,7 +145,7 @@ def test_shipped_experiments_resolve_every_arm(name):
     assert configs["harmonifuse"].model.fusion.mode == "prompt" and configs["harmonifuse"].model.gate.mode == "content"
     assert configs["naive"].model.fusion.mode == "static" and configs["naive"].model.gate.mode == "none"
     assert all(c.data.dev == {} and c.train.max_steps == configs["naive"].train.max_steps for c in configs.values())
-    # quick and main keep the recipe their results were measured with; aligned runs the current one
+    # each keeps the recipe its results were measured with: run D's (quick, main), run F's (aligned)
     assert all(c.align.max_steps == (250 if name == "aligned" else 0) for c in configs.values())
     assert all(c.model.projector.match_embedding_norm == (name == "aligned") for c in configs.values())
     assert all(c.model.augment.time_masks == (2 if name == "aligned" else 0) for c in configs.values())
