@@ -61,6 +61,9 @@ class ProjectorConfig:
     stack: int = 5
     """Frames stacked into one LLM position (50 Hz -> 10 Hz for Whisper)."""
     hidden_size: int = 1024
+    context_layers: int = 0
+    """Transformer layers over the projected positions (0: each position sees only its own frames)."""
+    context_heads: int = 8
     ctc_weight: float = 0.0
     """Weight of an auxiliary CTC loss on the projector output against the LLM's token embeddings
     (items of ``ctc_tasks``, training only; 0 disables it)."""
@@ -84,6 +87,8 @@ class ProjectorConfig:
         _check(self.stack >= 1, f"{prefix}.stack", "must be >= 1")
         _check(self.ctc_weight >= 0, f"{prefix}.ctc_weight", "must be >= 0")
         _check(self.hidden_size >= 1, f"{prefix}.hidden_size", "must be >= 1")
+        _check(self.context_layers >= 0, f"{prefix}.context_layers", "must be >= 0")
+        _check(self.context_heads >= 1, f"{prefix}.context_heads", "must be >= 1")
         _check(self.ctc_scale > 0, f"{prefix}.ctc_scale", "must be > 0")
         _check(bool(self.ctc_tasks) and set(self.ctc_tasks) <= {"asr", "ser"}, f"{prefix}.ctc_tasks",
                f"must list one or both of asr, ser; got {self.ctc_tasks!r}")

@@ -107,7 +107,8 @@ class HarmoniFuse(nn.Module):
         gate = build_gate(config.gate.mode, encoder.hidden_size, prompt_encoder.dim)
         p = config.projector
         projector = FrameStackProjector(encoder.hidden_size, llm.hidden_size, stack=p.stack, hidden_size=p.hidden_size,
-                                        output_rms=llm.embedding_rms() if p.match_embedding_norm else None)
+                                        output_rms=llm.embedding_rms() if p.match_embedding_norm else None,
+                                        context_layers=p.context_layers, context_heads=p.context_heads)
         ctc = EmbeddingCTC(p.ctc_scale, learn_scale=p.ctc_learn_scale,
                            blank_size=llm.hidden_size if p.ctc_learned_blank else None)
         a = config.augment
@@ -213,15 +214,25 @@ class HarmoniFuse(nn.Module):
             hidden, lengths = encoded.hidden_states, encoded.lengths
         return self.augment(hidden, lengths), lengths
 
-    def _ctc_loss(self, speech: SpeechEmbeddings, tasks: Sequence[str], targets: Sequence[str]) -> torch.Tensor | None:
-        """Embedding-CTC over the items of ``projector.ctc_tasks`` in a batch (None when it has none)."""
+    def _ctc_loss(self, speech: SpeechEmbeddings, tasks: Sequence[str],
+                  targets: Sequence[str]) -> tuple[torch.Tensor | None, int]:
+        """Embedding-CTC over the items of ``projector.ctc_tasks`` in a batch (None when it has none),
+        and the number of target tokens it scored."""
         chosen = [i for i, task in enumerate(tasks) if task in self.config.projector.ctc_tasks]
         if not chosen:
-            return None
+            return None, 0
         index = torch.tensor(chosen, device=speech.embeddings.device)
         token_ids = [self.llm.tokenize(targets[i]) for i in chosen]
-        return self.ctc(speech.ctc_input[index], speech.lengths[index], token_ids,
+        loss = self.ctc(speech.ctc_input[index], speech.lengths[index], token_ids,
                         self.llm.model.get_input_embeddings().weight, blank=self.llm.ctc_blank_id)
+        return loss, sum(len(ids) for ids in token_ids)
+
+    def _ctc_speech(self, hidden_states: torch.Tensor, frame_lengths: torch.Tensor, task: str,
+                    prompt: str | None) -> SpeechEmbeddings:
+        """The projector's CTC input for a whole batch of one task (its training prompt by default)."""
+        B = hidden_states.shape[1]
+        prompts = [prompt or self.config.tasks.prompts[task]] * B
+        return self.speech_embeddings(hidden_states, frame_lengths, [task] * B, prompts, for_llm=False)
 
     def forward(self, batch: Any, prompts: Sequence[str] | None = None) -> ModelOutput:
         """Loss on the answer tokens of a batch (cached hidden states or waveforms)."""
@@ -234,7 +245,7 @@ class HarmoniFuse(nn.Module):
         answer_loss, ctc = loss, None
         weight = self.config.projector.ctc_weight
         if weight > 0 and self.training:
-            ctc = self._ctc_loss(speech, batch.tasks, batch.targets)
+            ctc, _ = self._ctc_loss(speech, batch.tasks, batch.targets)
             if ctc is not None:
                 loss = loss + weight * ctc
             else:  # a learned CTC head still joins the graph, as DDP needs every trained parameter to
@@ -253,8 +264,7 @@ class HarmoniFuse(nn.Module):
                              f"{self.config.projector.ctc_tasks} only, got tasks {others}")
         hidden, frame_lengths = self._hidden(batch)
         speech = self.speech_embeddings(hidden, frame_lengths, batch.tasks, for_llm=False)
-        loss = self._ctc_loss(speech, batch.tasks, batch.targets)
-        num_tokens = sum(len(self.llm.tokenize(t)) for t in batch.targets)
+        loss, num_tokens = self._ctc_loss(speech, batch.tasks, batch.targets)
         return ModelOutput(loss, num_tokens, speech.layer_weights, speech.gate_mean, loss)
 
     @torch.no_grad()
@@ -264,9 +274,7 @@ class HarmoniFuse(nn.Module):
 
         What the alignment stage has taught the projector; far cheaper than decoding with the LLM.
         """
-        B = hidden_states.shape[1]
-        prompts = [prompt or self.config.tasks.prompts["asr"]] * B
-        speech = self.speech_embeddings(hidden_states, frame_lengths, ["asr"] * B, prompts, for_llm=False)
+        speech = self._ctc_speech(hidden_states, frame_lengths, "asr", prompt)
         ids = self.ctc.decode(speech.ctc_input, speech.lengths, self.llm.model.get_input_embeddings().weight,
                               blank=self.llm.ctc_blank_id)
         return [self.llm.tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids]
@@ -279,9 +287,7 @@ class HarmoniFuse(nn.Module):
         Each label word is scored by its CTC likelihood (a softmax over the labels' negative CTC
         losses), as the LLM's label scoring does with its answer likelihood.
         """
-        B = hidden_states.shape[1]
-        prompts = [prompt or self.config.tasks.prompts["ser"]] * B
-        speech = self.speech_embeddings(hidden_states, frame_lengths, ["ser"] * B, prompts, for_llm=False)
+        speech = self._ctc_speech(hidden_states, frame_lengths, "ser", prompt)
         labels = list(self.config.tasks.emotion_labels)
         nll = self.ctc.candidate_nll(speech.ctc_input, speech.lengths, [self.llm.tokenize(x) for x in labels],
                                      self.llm.model.get_input_embeddings().weight, blank=self.llm.ctc_blank_id)

@@ -13,13 +13,20 @@ class FrameStackProjector(nn.Module):
     ``output_rms``: if set, every output position is RMS-normalised and scaled to this fixed value
     (the RMS of the LLM's token embeddings), so speech positions enter the LLM's residual stream at
     the scale of text; unconstrained, the embedding-CTC loss rewards ever larger outputs.
+
+    ``context_layers``: pre-norm Transformer encoder layers (``context_heads`` heads, feed-forward
+    ``hidden_size``) over the projected positions, so each position sees its neighbours beyond its
+    own ``stack`` frames. No positional encoding is added: the encoder's features carry position.
     """
 
     def __init__(self, input_size: int, output_size: int, *, stack: int = 5, hidden_size: int = 1024,
-                 output_rms: float | None = None) -> None:
+                 output_rms: float | None = None, context_layers: int = 0, context_heads: int = 8) -> None:
         super().__init__()
         if output_rms is not None and not output_rms > 0:
             raise ValueError(f"output_rms must be > 0, got {output_rms}")
+        if context_layers and output_size % context_heads:
+            raise ValueError(f"model.projector.context_heads ({context_heads}) must divide the LLM width "
+                             f"({output_size}); pick a divisor of {output_size}")
         self.stack = stack
         self.input_size = input_size
         self.output_size = output_size
@@ -29,6 +36,11 @@ class FrameStackProjector(nn.Module):
             nn.GELU(),
             nn.Linear(hidden_size, output_size),
         )
+        self.context = None
+        if context_layers:
+            layer = nn.TransformerEncoderLayer(output_size, context_heads, dim_feedforward=hidden_size, dropout=0.0,
+                                               activation="gelu", batch_first=True, norm_first=True)
+            self.context = nn.TransformerEncoder(layer, context_layers, enable_nested_tensor=False)
 
     @property
     def downsample_rate(self) -> int:
@@ -45,6 +57,10 @@ class FrameStackProjector(nn.Module):
             features = nn.functional.pad(features, (0, 0, 0, pad))
         stacked = features.reshape(B, (T + pad) // self.stack, D * self.stack)
         embeddings = self.mlp(stacked)
+        out_lengths = self.output_lengths(lengths)
+        if self.context is not None:
+            padding = torch.arange(embeddings.shape[1], device=embeddings.device)[None, :] >= out_lengths[:, None]
+            embeddings = self.context(embeddings, src_key_padding_mask=padding)
         if self.output_rms is not None:
             embeddings = nn.functional.rms_norm(embeddings, (self.output_size,), eps=1e-6) * self.output_rms
-        return embeddings, self.output_lengths(lengths)
+        return embeddings, out_lengths

@@ -136,3 +136,23 @@ def test_projector_output_rms_fixes_the_scale_of_every_position_but_not_its_dire
     assert list(dict(scaled.named_parameters())) == list(dict(free.named_parameters()))
     with pytest.raises(ValueError, match="output_rms must be > 0"):
         FrameStackProjector(4, 8, output_rms=0.0)
+
+
+def test_projector_context_layers_mix_positions_but_never_read_padding():
+    torch.manual_seed(3)
+    projector = FrameStackProjector(4, 8, stack=2, hidden_size=6, context_layers=1, context_heads=2).eval()
+    plain = FrameStackProjector(4, 8, stack=2, hidden_size=6)
+    features, lengths = torch.randn(2, 6, 4), torch.tensor([6, 3])
+    out, out_lengths = projector(features, lengths)
+    assert out.shape == (2, 3, 8) and out_lengths.tolist() == [3, 2]
+    # a change in the first frame reaches the last position only through the context layer
+    changed = features.clone()
+    changed[0, 0] += 1.0
+    assert not torch.allclose(projector(changed, lengths)[0][0, 2], out[0, 2])
+    assert torch.allclose(plain(changed, lengths)[0][0, 2], plain(features, lengths)[0][0, 2])
+    # frames past an item's length (here the second item's frames 4-5: its position 2) change nothing valid
+    padded = features.clone()
+    padded[1, 4:] = 100.0
+    assert torch.allclose(projector(padded, lengths)[0][1, :2], out[1, :2], atol=1e-6)
+    with pytest.raises(ValueError, match="context_heads .*must divide"):
+        FrameStackProjector(4, 8, context_layers=1, context_heads=3)
