@@ -152,6 +152,7 @@ def test_shipped_experiments_resolve_every_arm(name):
     # the default-size corpus and ASR-only CTC, as when their runs were measured
     assert all(c.data.root == "data/synthetic" and c.data.synthetic_size == "default" for c in configs.values())
     assert all(c.model.projector.ctc_tasks == ["asr"] for c in configs.values())
+    assert all(c.optim.lora_lr == 5.0e-4 for c in configs.values())
     if name == "main":
         assert set(configs["single-asr"].data.train) == {"asr"} and set(configs["single-ser"].data.train) == {"ser"}
         assert configs["mixed-batches"].data.schedule == "mixed"
