@@ -25,6 +25,7 @@ from .config import ModelConfig, from_dict, load_yaml
 from .encoders import EncoderOutput, SpeechEncoder, build_encoder
 from .fusion import LayerFusion, build_fusion
 from .gate import build_gate
+from .lengths import lengths_to_mask
 from .llm import IGNORE_INDEX, SpeechLLM
 from .projector import FrameStackProjector
 from .prompt import PROMPT_ENCODERS
@@ -198,7 +199,7 @@ class HarmoniFuse(nn.Module):
                                                 self.llm.ctc_blank_id)
         gate_mean = None
         if gate is not None:
-            valid = (torch.arange(gate.shape[1], device=gate.device)[None, :] < frame_lengths[:, None]).to(gate.dtype)
+            valid = lengths_to_mask(frame_lengths, gate.shape[1]).to(gate.dtype)
             valid = valid if gate.shape[1] > 1 else torch.ones_like(valid[:, :1])
             gate_mean = (gate.mean(-1) * valid).sum(1) / valid.sum(1)
         return SpeechEmbeddings(embeddings, lengths, self.fusion.weights(prompt_vectors, task_ids), gate_mean,
@@ -308,7 +309,7 @@ class HarmoniFuse(nn.Module):
             _, gate = self.gate(fused, vectors)
             profile = {"layer_weights": self.fusion.weights(vectors, task_ids)[0].float().tolist()}
             if gate is not None:
-                valid = torch.arange(fused.shape[1], device=fused.device)[None, :] < frame_lengths[:, None]
+                valid = lengths_to_mask(frame_lengths, fused.shape[1])
                 valid = valid[..., None].to(gate.dtype) if gate.shape[1] > 1 else torch.ones_like(gate[..., :1])
                 profile["gate"] = ((gate * valid).sum((0, 1)) / valid.sum((0, 1))).float().tolist()
             profiles[task] = profile

@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .lengths import lengths_to_mask
+
 
 class FrameStackProjector(nn.Module):
     """Stack ``stack`` consecutive frames, then a two-layer MLP to the LLM width.
@@ -59,7 +61,7 @@ class FrameStackProjector(nn.Module):
         embeddings = self.mlp(stacked)
         out_lengths = self.output_lengths(lengths)
         if self.context is not None:
-            padding = torch.arange(embeddings.shape[1], device=embeddings.device)[None, :] >= out_lengths[:, None]
+            padding = ~lengths_to_mask(out_lengths, embeddings.shape[1])
             embeddings = self.context(embeddings, src_key_padding_mask=padding)
         if self.output_rms is not None:
             embeddings = nn.functional.rms_norm(embeddings, (self.output_size,), eps=1e-6) * self.output_rms

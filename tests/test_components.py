@@ -4,6 +4,7 @@ import torch
 
 from harmonifuse.fusion import build_fusion
 from harmonifuse.gate import build_gate
+from harmonifuse.lengths import lengths_to_mask
 from harmonifuse.projector import FrameStackProjector
 
 
@@ -156,3 +157,12 @@ def test_projector_context_layers_mix_positions_but_never_read_padding():
     assert torch.allclose(projector(padded, lengths)[0][1, :2], out[1, :2], atol=1e-6)
     with pytest.raises(ValueError, match="context_heads .*must divide"):
         FrameStackProjector(4, 8, context_layers=1, context_heads=3)
+
+
+def test_lengths_to_mask_marks_valid_frames_and_refuses_non_vector_lengths():
+    lengths = torch.tensor([3, 0, 5])
+    expected = torch.tensor([[1, 1, 1, 0], [0, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    assert torch.equal(lengths_to_mask(lengths, 4), expected)  # size shorter than the longest item
+    assert lengths_to_mask(lengths, 6)[2].tolist() == [True] * 5 + [False]
+    with pytest.raises(ValueError, match=r"\(B,\) tensor"):
+        lengths_to_mask(lengths[None, :], 4)

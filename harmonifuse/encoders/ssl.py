@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..lengths import lengths_to_mask
 from .base import EncoderOutput, SpeechEncoder
 
 
@@ -50,7 +51,7 @@ class SSLSpeechEncoder(SpeechEncoder):
 
     def forward(self, waveforms: torch.Tensor, lengths: torch.Tensor) -> EncoderOutput:
         """waveforms (B, S) float32 at 16 kHz, lengths (B,) -> hidden states (L+1, B, T, D)."""
-        valid = torch.arange(waveforms.shape[1], device=waveforms.device)[None, :] < lengths[:, None]
+        valid = lengths_to_mask(lengths, waveforms.shape[1])
         if self.normalize:
             count = lengths.clamp(min=1)[:, None].to(waveforms.dtype)
             mean = (waveforms * valid).sum(1, keepdim=True) / count
@@ -60,5 +61,5 @@ class SSLSpeechEncoder(SpeechEncoder):
             out = self.model(waveforms, attention_mask=valid.long(), output_hidden_states=True)
         hidden = torch.stack(out.hidden_states)
         frame_lengths = self.frame_lengths(lengths).clamp(max=hidden.shape[2])
-        mask = torch.arange(hidden.shape[2], device=hidden.device)[None, :] < frame_lengths[:, None]
+        mask = lengths_to_mask(frame_lengths, hidden.shape[2])
         return EncoderOutput(hidden * mask[None, :, :, None], frame_lengths)

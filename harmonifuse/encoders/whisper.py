@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..lengths import lengths_to_mask
 from .base import EncoderOutput, SpeechEncoder
 
 HOP_LENGTH = 160
@@ -84,7 +85,7 @@ class WhisperSpeechEncoder(SpeechEncoder):
             states = self._run_layers(mel, lengths // HOP_LENGTH, frame_lengths)
         keep = int(frame_lengths.max())
         hidden = torch.stack([h[:, :keep] for h in states])
-        mask = torch.arange(keep, device=hidden.device)[None, :] < frame_lengths[:, None]
+        mask = lengths_to_mask(frame_lengths, keep)
         hidden = hidden * mask[None, :, :, None]
         return EncoderOutput(hidden, frame_lengths)
 
@@ -92,7 +93,7 @@ class WhisperSpeechEncoder(SpeechEncoder):
         enc = self.encoder
         x = nn.functional.gelu(enc.conv1(mel))
         if not self.pad_to_30s:  # what conv2's zero padding would see past each utterance's end
-            mel_valid = torch.arange(x.shape[-1], device=x.device)[None, :] < mel_frames[:, None]
+            mel_valid = lengths_to_mask(mel_frames, x.shape[-1])
             x = x * mel_valid[:, None, :]
         x = nn.functional.gelu(enc.conv2(x)).permute(0, 2, 1)  # (B, T, D)
         T = x.shape[1]
@@ -101,7 +102,7 @@ class WhisperSpeechEncoder(SpeechEncoder):
         x = x + enc.embed_positions.weight[:T]
         attention_mask = None
         if not self.pad_to_30s:
-            valid = torch.arange(T, device=x.device)[None, :] < frame_lengths[:, None]  # (B, T)
+            valid = lengths_to_mask(frame_lengths, T)  # (B, T)
             attention_mask = torch.zeros(valid.shape, dtype=x.dtype, device=x.device)
             attention_mask = attention_mask.masked_fill(~valid, torch.finfo(x.dtype).min)[:, None, None, :]
         states = [x]
