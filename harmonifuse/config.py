@@ -64,6 +64,9 @@ class ProjectorConfig:
     context_layers: int = 0
     """Transformer layers over the projected positions (0: each position sees only its own frames)."""
     context_heads: int = 8
+    context_kernel: int = 1
+    """Width, in projected positions, of the projector's first layer as a 1-D convolution (odd;
+    1: each position alone)."""
     ctc_weight: float = 0.0
     """Weight of an auxiliary CTC loss on the projector output against the LLM's token embeddings
     (items of ``ctc_tasks``, training only; 0 disables it)."""
@@ -89,6 +92,8 @@ class ProjectorConfig:
         _check(self.hidden_size >= 1, f"{prefix}.hidden_size", "must be >= 1")
         _check(self.context_layers >= 0, f"{prefix}.context_layers", "must be >= 0")
         _check(self.context_heads >= 1, f"{prefix}.context_heads", "must be >= 1")
+        _check(self.context_kernel >= 1 and self.context_kernel % 2 == 1, f"{prefix}.context_kernel",
+               f"must be an odd number >= 1 (a centred window), got {self.context_kernel}")
         _check(self.ctc_scale > 0, f"{prefix}.ctc_scale", "must be > 0")
         _check(bool(self.ctc_tasks) and set(self.ctc_tasks) <= {"asr", "ser"}, f"{prefix}.ctc_tasks",
                f"must list one or both of asr, ser; got {self.ctc_tasks!r}")

@@ -109,7 +109,8 @@ class HarmoniFuse(nn.Module):
         p = config.projector
         projector = FrameStackProjector(encoder.hidden_size, llm.hidden_size, stack=p.stack, hidden_size=p.hidden_size,
                                         output_rms=llm.embedding_rms() if p.match_embedding_norm else None,
-                                        context_layers=p.context_layers, context_heads=p.context_heads)
+                                        context_layers=p.context_layers, context_heads=p.context_heads,
+                                        context_kernel=p.context_kernel)
         ctc = EmbeddingCTC(p.ctc_scale, learn_scale=p.ctc_learn_scale,
                            blank_size=llm.hidden_size if p.ctc_learned_blank else None)
         a = config.augment

@@ -31,6 +31,7 @@ def test_the_shipped_demo_config_loads():
     ("model.fusion.temperature=0", "model.fusion.temperature", "must be > 0"),
     ("model.projector.stack=two", "model.projector.stack", "expected an integer"),
     ("model.projector.context_layers=-1", "model.projector.context_layers", "must be >= 0"),
+    ("model.projector.context_kernel=4", "model.projector.context_kernel", "must be an odd number >= 1"),
     ("train.max_steps=0", "train.max_steps", "must be >= 1"),
     ("train.max_step=3", "train.max_step", "is unknown"),
     ("model.encoder.trainable=maybe", "model.encoder.trainable", "expected true or false"),
