@@ -112,6 +112,15 @@ def test_cli_evaluate_and_analyze_on_the_trained_tiny_model(trained_run, tmp_pat
     for name in ("metrics.json", "summary.md", "confusion.png", "layer_weights_and_gates.png", "training_curves.png"):
         assert (tmp_path / "report" / name).is_file(), name
 
+    # another ASR prompt: the layer weights and gates reported are the ones that prompt reads
+    result = _cli("evaluate", "--model", str(model_dir), "--manifest", str(root / "corpus" / "asr_test.jsonl"),
+                  "--prompt", "asr=Write down what is said.", "--out", str(tmp_path / "paraphrased"), "-q")
+    assert result.returncode == 0, result.stderr[-2000:]
+    trained, paraphrased = (json.loads((tmp_path / d / "task_profiles.json").read_text())
+                            for d in ("report", "paraphrased"))
+    assert paraphrased["ser"] == trained["ser"]
+    assert paraphrased["asr"]["layer_weights"] != pytest.approx(trained["asr"]["layer_weights"], abs=1e-6)
+
     clips = sorted((root / "corpus" / "audio").glob("ser_*.wav"))[:3]
     result = _cli("analyze", *map(str, clips), "--model", str(model_dir), "--json")
     assert result.returncode == 0, result.stderr[-2000:]

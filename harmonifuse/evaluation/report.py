@@ -67,7 +67,7 @@ def run_evaluation(model, manifests: Sequence[Path], out_dir: Path | None = None
             plots.append(plot_confusion(merged, labels, out_dir / "confusion.png"))
         any_utts = [u for us in loaded.values() for u in us][:batch_size]
         hidden, lengths = hidden_states_for(model, any_utts, cache)
-        profiles = model.task_profiles(hidden, lengths)
+        profiles = model.task_profiles(hidden, lengths, prompts)  # what the evaluated prompts read
         (out_dir / "task_profiles.json").write_text(json.dumps(profiles))
         plots.append(plot_task_profiles(profiles, out_dir / "layer_weights_and_gates.png"))
         if log_file is not None:
