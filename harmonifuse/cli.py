@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from .config import ConfigError
+
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif"}
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_MODEL = REPO_ROOT / "models" / "harmonifuse-demo"
@@ -136,11 +138,27 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_prompts(items: list[str]) -> dict[str, str]:
+    """``["asr=Write down what is said."]`` -> ``{"asr": "Write down what is said."}``."""
+    prompts = {}
+    for item in items:
+        task, sep, text = item.partition("=")
+        if not sep or not task.strip() or not text.strip():
+            raise ConfigError(f"--prompt {item!r} is not of the form task=TEXT, "
+                              "e.g. --prompt 'asr=Write down what is said.'")
+        prompts[task.strip()] = text.strip()
+    return prompts
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluation.report import run_evaluation
 
+    prompts = parse_prompts(args.prompt or [])
     model = load_model(args.model or default_model(), bf16=args.bf16)
-    prompts = dict(p.split("=", 1) for p in args.prompt) if args.prompt else None
+    unknown = sorted(set(prompts) - set(model.task_names))
+    if unknown:
+        raise ConfigError(f"--prompt names task(s) {unknown}; this model's tasks are {model.task_names}")
+    prompts = prompts or None
     summary = run_evaluation(model, [Path(m) for m in args.manifest], Path(args.out) if args.out else None,
                              batch_size=args.batch_size, folds=args.folds, progress=not args.quiet,
                              log_file=Path(args.log) if args.log else None, prompts=prompts)
@@ -240,7 +258,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     from .audio import AudioError
-    from .config import ConfigError
 
     try:
         return COMMANDS[args.command](args)

@@ -144,10 +144,20 @@ class LLMConfig:
 @dataclass
 class TasksConfig:
     prompts: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_PROMPTS))
+    """The prompt each task answers by default (evaluation, analyze, dev scoring)."""
+    train_prompts: dict[str, list[str]] = field(default_factory=dict)
+    """Further phrasings per task for training: each training item reads ``prompts[task]`` or one of
+    these, drawn uniformly (see harmonifuse/data/prompts.py)."""
     emotion_labels: list[str] = field(default_factory=lambda: list(EMOTION_LABELS))
 
     def validate(self, prefix: str) -> None:
         _check(set(self.prompts) >= {"asr", "ser"}, f"{prefix}.prompts", "needs a prompt for 'asr' and 'ser'")
+        _check(all(p.strip() for p in self.prompts.values()), f"{prefix}.prompts", "has an empty prompt")
+        unknown = sorted(set(self.train_prompts) - set(self.prompts))
+        _check(not unknown, f"{prefix}.train_prompts", f"names task(s) {unknown} that have no prompt in "
+               f"{prefix}.prompts ({sorted(self.prompts)})")
+        _check(all(p.strip() for options in self.train_prompts.values() for p in options),
+               f"{prefix}.train_prompts", "has an empty phrasing")
         _check(len(self.emotion_labels) >= 2, f"{prefix}.emotion_labels", "needs at least two labels")
         _check(len(set(self.emotion_labels)) == len(self.emotion_labels), f"{prefix}.emotion_labels", "has duplicates")
 

@@ -237,10 +237,12 @@ class HarmoniFuse(nn.Module):
         return self.speech_embeddings(hidden_states, frame_lengths, [task] * B, prompts, for_llm=False)
 
     def forward(self, batch: Any, prompts: Sequence[str] | None = None) -> ModelOutput:
-        """Loss on the answer tokens of a batch (cached hidden states or waveforms)."""
+        """Loss on the answer tokens of a batch (cached hidden states or waveforms), each item
+        answering ``prompts``, else the batch's own ``prompts``, else its task's prompt."""
         hidden, frame_lengths = self._hidden(batch)
-        speech = self.speech_embeddings(hidden, frame_lengths, batch.tasks, prompts)
+        prompts = prompts if prompts is not None else getattr(batch, "prompts", None)
         prompts = list(prompts) if prompts is not None else self.prompts_for(batch.tasks)
+        speech = self.speech_embeddings(hidden, frame_lengths, batch.tasks, prompts)
         inputs = self.llm.build_inputs(speech.embeddings, speech.lengths, prompts, list(batch.targets))
         num_tokens = int((inputs.labels[:, 1:] != IGNORE_INDEX).sum())
         loss = self.llm(inputs)
@@ -265,7 +267,8 @@ class HarmoniFuse(nn.Module):
             raise ValueError(f"the alignment stage takes batches of model.projector.ctc_tasks "
                              f"{self.config.projector.ctc_tasks} only, got tasks {others}")
         hidden, frame_lengths = self._hidden(batch)
-        speech = self.speech_embeddings(hidden, frame_lengths, batch.tasks, for_llm=False)
+        speech = self.speech_embeddings(hidden, frame_lengths, batch.tasks, getattr(batch, "prompts", None),
+                                        for_llm=False)
         loss, num_tokens = self._ctc_loss(speech, batch.tasks, batch.targets)
         return ModelOutput(loss, num_tokens, speech.layer_weights, speech.gate_mean, loss)
 

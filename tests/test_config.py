@@ -37,6 +37,9 @@ def test_the_shipped_demo_config_loads():
     ("model.encoder.trainable=maybe", "model.encoder.trainable", "expected true or false"),
     ("data.fraction.asr=1.5", "data.fraction.asr", "must be in (0, 1]"),
     ("model.tasks.emotion_labels=[sad]", "model.tasks.emotion_labels", "at least two"),
+    ("model.tasks.train_prompts={asr: [Say it.], sr: [Feel it.]}", "model.tasks.train_prompts", "['sr']"),
+    ("model.tasks.train_prompts={asr: ['  ']}", "model.tasks.train_prompts", "empty phrasing"),
+    ("model.tasks.train_prompts={asr: Say it.}", "model.tasks.train_prompts.asr", "expected a list"),
 ])
 def test_bad_values_name_the_field(override, field, problem):
     with pytest.raises(ConfigError) as error:

@@ -161,6 +161,15 @@ def test_cli_reports_bad_config_values_by_field(tmp_path):
     assert result.returncode == 2 and "train.max_step" in result.stderr
 
 
+def test_cli_evaluate_refuses_malformed_prompts_and_unknown_tasks(trained_run):
+    root, _ = trained_run
+    common = ["evaluate", "--model", str(root / "run" / "best"), "--manifest", str(root / "corpus" / "asr_test.jsonl")]
+    result = _cli(*common, "--prompt", "Write down what is said.", "-q")
+    assert result.returncode == 2 and "is not of the form task=TEXT" in result.stderr
+    result = _cli(*common, "--prompt", "sr=How does it sound?", "-q")
+    assert result.returncode == 2 and "['sr']" in result.stderr and "['asr', 'ser']" in result.stderr
+
+
 def test_cli_analyze_keeps_good_files_when_one_is_bad(trained_run, tmp_path):
     root, _ = trained_run
     good = sorted((root / "corpus" / "audio").glob("ser_*.wav"))[0]

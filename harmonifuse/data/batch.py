@@ -31,6 +31,8 @@ class SpeechBatch:
         hidden_states: (L+1, B, T, D) float32 (from the float16 cache), zero padded; with
             ``frame_lengths`` (B,) int64.
         skipped: ``(task, id)`` of bad samples dropped from this batch (bad-sample policy "skip").
+        prompts: the training prompt per item, length B (see :mod:`harmonifuse.data.prompts`);
+            None: each task's ``model.tasks.prompts``.
     """
 
     task: str
@@ -42,6 +44,7 @@ class SpeechBatch:
     hidden_states: torch.Tensor | None = None
     frame_lengths: torch.Tensor | None = None
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    prompts: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.ids)

@@ -23,6 +23,7 @@ import torch.distributed as dist
 import yaml
 from tqdm import tqdm
 
+from ..data.prompts import PromptChoice
 from ..evaluation.evaluate import ctc_asr_metrics, ctc_ser_metrics, evaluate
 from .checkpoint import CheckpointManager, rng_state, set_rng_state
 from .config import RunConfig
@@ -185,6 +186,8 @@ class Trainer:
         self.align_step = 0
         self.align_seconds = 0.0
         self.align_done = not ac.max_steps
+        tasks = config.model.tasks
+        self.prompt_choice = PromptChoice(tasks.prompts, tasks.train_prompts, seed=tc.seed)
         self.checkpoints = CheckpointManager(self.output_dir, keep_last=tc.keep_last)
         self.logger = RunLogger(self.output_dir, self.is_main)
         self.step = 0
@@ -325,7 +328,7 @@ class Trainer:
                 items = 0
                 record: dict[str, Any] = {}
                 for micro in range(oc.grad_accum):
-                    batch = next(batches).to(self.device)
+                    batch = self.prompt_choice(next(batches).to(self.device), stage="main", step=self.step)
                     items += len(batch)
                     sync = self.ddp is None or micro == oc.grad_accum - 1
                     if len(batch) == 0:  # every sample was bad; under DDP this rank must still join in
@@ -406,7 +409,7 @@ class Trainer:
             while self.align_step < ac.max_steps:
                 start = time.perf_counter()
                 self.align_optimizer.zero_grad(set_to_none=True)
-                batch = next(batches).to(self.device)
+                batch = self.prompt_choice(next(batches).to(self.device), stage="align", step=self.align_step)
                 record: dict[str, Any] = {}
                 if len(batch):
                     with self._autocast():
