@@ -1,7 +1,7 @@
 """Configs: YAML + dotted overrides, unknown keys and bad values rejected with the field's name."""
 import pytest
 
-from harmonifuse.config import ConfigError, ModelConfig, load_config, parse_overrides
+from harmonifuse.config import ConfigError, ModelConfig, load_config, parse_overrides, to_dict
 from harmonifuse.training.config import RunConfig
 
 
@@ -26,6 +26,12 @@ def test_the_shipped_demo_config_loads():
     assert config.model.llm.source == "smollm2-135m-instruct"
 
 
+def test_the_shipped_model_is_the_model_the_shipped_recipe_builds():
+    recipe = load_config(RunConfig, "configs/demo.yaml").model
+    shipped = load_config(ModelConfig, "models/harmonifuse-demo/config.yaml")
+    assert to_dict(shipped) == to_dict(recipe)
+
+
 @pytest.mark.parametrize("override, field, problem", [
     ("model.fusion.mode=layerwise", "model.fusion.mode", "is not one of"),
     ("model.fusion.temperature=0", "model.fusion.temperature", "must be > 0"),
@@ -39,6 +45,7 @@ def test_the_shipped_demo_config_loads():
     ("model.tasks.emotion_labels=[sad]", "model.tasks.emotion_labels", "at least two"),
     ("model.tasks.train_prompts={asr: [Say it.], sr: [Feel it.]}", "model.tasks.train_prompts", "['sr']"),
     ("model.tasks.train_prompts={asr: ['  ']}", "model.tasks.train_prompts", "empty phrasing"),
+    ("model.tasks.prompts={asr: '', ser: Feel it.}", "model.tasks.prompts", "has an empty prompt"),
     ("model.tasks.train_prompts={asr: Say it.}", "model.tasks.train_prompts.asr", "expected a list"),
 ])
 def test_bad_values_name_the_field(override, field, problem):
