@@ -155,9 +155,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     prompts = parse_prompts(args.prompt or [])
     model = load_model(args.model or default_model(), bf16=args.bf16)
-    unknown = sorted(set(prompts) - set(model.task_names))
-    if unknown:
-        raise ConfigError(f"--prompt names task(s) {unknown}; this model's tasks are {model.task_names}")
+    try:
+        model.task_ids(list(prompts))
+    except ValueError as error:
+        raise ConfigError(f"--prompt: {error}") from error
     prompts = prompts or None
     summary = run_evaluation(model, [Path(m) for m in args.manifest], Path(args.out) if args.out else None,
                              batch_size=args.batch_size, folds=args.folds, progress=not args.quiet,
