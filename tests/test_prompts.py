@@ -7,6 +7,7 @@ import torch
 
 from harmonifuse.data.batch import SpeechBatch
 from harmonifuse.data.prompts import PromptChoice
+from harmonifuse.evaluation.evaluate import evaluate
 from harmonifuse.model import HarmoniFuse
 from harmonifuse.training.run import load_run_config, train
 from tiny import tiny_harmonifuse, write_tiny_run_config
@@ -93,3 +94,10 @@ def test_both_training_stages_feed_every_phrasing_to_the_model(tmp_path, monkeyp
         assert asr == {"Transcribe the audio.", "What is said?", "Type the words."}, stage
         # the alignment stage here sees ASR only (model.projector.ctc_tasks)
         assert ser == ({config.model.tasks.prompts["ser"]} if stage == "forward" else set()), stage
+
+
+def test_evaluate_refuses_a_prompt_for_a_task_the_model_does_not_have():
+    model = tiny_harmonifuse()
+    with pytest.raises(ValueError, match=r"unknown task\(s\) \['sr'\].*\['asr', 'ser'\]"):
+        evaluate(model, {"asr": []}, prompts={"sr": "How does it sound?"}, progress=False)
+    assert evaluate(model, {"asr": []}, prompts={"asr": "Type the words."}, progress=False)["metrics"] == {}

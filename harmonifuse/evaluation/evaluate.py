@@ -76,6 +76,8 @@ def evaluate(model, manifests: Mapping[str, Sequence[Utterance]], *, batch_size:
 
     Returns ``{"metrics": {...wer, cer, wa, ua, macro_f1...}, "predictions": {task: [...]}}``.
     """
+    if prompts:
+        model.task_ids(list(prompts))  # a misspelt task would otherwise silently keep its canonical prompt
     metrics: dict = {}
     predictions: dict[str, list[dict]] = {}
     for task, utterances in manifests.items():
