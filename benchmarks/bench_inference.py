@@ -10,7 +10,8 @@ Every variant runs in its own process (its peak memory is its own) on the same t
 - peak resident memory.
 
 Variants: float32 vs bf16 autocast vs bf16 LLM weights, batch 1 (single-clip latency) vs batch 8
-(throughput), and transformers' static KV cache with torch.compile.
+(throughput), transformers' static KV cache with torch.compile, and batches of 8 clips in manifest
+order vs batches of similar duration as ``harmonifuse analyze`` forms them (``-sorted``).
 
     .venv/bin/python benchmarks/bench_inference.py [--clips 16] [--variants fp32-b1,bf16w-b8]
 """
@@ -28,25 +29,26 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-VARIANTS = {  # name: (precision, batch size, KV cache)
-    "fp32-b1": ("fp32", 1, "dynamic"),
-    "bf16-b1": ("bf16-autocast", 1, "dynamic"),
-    "bf16w-b1": ("bf16-weights", 1, "dynamic"),
-    "fp32-b8": ("fp32", 8, "dynamic"),
-    "bf16-b8": ("bf16-autocast", 8, "dynamic"),
-    "bf16w-b8": ("bf16-weights", 8, "dynamic"),
-    "bf16w-b1-static-compile": ("bf16-weights", 1, "static-compile"),
-    "bf16w-b8-static-compile": ("bf16-weights", 8, "static-compile"),
+VARIANTS = {  # name: (precision, batch size, KV cache, batches of similar duration)
+    "fp32-b1": ("fp32", 1, "dynamic", False),
+    "bf16-b1": ("bf16-autocast", 1, "dynamic", False),
+    "bf16w-b1": ("bf16-weights", 1, "dynamic", False),
+    "fp32-b8": ("fp32", 8, "dynamic", False),
+    "bf16-b8": ("bf16-autocast", 8, "dynamic", False),
+    "bf16w-b8": ("bf16-weights", 8, "dynamic", False),
+    "bf16w-b8-sorted": ("bf16-weights", 8, "dynamic", True),
+    "bf16w-b1-static-compile": ("bf16-weights", 1, "static-compile", False),
+    "bf16w-b8-static-compile": ("bf16-weights", 8, "static-compile", False),
 }
 
 
 def worker(variant: str, clips: int) -> dict:
     import contextlib
 
-    from harmonifuse.cli import default_model, load_model
+    from harmonifuse.cli import default_model, duration_batches, load_model
     from harmonifuse.data.manifest import read_manifest
 
-    precision, batch_size, kv_cache = VARIANTS[variant]
+    precision, batch_size, kv_cache, by_duration = VARIANTS[variant]
     model = load_model(default_model()).eval()
     if precision == "bf16-weights":
         model.llm.model.to(torch.bfloat16)
@@ -61,7 +63,11 @@ def worker(variant: str, clips: int) -> dict:
     utterances = [u for u in read_manifest(REPO / "data" / "synthetic" / "asr_test.jsonl") if 3 <= u.duration <= 10]
     utterances = utterances[:clips]
     audio_seconds = sum(u.duration for u in utterances)
-    batches = [[u.audio for u in utterances[i:i + batch_size]] for i in range(0, len(utterances), batch_size)]
+    if by_duration:
+        plan = [batch for window in duration_batches([u.duration for u in utterances], batch_size) for batch in window]
+    else:
+        plan = [list(range(i, min(i + batch_size, len(utterances)))) for i in range(0, len(utterances), batch_size)]
+    batches = [[utterances[i].audio for i in batch] for batch in plan]
     with autocast, torch.no_grad():
         start = time.perf_counter()
         model.analyze(batches[0])  # warm-up (and compilation, for the compiled variant)
@@ -123,6 +129,7 @@ def main() -> None:
         print(f"{name:<26}{r['total_s']:>8.2f}{r['rtfx']:>7.1f}{r['clips_per_s']:>9.2f}{r['latency_s']:>11.2f}"
               f"{r['ms_per_token']:>10.1f}{r['warmup_s']:>11.1f}{r['peak_rss_gb']:>9.2f}")
     for a, b in (("fp32-b8", "bf16-b8"), ("fp32-b8", "bf16w-b8"), ("fp32-b1", "bf16w-b1"), ("bf16w-b1", "bf16w-b8"),
+                 ("bf16w-b8", "bf16w-b8-sorted"),
                  ("bf16w-b1", "bf16w-b1-static-compile"), ("bf16w-b8", "bf16w-b8-static-compile")):
         if a in results and b in results:
             print(f"{b} vs {a}: {results[a]['total_s'] / results[b]['total_s']:.2f}x wall time, "

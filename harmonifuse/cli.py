@@ -62,8 +62,6 @@ def load_model(model_dir: str | None, *, bf16: bool = False):
 def cmd_analyze(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .audio import AudioError
-
     paths = expand_audio_paths(args.files)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     model = load_model(args.model or default_model(), bf16=args.bf16)
@@ -72,25 +70,56 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     if unknown:
         raise SystemExit(f"error: --tasks has unknown task(s) {sorted(unknown)}; choose from {model.task_names}")
     failures = 0
-    batches = [paths[i:i + args.batch_size] for i in range(0, len(paths), args.batch_size)]
     bar = tqdm(total=len(paths), unit="file", disable=len(paths) < 4 or args.quiet, file=sys.stderr)
-    for batch in batches:
-        try:
-            results = model.analyze([str(p) for p in batch], tasks=tasks)
-        except AudioError:
-            # find the bad file(s) without losing the good ones
-            results = []
-            for path in batch:
-                try:
-                    results.append(model.analyze([str(path)], tasks=tasks)[0])
-                except AudioError as error:
-                    results.append({"error": str(error)})
-        for path, result in zip(batch, results):
-            failures += "error" in result
-            _print_result(path, result, args.json)
-        bar.update(len(batch))
+    for window in duration_batches([audio_duration(p) for p in paths], args.batch_size):
+        results: dict[int, dict] = {}
+        for batch in window:
+            for index, result in zip(batch, _analyze_batch(model, [paths[i] for i in batch], tasks)):
+                results[index] = result
+            bar.update(len(batch))
+        for index in sorted(results):  # input order, printed once per window so little waits unprinted
+            failures += "error" in results[index]
+            _print_result(paths[index], results[index], args.json)
     bar.close()
     return 1 if failures else 0
+
+
+def audio_duration(path: Path) -> float:
+    """Seconds from the file's header (0 when unreadable: decoding reports the error later)."""
+    import soundfile
+
+    try:
+        return soundfile.info(str(path)).duration
+    except (RuntimeError, OSError):  # soundfile's errors derive from RuntimeError
+        return 0.0
+
+
+def duration_batches(durations: list[float], batch_size: int, window_batches: int = 8) -> list[list[list[int]]]:
+    """Indices in windows of ``batch_size * window_batches`` consecutive files, each window cut into
+    batches of similar duration: a short clip batched with a long one would be padded to its length
+    through the encoder and the LLM. Windows keep results flowing out in input order."""
+    window = batch_size * window_batches
+    plan = []
+    for start in range(0, len(durations), window):
+        index = sorted(range(start, min(start + window, len(durations))), key=lambda i: durations[i])
+        plan.append([index[i:i + batch_size] for i in range(0, len(index), batch_size)])
+    return plan
+
+
+def _analyze_batch(model, batch: list[Path], tasks: list[str]) -> list[dict]:
+    from .audio import AudioError
+
+    try:
+        return model.analyze([str(p) for p in batch], tasks=tasks)
+    except AudioError:
+        # find the bad file(s) without losing the good ones
+        results = []
+        for path in batch:
+            try:
+                results.append(model.analyze([str(path)], tasks=tasks)[0])
+            except AudioError as error:
+                results.append({"error": str(error)})
+        return results
 
 
 def _print_result(path: Path, result: dict, as_json: bool) -> None:
@@ -207,6 +236,13 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 }
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="harmonifuse", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -217,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="trained model folder (default: $HARMONIFUSE_MODEL or the shipped demo model)")
     p.add_argument("--tasks", default="asr,ser", help="comma separated tasks (default: asr,ser)")
     p.add_argument("--json", action="store_true", help="one JSON object per line and file")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--bf16", action="store_true", help=BF16_HELP)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
@@ -241,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="folder for metrics.json, summary.md and plots")
     p.add_argument("--log", help="a run's log.jsonl, for the training-curve plot")
     p.add_argument("--prompt", action="append", help="task=prompt to evaluate with another prompt (repeatable)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--bf16", action="store_true", help=BF16_HELP)
     p.add_argument("--json", action="store_true", help="print one JSON object with the metrics")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")

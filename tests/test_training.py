@@ -129,6 +129,15 @@ def test_cli_evaluate_and_analyze_on_the_trained_tiny_model(trained_run, tmp_pat
     assert all({"transcript", "emotion", "emotion_probs"} <= set(line) for line in lines)
     assert [line["emotion"] for line in lines] == ["neutral", "happy", "sad"]
 
+    # batched by duration inside each window, printed in input order all the same
+    result = _cli("analyze", *map(str, clips[::-1]), "--model", str(model_dir), "--json", "--batch-size", "2")
+    assert result.returncode == 0, result.stderr[-2000:]
+    reordered = [json.loads(line) for line in result.stdout.strip().splitlines()]
+    assert [line["file"] for line in reordered] == [str(c) for c in clips[::-1]]
+    assert [line["emotion"] for line in reordered] == ["sad", "happy", "neutral"]
+    result = _cli("analyze", *map(str, clips), "--model", str(model_dir), "--batch-size", "0")
+    assert result.returncode == 2 and "--batch-size" in result.stderr and "must be a whole number >= 1" in result.stderr
+
     # the LLM in bf16: same answers on this learned set, probabilities within bf16 rounding
     result = _cli("analyze", *map(str, clips), "--model", str(model_dir), "--json", "--bf16")
     assert result.returncode == 0, result.stderr[-2000:]
@@ -136,6 +145,17 @@ def test_cli_evaluate_and_analyze_on_the_trained_tiny_model(trained_run, tmp_pat
     assert [h["emotion"] for h in halves] == ["neutral", "happy", "sad"]
     for half, full in zip(halves, lines):
         assert half["emotion_probs"] == pytest.approx(full["emotion_probs"], abs=0.05)
+
+
+def test_analyze_batches_files_of_similar_duration_within_input_order_windows():
+    from harmonifuse.cli import duration_batches
+
+    durations = [9.0, 1.0, 8.0, 2.0, 7.0, 3.0, 0.5]
+    plan = duration_batches(durations, batch_size=2, window_batches=2)
+    assert plan == [[[1, 3], [2, 0]], [[6, 5], [4]]]
+    # every file once; a later window never holds an earlier file
+    assert sorted(i for window in plan for batch in window for i in batch) == list(range(len(durations)))
+    assert duration_batches([], batch_size=8) == []
 
 
 def test_demo_evaluates_a_spread_out_subset_of_the_test_split(trained_run, tmp_path):
