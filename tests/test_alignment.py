@@ -235,6 +235,28 @@ def test_alignment_stage_leaves_the_lora_adapters_untouched(aligned_run):
     assert not torch.equal(after_align["projector.mlp.0.weight"], fresh["projector.mlp.0.weight"])
 
 
+def test_an_unfrozen_encoder_learns_in_the_alignment_stage_and_the_lora_adapters_do_not(tmp_path):
+    import yaml
+
+    from harmonifuse.model import HarmoniFuse
+    from harmonifuse.training.run import seed_everything
+
+    path = write_tiny_run_config(tmp_path, align={"max_steps": 4, "batch_size": 4, "eval_every": 1000},
+                                 train={"max_steps": 1, "save_every": 1000, "eval_every": 1000})
+    config = yaml.safe_load(path.read_text())
+    config["model"]["encoder"]["trainable"] = True
+    path.write_text(yaml.safe_dump(config))
+    train(load_run_config(path), progress=False)
+    seed_everything(0)
+    fresh = HarmoniFuse.build(load_run_config(str(path)).model).trained_state_dict()
+    after_align = load_file(str(tmp_path / "run" / "checkpoints" / "step_0000004" / "trained.safetensors"))
+    encoder = [name for name in fresh if name.startswith("encoder.")]
+    lora = [name for name in fresh if "lora_" in name]
+    assert encoder and lora and set(after_align) == set(fresh)
+    assert any(not torch.equal(after_align[n], fresh[n]) for n in encoder)
+    assert all(torch.equal(after_align[n], fresh[n]) for n in lora)
+
+
 def test_kill_during_alignment_then_resume_equals_uninterrupted_run(tmp_path):
     config_path = write_tiny_run_config(tmp_path, align={"max_steps": 30, "batch_size": 4, "eval_every": 1000},
                                         model={"projector": {"stack": 2, "hidden_size": 24, **CTC_SETTINGS}},

@@ -258,3 +258,18 @@ def test_auxiliary_ctc_adds_to_the_loss_of_asr_items_in_training_only():
         model.eval()
         assert float(model(batch).loss) == pytest.approx(float(model.llm(inputs)), rel=1e-5)
     assert model.llm.ctc_blank_id not in model.llm.tokenize("hello world")
+
+
+def test_a_trainable_ssl_encoder_returns_every_hidden_state_in_training_despite_layerdrop():
+    from harmonifuse.encoders.ssl import SSLSpeechEncoder
+    from tiny import tiny_wavlm_config
+
+    config = tiny_wavlm_config()
+    config.layerdrop = 1.0  # transformers would skip every layer after the first in training
+    torch.manual_seed(0)
+    encoder = SSLSpeechEncoder.from_config(config, trainable=True).train()
+    waveforms = torch.randn(2, 1600)
+    out = encoder(waveforms, torch.tensor([1600, 1200]))
+    assert out.hidden_states.shape[0] == config.num_hidden_layers + 1
+    out.hidden_states[-1].sum().backward()
+    assert encoder.model.encoder.layers[-1].feed_forward.output_dense.weight.grad is not None

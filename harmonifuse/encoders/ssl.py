@@ -19,6 +19,9 @@ class SSLSpeechEncoder(SpeechEncoder):
         super().__init__(trainable=trainable)
         self.model = model
         config = model.config
+        # LayerDrop skips layers in training, and a skipped layer returns no hidden state: the layer
+        # fusion needs all L+1 of them at every step
+        config.layerdrop = 0.0
         self.num_layers = config.num_hidden_layers
         self.hidden_size = config.hidden_size
         stride = 1

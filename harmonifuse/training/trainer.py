@@ -178,8 +178,9 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(oc, tc.max_steps))
         ac = config.align
         self.align_optimizer = self.align_scheduler = None
-        if ac.max_steps:  # fusion, gate, projector and the CTC scale only: the LLM takes no part
-            groups = [{**g, "lr": ac.lr} for g in parameter_groups(model, oc) if g["name"] == "harmonifuse"]
+        if ac.max_steps:  # fusion, gate, projector, the CTC scale and an unfrozen encoder: the LLM takes no part
+            groups = [{**g, "lr": ac.lr} if g["name"] == "harmonifuse" else g
+                      for g in parameter_groups(model, oc) if g["name"] != "lora"]
             self.align_optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.98))
             self.align_scheduler = torch.optim.lr_scheduler.LambdaLR(
                 self.align_optimizer, lr_lambda(dataclasses.replace(oc, warmup_steps=ac.warmup_steps), ac.max_steps))
