@@ -218,3 +218,28 @@ def test_sizes_and_errors(tmp_path, monkeypatch):
     monkeypatch.setattr(synthetic.shutil, "which", lambda name: None)
     with pytest.raises(RuntimeError, match="apt-get install flite espeak-ng wordnet-base"):
         synthetic.prepare(tmp_path / "z", size="tiny")
+
+
+def test_revoice_rereads_the_same_sentences_and_prosody_with_other_voices(tiny, tmp_path):
+    swap = {"flite-rms": "flite-slt", "espeak-en-us+m7": "espeak-en-us+m1",
+            "espeak-en-gb-x-rp+f5": "espeak-en-gb-x-rp+f3"}
+    path = synthetic.revoice(tiny, tmp_path / "seen", swap, task="asr", split="test", progress=False)
+    original, copy = read_manifest(tiny / "asr_test.jsonl"), read_manifest(path)
+    assert [(u.id, u.text) for u in copy] == [(u.id, u.text) for u in original]
+    assert [u.speaker for u in copy] == [swap[u.speaker] for u in original]
+    for u, v in zip(original, copy):
+        assert not np.array_equal(sf.read(u.audio)[0][:1000], sf.read(v.audio)[0][:1000])
+    # a training voice reads it exactly as the corpus renders that voice: same plan item, new voice
+    plan = {json.loads(x)["id"]: json.loads(x) for x in (tiny / "synthesis.jsonl").read_text().splitlines()}
+    again = tmp_path / "again"
+    synthetic._render(({**plan[copy[0].id], "speaker": copy[0].speaker}, str(again)))
+    assert np.array_equal(sf.read(copy[0].audio)[0], sf.read(again / plan[copy[0].id]["audio"])[0])
+
+    with pytest.raises(ValueError, match="have no replacement"):
+        synthetic.revoice(tiny, tmp_path / "x", {"flite-rms": "flite-slt"}, progress=False)
+    with pytest.raises(ValueError, match="unknown voice"):
+        synthetic.revoice(tiny, tmp_path / "x", {**swap, "flite-rms": "flite-nobody"}, progress=False)
+    with pytest.raises(ValueError, match="other than the corpus"):
+        synthetic.revoice(tiny, tiny, swap, progress=False)
+    with pytest.raises(FileNotFoundError, match="synthesis.jsonl"):
+        synthetic.revoice(tmp_path / "nowhere", tmp_path / "x", swap, progress=False)

@@ -70,6 +70,7 @@ __all__ = [
     "apply_channel",
     "check_tools",
     "prepare",
+    "revoice",
     "synthesise",
 ]
 
@@ -610,3 +611,48 @@ def prepare(out: Path, *, seed: int = 0, size: str | dict = "default", src: Path
                 for it in sel])
             manifests[f"{task}_{split}"] = path
     return manifests
+
+
+def revoice(corpus: Path, out: Path, voices: dict[str, str], *, task: str = "asr", split: str = "test",
+            limit: int | None = None, progress: bool = True) -> Path:
+    """Re-read a split of a built corpus with other voices: the same sentences, prosody and channel.
+
+    Separates what a model does not generalise to: scored on ``corpus``'s split and on this copy,
+    the difference is the voices' alone (for example the test voices against training voices).
+
+    Args:
+        corpus: a folder written by :func:`prepare` (its ``synthesis.jsonl`` holds the plan).
+        out: output folder for ``{task}_{split}.jsonl`` and its audio.
+        voices: voice name -> voice name (:data:`VOICES` names, e.g. ``{"flite-rms": "flite-slt"}``);
+            every voice of the split must be mapped.
+        limit: only the first ``limit`` utterances of the split, in manifest order.
+
+    Returns:
+        the manifest path.
+    """
+    corpus, out = Path(corpus), Path(out)
+    if out.resolve() == corpus.resolve():
+        raise ValueError(f"revoice writes a copy: give an output folder other than the corpus {corpus}")
+    plan_file = corpus / "synthesis.jsonl"
+    if not plan_file.is_file():
+        raise FileNotFoundError(f"{plan_file} is missing: revoice needs a corpus written by "
+                                f"`harmonifuse prepare synthetic`")
+    unknown = sorted(set(voices.values()) - set(_VOICE_BY_NAME))
+    if unknown:
+        raise ValueError(f"unknown voice(s) {unknown}; choose from {sorted(_VOICE_BY_NAME)}")
+    items = [json.loads(line) for line in plan_file.read_text().splitlines() if line.strip()]
+    items = [it for it in items if it["task"] == task and it["split"] == split][:limit]
+    if not items:
+        raise ValueError(f"{plan_file} has no {task} utterances in split {split!r}")
+    unmapped = sorted({it["speaker"] for it in items} - set(voices))
+    if unmapped:
+        raise ValueError(f"voices {unmapped} of {task}_{split} have no replacement in `voices`")
+    items = [{**it, "speaker": voices[it["speaker"]]} for it in items]
+    frames = dict(_render((it, str(out))) for it in tqdm(items, desc="revoice", unit="utt", disable=not progress))
+    path = out / f"{task}_{split}.jsonl"
+    write_manifest(path, [
+        Utterance(id=it["id"], audio=os.path.abspath(out / it["audio"]),
+                  duration=round(frames[it["id"]] / SAMPLE_RATE, 6), corpus=CORPUS, speaker=it["speaker"],
+                  text=it["text"] if task == "asr" else None, emotion=it.get("emotion") if task == "ser" else None)
+        for it in items])
+    return path
