@@ -3,7 +3,10 @@
 Each variant runs in its own process (so its peak memory is its own) on the same 8-utterance ASR
 batches of the built-in corpus, with the model of configs/demo.yaml and a real AdamW step:
 
-- cached:       float16 hidden states memory-mapped from the feature cache (what `train` does);
+- cached:       float16 hidden states memory-mapped from the feature cache (what `train` does
+                with a frozen encoder, `model.encoder.trainable=false`);
+- finetune:     audio loaded and Whisper run at the real length every step, its weights trained
+                too (what `train configs/demo.yaml` does since run S);
 - naive-trim:   audio loaded and Whisper run padded to 30 s every step, output cut to the real length;
 - naive-30s:    the same, and all 1,500 frames of the 30 s window go on to the projector and LLM
                 (the usual naive pipeline: Whisper's fixed window end to end);
@@ -13,7 +16,8 @@ batches of the built-in corpus, with the model of configs/demo.yaml and a real A
                 position instead of only where an answer token is predicted (the speed-ups
                 `train` uses, measured one at a time);
 - align-bf16 / align-fp32: a step of the alignment stage (CTC alone, no LLM pass) on
-                `align.batch_size` (16) cached utterances, compared per utterance with the cached step.
+                `align.batch_size` (16) cached utterances, compared per utterance with the cached step;
+                align-finetune-bf16: the same with the encoder run and trained.
 
 It prints the median step time of each, the ratios (goal: cached >= 10x faster than naive), bf16
 vs float32, the cached step's distance from the FLOP limit (4 x parameters on the trainable
@@ -45,7 +49,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 class Variant(NamedTuple):
-    features: str  # cached | naive-trim | naive-30s
+    features: str  # cached | naive-trim | naive-30s | finetune
     precision: str  # bf16 (autocast) | fp32
     overrides: list[str] = []
     store_bf16: bool = False  # frozen weights stored in bf16, as the trainer does under bf16 autocast
@@ -54,7 +58,7 @@ class Variant(NamedTuple):
 
 
 VARIANTS = {
-    "cached-bf16": Variant("cached", "bf16", store_bf16=True),  # what `train configs/demo.yaml` does on AMX
+    "cached-bf16": Variant("cached", "bf16", store_bf16=True),  # `train` with a frozen encoder, bf16 units
     "cached-bf16-sdpa": Variant("cached", "bf16", ["model.llm.attention=sdpa"], store_bf16=True),
     "cached-bf16-castpercall": Variant("cached", "bf16"),
     "cached-bf16-fulllogits": Variant("cached", "bf16", store_bf16=True, full_logits=True),
@@ -66,6 +70,9 @@ VARIANTS = {
     "naive-30s-fp32": Variant("naive-30s", "fp32"),
     "align-bf16": Variant("cached", "bf16", store_bf16=True, align=True),
     "align-fp32": Variant("cached", "fp32", align=True),
+    "finetune-bf16": Variant("finetune", "bf16", store_bf16=True),  # `train configs/demo.yaml`, bf16 units
+    "finetune-fp32": Variant("finetune", "fp32"),
+    "align-finetune-bf16": Variant("finetune", "bf16", store_bf16=True, align=True),
 }
 DEFAULT_VARIANTS = ("cached-bf16", "cached-bf16-sdpa", "cached-bf16-castpercall", "cached-bf16-fulllogits",
                     "cached-fp32", "naive-trim-bf16", "naive-30s-bf16", "align-bf16")
@@ -104,7 +111,9 @@ def worker(variant: str, steps: int, batch_size: int) -> dict:
     from harmonifuse.training.trainer import parameter_groups
 
     features, precision, overrides, store_bf16, full_logits, align = VARIANTS[variant]
-    overrides = overrides + (["model.encoder.pad_to_30s=true"] if features != "cached" else [])
+    overrides = overrides + {"cached": ["model.encoder.trainable=false"],
+                             "finetune": ["model.encoder.trainable=true"]}.get(
+        features, ["model.encoder.trainable=false", "model.encoder.pad_to_30s=true"])
     config = load_run_config(str(REPO / "configs" / "demo.yaml"), overrides)
     if align:
         batch_size = config.align.batch_size
@@ -199,6 +208,9 @@ def main() -> None:
               f"{base['matmul_tflops']:.3f} TFLOP/s ({precision} 2048^2 matmul) = {limit:.3f} s; measured "
               f"{base['step_s']:.3f} s = {base['step_s'] / limit:.1f}x the limit "
               f"({100 * limit / base['step_s']:.0f} % utilisation)")
+    if "align-bf16" in results and "align-finetune-bf16" in results:
+        print(f"align-finetune-bf16 / align-bf16: "
+              f"{results['align-finetune-bf16']['step_s'] / results['align-bf16']['step_s']:.2f}x")
     if "cached-bf16" in results and "cached-fp32" in results:
         print(f"cached-fp32 / cached-bf16: {results['cached-fp32']['step_s'] / results['cached-bf16']['step_s']:.2f}x")
 

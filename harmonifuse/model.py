@@ -259,7 +259,7 @@ class HarmoniFuse(nn.Module):
     def alignment_loss(self, batch: Any) -> ModelOutput:
         """The embedding-CTC alone on a batch of ``projector.ctc_tasks``: the alignment stage, no LLM pass.
 
-        Trains fusion, gate and projector (and a learned CTC scale) to put each answer token's
+        Trains fusion, gate and projector (a learned CTC scale, a trainable encoder) to put each answer token's
         embedding where the speech carries it, before the LLM has to learn to read them.
         """
         others = sorted(set(batch.tasks) - set(self.config.projector.ctc_tasks))

@@ -67,7 +67,8 @@ class OptimConfig:
 class AlignConfig:
     """The alignment stage, run before the main training.
 
-    Fusion, gate and projector (and a learned CTC scale) learn the embedding-CTC alone on batches
+    Fusion, gate and projector (and a learned CTC scale, and the encoder if it is trainable, at
+    ``optim.encoder_lr``) learn the embedding-CTC alone on batches
     of ``model.projector.ctc_tasks`` (ASR; with SER, its label words): no LLM pass, so a step costs
     a fraction of a full one, and the LLM afterwards reads speech positions that already sit near
     the embeddings of the tokens they carry.
