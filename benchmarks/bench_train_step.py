@@ -57,6 +57,12 @@ class Variant(NamedTuple):
     align: bool = False  # a step of the alignment stage (CTC alone) on align.batch_size utterances
 
 
+FEATURE_OVERRIDES = {  # how each feature path sets up the encoder of configs/demo.yaml
+    "cached": ["model.encoder.trainable=false"],
+    "finetune": ["model.encoder.trainable=true"],
+    "naive-trim": ["model.encoder.trainable=false", "model.encoder.pad_to_30s=true"],
+    "naive-30s": ["model.encoder.trainable=false", "model.encoder.pad_to_30s=true"],
+}
 VARIANTS = {
     "cached-bf16": Variant("cached", "bf16", store_bf16=True),  # `train` with a frozen encoder, bf16 units
     "cached-bf16-sdpa": Variant("cached", "bf16", ["model.llm.attention=sdpa"], store_bf16=True),
@@ -111,9 +117,7 @@ def worker(variant: str, steps: int, batch_size: int) -> dict:
     from harmonifuse.training.trainer import parameter_groups
 
     features, precision, overrides, store_bf16, full_logits, align = VARIANTS[variant]
-    overrides = overrides + {"cached": ["model.encoder.trainable=false"],
-                             "finetune": ["model.encoder.trainable=true"]}.get(
-        features, ["model.encoder.trainable=false", "model.encoder.pad_to_30s=true"])
+    overrides = overrides + FEATURE_OVERRIDES[features]
     config = load_run_config(str(REPO / "configs" / "demo.yaml"), overrides)
     if align:
         batch_size = config.align.batch_size

@@ -71,7 +71,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: --tasks has unknown task(s) {sorted(unknown)}; choose from {model.task_names}")
     failures = 0
     bar = tqdm(total=len(paths), unit="file", disable=len(paths) < 4 or args.quiet, file=sys.stderr)
-    for window in duration_batches([audio_duration(p) for p in paths], args.batch_size):
+    for window in duration_batches([header_duration(p) for p in paths], args.batch_size):
         results: dict[int, dict] = {}
         for batch in window:
             for index, result in zip(batch, _analyze_batch(model, [paths[i] for i in batch], tasks)):
@@ -84,13 +84,14 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
-def audio_duration(path: Path) -> float:
-    """Seconds from the file's header (0 when unreadable: decoding reports the error later)."""
-    import soundfile
+def header_duration(path: Path) -> float:
+    """Seconds from the file's header (0 when unusable: decoding reports the error later)."""
+    from .audio import AudioError
+    from .data.importers._common import audio_duration
 
     try:
-        return soundfile.info(str(path)).duration
-    except (RuntimeError, OSError):  # soundfile's errors derive from RuntimeError
+        return audio_duration(path)
+    except AudioError:
         return 0.0
 
 

@@ -602,13 +602,7 @@ def prepare(out: Path, *, seed: int = 0, size: str | dict = "default", src: Path
             if not sel:
                 continue
             path = out / f"{task}_{split}.jsonl"
-            write_manifest(path, [
-                Utterance(id=it["id"], audio=os.path.abspath(out / it["audio"]),
-                          duration=round(frames[it["id"]] / SAMPLE_RATE, 6), corpus=CORPUS,
-                          speaker=it["speaker"],
-                          text=it["text"] if task == "asr" else None,
-                          emotion=it["emotion"] if task == "ser" else None)
-                for it in sel])
+            write_manifest(path, _manifest_rows(sel, out, frames))
             manifests[f"{task}_{split}"] = path
     return manifests
 
@@ -650,9 +644,14 @@ def revoice(corpus: Path, out: Path, voices: dict[str, str], *, task: str = "asr
     items = [{**it, "speaker": voices[it["speaker"]]} for it in items]
     frames = dict(_render((it, str(out))) for it in tqdm(items, desc="revoice", unit="utt", disable=not progress))
     path = out / f"{task}_{split}.jsonl"
-    write_manifest(path, [
-        Utterance(id=it["id"], audio=os.path.abspath(out / it["audio"]),
-                  duration=round(frames[it["id"]] / SAMPLE_RATE, 6), corpus=CORPUS, speaker=it["speaker"],
-                  text=it["text"] if task == "asr" else None, emotion=it.get("emotion") if task == "ser" else None)
-        for it in items])
+    write_manifest(path, _manifest_rows(items, out, frames))
     return path
+
+
+def _manifest_rows(items: list[dict[str, Any]], out: Path, frames: dict[str, int]) -> list[Utterance]:
+    """Plan items rendered into ``out`` -> manifest lines (``frames``: samples per utterance id)."""
+    return [Utterance(id=it["id"], audio=os.path.abspath(out / it["audio"]),
+                      duration=round(frames[it["id"]] / SAMPLE_RATE, 6), corpus=CORPUS, speaker=it["speaker"],
+                      text=it["text"] if it["task"] == "asr" else None,
+                      emotion=it["emotion"] if it["task"] == "ser" else None)
+            for it in items]
