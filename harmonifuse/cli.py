@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from .config import ConfigError
+from .training.config import SYNTHETIC_SIZES, SYNTHETIC_VOICE_SETS
 
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif"}
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -149,6 +150,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         options = {"seed": args.seed}
         if args.size:
             options["size"] = args.size
+        if args.voices:
+            options["voices"] = args.voices
         written = IMPORTERS["synthetic"](out, **options)
     else:
         if args.out is None:
@@ -263,7 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="corpus folder (for synthetic: the output folder)")
     p.add_argument("out", nargs="?", help="output folder for the manifests")
     p.add_argument("--seed", type=int, default=0, help="synthetic only")
-    p.add_argument("--size", help="synthetic only: tiny | small | default | large")
+    p.add_argument("--size", choices=SYNTHETIC_SIZES, help="synthetic only (default: default)")
+    p.add_argument("--voices", choices=SYNTHETIC_VOICE_SETS,
+                   help="synthetic only: the training voices, 11 or 40 (default: standard)")
 
     p = sub.add_parser("train", help="train a model from a YAML config")
     p.add_argument("config", help="YAML run config, e.g. configs/demo.yaml")

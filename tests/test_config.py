@@ -42,6 +42,8 @@ def test_the_shipped_model_is_the_model_the_shipped_recipe_builds():
     ("train.max_step=3", "train.max_step", "is unknown"),
     ("model.encoder.trainable=maybe", "model.encoder.trainable", "expected true or false"),
     ("data.fraction.asr=1.5", "data.fraction.asr", "must be in (0, 1]"),
+    ("data.synthetic_voices=many", "data.synthetic_voices", "must be one of standard, wide"),
+    ("data.synthetic_size=huge", "data.synthetic_size", "must be one of tiny, small, default, large"),
     ("model.tasks.emotion_labels=[sad]", "model.tasks.emotion_labels", "at least two"),
     ("model.tasks.train_prompts={asr: [Say it.], sr: [Feel it.]}", "model.tasks.train_prompts", "['sr']"),
     ("model.tasks.train_prompts={asr: ['  ']}", "model.tasks.train_prompts", "empty phrasing"),

@@ -150,7 +150,8 @@ def test_shipped_experiments_resolve_every_arm(name):
     assert all(c.model.projector.match_embedding_norm == (name == "aligned") for c in configs.values())
     assert all(c.model.augment.time_masks == (2 if name == "aligned" else 0) for c in configs.values())
     # the default-size corpus and ASR-only CTC, as when their runs were measured
-    assert all(c.data.root == "data/synthetic" and c.data.synthetic_size == "default" for c in configs.values())
+    assert all(c.data.root == "data/synthetic" and c.data.synthetic_size == "default"
+               and c.data.synthetic_voices == "standard" for c in configs.values())
     assert all(c.model.projector.ctc_tasks == ["asr"] for c in configs.values())
     assert all(c.optim.lora_lr == 5.0e-4 for c in configs.values())
     if name == "main":

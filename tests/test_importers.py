@@ -43,6 +43,19 @@ def test_cli_prepare_synthetic_tiny(tmp_path, capsys):
     assert "asr_train" in printed and (tmp_path / "corpus" / "ser_test.jsonl").is_file()
 
 
+def test_cli_prepare_synthetic_offers_exactly_the_corpus_options(tmp_path, capsys):
+    from harmonifuse.cli import main
+    from harmonifuse.training.config import SYNTHETIC_SIZES, SYNTHETIC_VOICE_SETS
+    from harmonifuse.data import synthetic
+
+    assert set(SYNTHETIC_SIZES) == set(synthetic.SIZES)
+    assert set(SYNTHETIC_VOICE_SETS) == set(synthetic.VOICE_SETS)
+    with pytest.raises(SystemExit):
+        main(["prepare", "synthetic", str(tmp_path / "x"), "--voices", "many"])
+    assert "argument --voices: invalid choice: 'many'" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
 # --- LibriSpeech ----------------------------------------------------------------------------
 
 def make_librispeech_split(split: Path, entries: dict[tuple[str, str], dict[str, str]]) -> None:

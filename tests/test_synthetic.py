@@ -108,6 +108,60 @@ def test_large_size_keeps_the_default_dev_and_test_utterances():
     assert not {t.lower() for t in asr_texts} & {it["text"].lower() for it in held_out(large)}
 
 
+def test_wide_voice_set_adds_training_voices_and_keeps_dev_and_test():
+    sentences = load_sentences()
+    standard = synthetic._plan(0, synthetic.SIZES["large"], sentences)
+    wide = synthetic._plan(0, synthetic.SIZES["large"], sentences, synthetic.VOICE_SETS["wide"])
+
+    def held_out(plan):
+        return [it for it in plan if it["split"] != "train"]
+
+    assert held_out(wide) == held_out(standard)  # the same dev and test utterances
+    train = {name: [it for it in plan if it["split"] == "train"] for name, plan in
+             (("standard", standard), ("wide", wide))}
+    assert [(it["id"], it["text"]) for it in train["wide"]] == [(it["id"], it["text"]) for it in train["standard"]]
+    voices = synthetic.VOICE_SETS["wide"]["train"]
+    assert len({v.name for v in voices}) == len(voices) == 40
+    assert {it["speaker"] for it in train["wide"]} == {v.name for v in voices}  # every voice reads
+    held_out_voices = {v.name for split in ("dev", "test") for v in synthetic.VOICES[split]}
+    assert not held_out_voices & {v.name for v in voices}
+    # no training voice uses a held-out espeak-ng variant (the part that sets the timbre)
+    held_out_variants = {v.voice.split("+")[1] for split in ("dev", "test")
+                         for v in synthetic.VOICES[split] if v.engine == "espeak"}
+    assert not held_out_variants & {v.voice.split("+")[1] for v in voices if v.engine == "espeak"}
+
+
+def _band_energy_ratio(x: np.ndarray, sr: int = 16000) -> float:
+    """Energy above 1.5 kHz over energy below it (long-term spectrum): rises with the formants."""
+    spectrum = np.abs(np.fft.rfft(x)) ** 2
+    freqs = np.fft.rfftfreq(x.size, 1 / sr)
+    return float(spectrum[freqs > 1500].sum() / spectrum[(freqs > 80) & (freqs <= 1500)].sum())
+
+
+def test_a_vocal_tract_scaled_flite_voice_keeps_pitch_and_duration_and_moves_the_formants():
+    spoken = "The horses walked slowly across the wide green meadow."
+    slt = synthetic.VOICES["train"][0]
+    base = synthetic.synthesise(spoken, slt)
+    shorter, longer = (synthetic.synthesise(spoken, synthetic._flite_shifted(slt, f)) for f in (1.12, 0.88))
+    for x in (shorter, longer):
+        assert abs(len(x) / len(base) - 1) < 0.03  # duration compensated
+        assert abs(_f0_median(x) / _f0_median(base) - 1) < 0.06  # F0 compensated
+    assert _band_energy_ratio(longer) < _band_energy_ratio(base) < _band_energy_ratio(shorter)
+    lower = synthetic.synthesise(spoken, synthetic._flite_shifted(slt, 0.84, f0_scale=0.65))
+    assert 0.58 < _f0_median(lower) / _f0_median(base) < 0.72
+
+
+def test_the_voice_set_is_checked_and_recorded(tmp_path):
+    with pytest.raises(ValueError, match="unknown voice set 'many'.*standard.*wide"):
+        synthetic.prepare(tmp_path / "x", size="tiny", voices="many")
+    assert not (tmp_path / "x").exists()
+    counts = {"asr_train": 3}
+    synthetic.prepare(tmp_path / "y", size=counts, voices="wide", workers=1, progress=False)
+    assert json.loads((tmp_path / "y" / ".synthetic-plan.json").read_text())["voices"] == "wide"
+    with pytest.raises(ValueError, match="other settings"):
+        synthetic.prepare(tmp_path / "y", size=counts, progress=False)  # standard into a wide corpus
+
+
 def test_durations_match_audio(tiny):
     for utts in _load(tiny).values():
         for u in utts:

@@ -237,3 +237,27 @@ def test_attention_kernel_comes_from_the_config(tmp_path):
     assert HarmoniFuse.build(config.model).llm.model.config._attn_implementation == "eager"
     config = load_run_config(str(write_tiny_run_config(tmp_path)))
     assert HarmoniFuse.build(config.model).llm.model.config._attn_implementation == "sdpa"
+
+
+def test_a_missing_built_in_corpus_is_built_with_the_configured_size_and_voices(tmp_path, monkeypatch):
+    from harmonifuse.data import synthetic
+    from harmonifuse.training.config import DataConfig
+    from harmonifuse.training.data import ensure_corpus
+
+    calls = []
+
+    def fake_prepare(out, **options):
+        calls.append((Path(out), options))
+        for name in ("asr_train.jsonl", "ser_train.jsonl"):
+            (Path(out) / name).parent.mkdir(parents=True, exist_ok=True)
+            (Path(out) / name).write_text("")
+
+    monkeypatch.setattr(synthetic, "prepare", fake_prepare)
+    config = DataConfig(root=str(tmp_path / "wide"), synthetic_size="large", synthetic_voices="wide")
+    assert ensure_corpus(config, progress=False) == tmp_path / "wide"
+    assert calls == [(tmp_path / "wide", {"size": "large", "voices": "wide", "progress": False})]
+    assert ensure_corpus(config, progress=False) == tmp_path / "wide" and len(calls) == 1  # present: kept
+
+    missing = DataConfig(root=str(tmp_path / "none"), build_synthetic=False)
+    with pytest.raises(FileNotFoundError, match=r"asr_train.jsonl.*harmonifuse prepare"):
+        ensure_corpus(missing, progress=False)

@@ -15,7 +15,9 @@ SER corpora, speaker-independent splits) but small and generated locally in minu
 
 Voices are flite (slt, awb, rms, kal16, kal) and espeak-ng voice variants; train, dev and test use
 disjoint voices (kal and kal16, one speaker at two sample rates, are both in train; the espeak
-variants -- the part that sets the voice timbre -- are disjoint across splits too).
+variants -- the part that sets the voice timbre -- are disjoint across splits too). The "wide"
+voice set (``prepare(voices="wide")``) reads the same training sentences with 40 voices instead of
+11 (vocal-tract-scaled flite copies, more espeak-ng variants); dev and test stay the same.
 
 Output layout (``OUT``)::
 
@@ -65,6 +67,7 @@ __all__ = [
     "SAMPLE_RATE",
     "SIZES",
     "VOICES",
+    "VOICE_SETS",
     "ProsodyRule",
     "Voice",
     "apply_channel",
@@ -115,10 +118,19 @@ class Voice:
     voice: str
     f0_mean: float | None = None
     f0_std: float | None = None
+    vocal_tract: float = 1.0
+    """flite only: formant scale, by resampling, with pitch and duration compensated (0.9 = a
+    longer vocal tract, lower formants): a new timbre from the same recorded voice."""
 
 
 def _espeak(language: str, variant: str) -> Voice:
     return Voice(f"espeak-{language}+{variant}", "espeak", f"{language}+{variant}")
+
+
+def _flite_shifted(base: Voice, vocal_tract: float, f0_scale: float = 1.0) -> Voice:
+    suffix = f"-vt{vocal_tract:.2f}" + (f"-f0x{f0_scale:.2f}" if f0_scale != 1.0 else "")
+    return Voice(base.name + suffix, base.engine, base.voice, base.f0_mean * f0_scale,
+                 base.f0_std * f0_scale, vocal_tract)
 
 
 VOICES: dict[str, tuple[Voice, ...]] = {
@@ -138,6 +150,30 @@ VOICES: dict[str, tuple[Voice, ...]] = {
         Voice("flite-rms", "flite", "rms"),
         _espeak("en-us", "m7"), _espeak("en-gb-x-rp", "f5"),
     ),
+}
+# The "wide" voice set: the same dev and test voices, 40 training voices instead of 11. Fine-tuned,
+# the encoder fit the 11 standard training voices and lost 0.08 WER to unseen ones (the voice-swap
+# probe in docs/recipes.md). The flite speakers get vocal-tract-scaled copies (the test voice rms
+# is heard with resampling-shifted formants), two of them at another pitch (a lower slt, a higher
+# kal16). Extra espeak-ng variants are spread over the English accents; left out: m8 (m7's formant
+# table at other scales, and m7 is a test voice) and the variants Whisper tiny.en transcribed
+# worst (david, ed, linda, travis, f1 in en-029: WER 0.80-1.33 on six sentences).
+_SLT, _KAL16, _KAL = VOICES["train"][:3]
+_WIDE_EXTRA_TRAIN: tuple[Voice, ...] = (
+    *(_flite_shifted(v, f) for v in (_SLT, _KAL16, _KAL) for f in (0.88, 1.12)),
+    _flite_shifted(_SLT, 0.84, f0_scale=0.65), _flite_shifted(_KAL16, 1.15, f0_scale=1.6),
+    *(_espeak(lang, variant) for lang, variant in (
+        ("en-us", "adam"), ("en", "Alex"), ("en-gb-x-gbclan", "aunty"), ("en-us", "benjamin"),
+        ("en-gb-x-rp", "edward"), ("en-gb-x-gbcwmd", "max"), ("en-us", "paul"), ("en", "robert"),
+        ("en-gb-x-rp", "steph"), ("en-gb-x-gbclan", "quincy"), ("en-us", "Annie"),
+        ("en", "Michael"), ("en-gb-scotland", "Mike"), ("en-us-nyc", "Gene"),
+        ("en-gb-x-gbcwmd", "m3"), ("en-gb-x-rp", "m1"), ("en-us", "m2"), ("en-gb-x-gbclan", "f2"),
+        ("en-us", "f3"), ("en", "m4"), ("en-gb-scotland", "m5"),
+    )),
+)
+VOICE_SETS: dict[str, dict[str, tuple[Voice, ...]]] = {
+    "standard": VOICES,
+    "wide": {**VOICES, "train": VOICES["train"] + _WIDE_EXTRA_TRAIN},
 }
 _FLITE_VOICES = sorted({v.voice for vs in VOICES.values() for v in vs if v.engine == "flite"})
 
@@ -241,13 +277,15 @@ def synthesise(spoken: str, voice: Voice, *, pitch: float = 1.0, range: float = 
         resample_from = None
         if voice.engine == "flite":
             cmd = ["flite", "-voice", voice.voice]
+            tract = voice.vocal_tract
             if voice.f0_mean is None:  # rms: shift pitch by resampling, pre-compensate duration
-                cmd += ["--setf", f"duration_stretch={tempo * pitch:.4f}"]
-                resample_from = pitch
-            else:
-                cmd += ["--setf", f"duration_stretch={tempo:.4f}",
-                        "--setf", f"int_f0_target_mean={voice.f0_mean * pitch:.3f}",
-                        "--setf", f"int_f0_target_stddev={voice.f0_std * range:.3f}"]
+                cmd += ["--setf", f"duration_stretch={tempo * pitch * tract:.4f}"]
+                resample_from = pitch * tract
+            else:  # resampling by the vocal-tract scale moves F0 and duration too: pre-compensate
+                cmd += ["--setf", f"duration_stretch={tempo * tract:.4f}",
+                        "--setf", f"int_f0_target_mean={voice.f0_mean * pitch / tract:.3f}",
+                        "--setf", f"int_f0_target_stddev={voice.f0_std * range / tract:.3f}"]
+                resample_from = tract if tract != 1.0 else None
             cmd += ["-t", spoken, "-o", wav]
         elif voice.engine == "espeak":
             ssml = (f'<speak><prosody pitch="{round((pitch - 1) * 100):+d}%" '
@@ -302,7 +340,7 @@ def apply_channel(audio: np.ndarray, *, gain_db: float, tilt: float, snr_db: flo
     return x
 
 
-_VOICE_BY_NAME = {v.name: v for vs in VOICES.values() for v in vs}
+_VOICE_BY_NAME = {v.name: v for voices in VOICE_SETS.values() for vs in voices.values() for v in vs}
 
 
 def _render(job: tuple[dict[str, Any], str]) -> tuple[str, int]:
@@ -370,13 +408,14 @@ def _draw(rule: ProsodyRule, rng: np.random.Generator) -> dict[str, float]:
             "noise_seed": int(rng.integers(2**31))}
 
 
-def _plan(seed: int, counts: dict[str, int], sentences: list[Sentence]) -> list[dict[str, Any]]:
+def _plan(seed: int, counts: dict[str, int], sentences: list[Sentence],
+          voice_set: dict[str, tuple[Voice, ...]] = VOICES) -> list[dict[str, Any]]:
     """Every utterance's sentence, voice, emotion and prosody values, in id order."""
     pools = _split_pools(sentences, seed)
     items: list[dict[str, Any]] = []
     for s_index, split in enumerate(SPLITS):
         pool = pools[split]
-        voices = VOICES[split]
+        voices = voice_set[split]
         used = 0  # ASR takes the pool's first sentences, SER continues after them
         for t_index, task in enumerate(TASKS):
             n = counts[f"{task}_{split}"]
@@ -496,7 +535,9 @@ Made by `harmonifuse prepare synthetic` (`harmonifuse.data.synthetic.prepare`) w
 
 Train, dev and test use disjoint voices (test voices are never heard in training; flite `kal`
 and `kal16` are one speaker and are both in train; the espeak-ng variants that set the voice
-timbre are disjoint across splits). The sentence pool is split 80/10/10 before drawing, so dev
+timbre are disjoint across splits). A voice named `flite-<voice>-vt<s>` (the "wide" training
+voice set) is that flite voice with its formants scaled by s through resampling, pitch and
+duration compensated; `-f0x<k>` also scales its pitch by k. The sentence pool is split 80/10/10 before drawing, so dev
 and test sentences never occur in training (in either task). Within a split, ASR utterances take
 distinct sentences while the pool lasts, and SER utterances continue with sentences ASR did not
 use; SER sentences are assigned independently of the emotion (no lexical cue).
@@ -539,8 +580,8 @@ espeak-ng (see their own copyright files, e.g. `/usr/share/doc/flite/copyright`)
 """
 
 
-def prepare(out: Path, *, seed: int = 0, size: str | dict = "default", src: Path | None = None,
-            workers: int = 2, progress: bool = True) -> dict[str, Path]:
+def prepare(out: Path, *, seed: int = 0, size: str | dict = "default", voices: str = "standard",
+            src: Path | None = None, workers: int = 2, progress: bool = True) -> dict[str, Path]:
     """Synthesise the built-in corpus into ``out``; return the manifests by name.
 
     Args:
@@ -550,6 +591,9 @@ def prepare(out: Path, *, seed: int = 0, size: str | dict = "default", src: Path
         size: "tiny" (40 utterances, seconds), "small", "default" (~5,000 utterances, minutes),
             "large" (default's dev and test, 4x/3x its ASR/SER training sets; ~15,000) or
             a dict of counts with keys ``{asr,ser}_{train,dev,test}`` (missing keys count 0).
+        voices: "standard" (11 training voices) or "wide" (40: the standard ones, vocal-tract
+            scaled flite copies and more espeak-ng variants; see :data:`VOICE_SETS`). Dev and test
+            voices, and so the dev and test utterances, are the same in both.
         src: unused (the corpus needs no source data); accepted for the common ``prepare`` API.
         workers: processes rendering audio in parallel (<= 1: in this process). Results do not
             depend on it.
@@ -564,12 +608,16 @@ def prepare(out: Path, *, seed: int = 0, size: str | dict = "default", src: Path
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
     counts = _sizes(size)
+    if voices not in VOICE_SETS:
+        raise ValueError(f"unknown voice set {voices!r}; choose one of {sorted(VOICE_SETS)}")
     tools = check_tools()
     sentences = load_sentences()
-    items = _plan(seed, counts, sentences)
+    items = _plan(seed, counts, sentences, VOICE_SETS[voices])
     plan_hash = hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()
     settings = {"format": FORMAT_VERSION, "seed": seed, "counts": counts, "tools": tools,
                 "plan_sha256": plan_hash}
+    if voices != "standard":  # absent for "standard", so corpora built before voice sets resume
+        settings["voices"] = voices
     out.mkdir(parents=True, exist_ok=True)
     _fingerprint(out, settings)
 

@@ -7,6 +7,13 @@ from typing import Any, Literal
 from ..config import ModelConfig, _check
 
 
+# The built-in corpus's sizes and voice sets, named here without importing the synthesiser (so
+# that config checks and `harmonifuse --help` stay light); a test keeps them equal to
+# harmonifuse.data.synthetic.SIZES and VOICE_SETS.
+SYNTHETIC_SIZES = ("tiny", "small", "default", "large")
+SYNTHETIC_VOICE_SETS = ("standard", "wide")
+
+
 @dataclass
 class DataConfig:
     root: str = "data/synthetic"
@@ -14,6 +21,8 @@ class DataConfig:
     build_synthetic: bool = True
     """Synthesise the built-in corpus into ``root`` when its manifests are missing."""
     synthetic_size: str = "default"
+    synthetic_voices: str = "standard"
+    """Training voice set of the built-in corpus: standard | wide (the same dev and test)."""
     train: dict[str, str] = field(default_factory=lambda: {"asr": "asr_train.jsonl", "ser": "ser_train.jsonl"})
     dev: dict[str, str] = field(default_factory=lambda: {"asr": "asr_dev.jsonl", "ser": "ser_dev.jsonl"})
     test: dict[str, str] = field(default_factory=lambda: {"asr": "asr_test.jsonl", "ser": "ser_test.jsonl"})
@@ -39,6 +48,10 @@ class DataConfig:
         for task, value in self.fraction.items():
             _check(0 < value <= 1, f"{prefix}.fraction.{task}", "must be in (0, 1]")
         _check(self.dev_limit >= 1, f"{prefix}.dev_limit", "must be >= 1")
+        _check(self.synthetic_size in SYNTHETIC_SIZES, f"{prefix}.synthetic_size",
+               f"must be one of {', '.join(SYNTHETIC_SIZES)}")
+        _check(self.synthetic_voices in SYNTHETIC_VOICE_SETS, f"{prefix}.synthetic_voices",
+               f"must be one of {', '.join(SYNTHETIC_VOICE_SETS)}")
 
 
 @dataclass

@@ -49,7 +49,7 @@ def ensure_corpus(config: DataConfig, *, progress: bool = True) -> Path:
     from ..data.synthetic import prepare
 
     log.warning("building the built-in synthetic corpus in %s (once)", root)
-    prepare(root, size=config.synthetic_size, progress=progress)
+    prepare(root, size=config.synthetic_size, voices=config.synthetic_voices, progress=progress)
     return root
 
 
