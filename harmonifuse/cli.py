@@ -197,7 +197,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                              batch_size=args.batch_size, folds=args.folds, progress=not args.quiet,
                              log_file=Path(args.log) if args.log else None, prompts=prompts)
     if args.json:
-        print(json.dumps({k: v for k, v in summary.items() if k not in ("confusion", "per_manifest")}))
+        print(json.dumps({k: v for k, v in summary.items() if k not in ("confusion", "per_manifest", "per_speaker")}))
     else:
         from .evaluation.report import SCALARS
 
@@ -268,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="synthetic only")
     p.add_argument("--size", choices=SYNTHETIC_SIZES, help="synthetic only (default: default)")
     p.add_argument("--voices", choices=SYNTHETIC_VOICE_SETS,
-                   help="synthetic only: the training voices, 11 or 40 (default: standard)")
+                   help="synthetic only: the training voices: 11, 40 or 46 (default: standard)")
 
     p = sub.add_parser("train", help="train a model from a YAML config")
     p.add_argument("config", help="YAML run config, e.g. configs/demo.yaml")

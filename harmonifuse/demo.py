@@ -84,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     for key in ("wer", "cer", "wer_raw", "wa", "ua", "macro_f1"):
         if key in summary:
             print(f"| {key} | {summary[key]:.4f} |")
+    if "per_speaker" in summary:
+        from .evaluation.report import markdown_table
+
+        print("\n" + markdown_table(summary["per_speaker"], "Per test voice", "speaker"))
     print(f"\nreport and plots: {Path(args.out) / 'summary.md'}   ({(time.time() - start) / 60:.1f} min)")
     if model_dir is None:
         print("note: the model was UNTRAINED (no models/harmonifuse-demo); train one with "

@@ -45,3 +45,35 @@ def test_ser_metrics_reject_unknown_reference_label():
 def test_mean_std():
     assert mean_std([1.0, 2.0, 3.0]) == pytest.approx((2.0, 1.0))
     assert mean_std([5.0]) == (5.0, 0.0)
+
+
+def test_evaluation_scores_each_speaker_and_writes_their_table(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    from harmonifuse.data.manifest import Utterance
+    from harmonifuse.evaluation import evaluate as evaluation
+    from harmonifuse.evaluation.report import markdown_table
+
+    def utt(i, speaker, text=None, emotion=None):
+        return Utterance(f"u{i}", f"/a/{i}.wav", 1.0, "c", speaker, text=text, emotion=emotion)
+
+    asr = [utt(0, "a", "one two"), utt(1, "b", "three four five"), utt(2, "a", "six")]
+    ser = [utt(3, "a", emotion="sad"), utt(4, "b", emotion="happy"), utt(5, "b", emotion="sad")]
+    answers = {"asr": [{"transcript": "one two"}, {"transcript": "three for"}, {"transcript": "sex"}],
+               "ser": [{"emotion": e, "emotion_probs": {}} for e in ("sad", "happy", "happy")]}
+    monkeypatch.setattr(evaluation, "predict", lambda model, utterances, task, **_: answers[task][:len(utterances)])
+    model = SimpleNamespace(config=SimpleNamespace(tasks=SimpleNamespace(emotion_labels=["happy", "sad"])))
+    result = evaluation.evaluate(model, {"asr": asr, "ser": ser}, progress=False)
+    metrics, per_speaker = result["metrics"], result["metrics"]["per_speaker"]
+    assert metrics["wer"] == pytest.approx(3 / 6)
+    # a: "one two" right, "six" -> "sex": 1 of 3 words; b: "four" -> "for", "five" deleted: 2 of 3
+    assert per_speaker["a"]["wer"] == pytest.approx(1 / 3) and per_speaker["b"]["wer"] == pytest.approx(2 / 3)
+    assert per_speaker["a"]["wa"] == 1.0 and per_speaker["b"]["wa"] == 0.5
+    assert per_speaker["b"]["ua"] == 0.5 and "confusion" not in per_speaker["b"]
+    assert (per_speaker["a"]["n_asr"], per_speaker["a"]["n_ser"]) == (2, 1)
+    assert [p["speaker"] for p in result["predictions"]["ser"]] == ["a", "b", "b"]
+    table = markdown_table(per_speaker, "Per speaker", "speaker")
+    assert "| speaker | wer |" in table and "| b | 0.6667 |" in table and table.count("\n| ") == 3
+
+    one_speaker = evaluation.evaluate(model, {"asr": asr[:1]}, progress=False)["metrics"]
+    assert "per_speaker" not in one_speaker

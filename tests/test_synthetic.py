@@ -108,10 +108,11 @@ def test_large_size_keeps_the_default_dev_and_test_utterances():
     assert not {t.lower() for t in asr_texts} & {it["text"].lower() for it in held_out(large)}
 
 
-def test_wide_voice_set_adds_training_voices_and_keeps_dev_and_test():
+@pytest.mark.parametrize("voice_set, n_voices", [("wide", 40), ("wider", 46)])
+def test_a_larger_voice_set_adds_training_voices_and_keeps_dev_and_test(voice_set, n_voices):
     sentences = load_sentences()
     standard = synthetic._plan(0, synthetic.SIZES["large"], sentences)
-    wide = synthetic._plan(0, synthetic.SIZES["large"], sentences, synthetic.VOICE_SETS["wide"])
+    wide = synthetic._plan(0, synthetic.SIZES["large"], sentences, synthetic.VOICE_SETS[voice_set])
 
     def held_out(plan):
         return [it for it in plan if it["split"] != "train"]
@@ -120,8 +121,9 @@ def test_wide_voice_set_adds_training_voices_and_keeps_dev_and_test():
     train = {name: [it for it in plan if it["split"] == "train"] for name, plan in
              (("standard", standard), ("wide", wide))}
     assert [(it["id"], it["text"]) for it in train["wide"]] == [(it["id"], it["text"]) for it in train["standard"]]
-    voices = synthetic.VOICE_SETS["wide"]["train"]
-    assert len({v.name for v in voices}) == len(voices) == 40
+    voices = synthetic.VOICE_SETS[voice_set]["train"]
+    assert len({v.name for v in voices}) == len(voices) == n_voices
+    assert set(synthetic.VOICES["train"]) <= set(voices)
     assert {it["speaker"] for it in train["wide"]} == {v.name for v in voices}  # every voice reads
     held_out_voices = {v.name for split in ("dev", "test") for v in synthetic.VOICES[split]}
     assert not held_out_voices & {v.name for v in voices}
@@ -149,6 +151,19 @@ def test_a_vocal_tract_scaled_flite_voice_keeps_pitch_and_duration_and_moves_the
     assert _band_energy_ratio(longer) < _band_energy_ratio(base) < _band_energy_ratio(shorter)
     lower = synthetic.synthesise(spoken, synthetic._flite_shifted(slt, 0.84, f0_scale=0.65))
     assert 0.58 < _f0_median(lower) / _f0_median(base) < 0.72
+
+
+def test_a_fixed_range_flite_voice_takes_prosody_the_way_rms_does():
+    spoken = "The horses walked slowly across the wide green meadow."
+    voice = next(v for v in synthetic.VOICE_SETS["wider"]["train"] if v.fixed_range)
+    base = synthetic.synthesise(spoken, voice)
+    assert np.array_equal(synthetic.synthesise(spoken, voice, range=2.0), base)  # range not applied
+    higher = synthetic.synthesise(spoken, voice, pitch=1.25)  # level by resampling
+    assert abs(len(higher) / len(base) - 1) < 0.03
+    assert 1.18 < _f0_median(higher) / _f0_median(base) < 1.32
+    normal = synthetic.VOICES["train"][0]  # the same flite voice, prosody by its F0 settings
+    assert not np.array_equal(synthetic.synthesise(spoken, normal, range=2.0),
+                              synthetic.synthesise(spoken, normal))
 
 
 def test_the_voice_set_is_checked_and_recorded(tmp_path):

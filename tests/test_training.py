@@ -111,6 +111,10 @@ def test_cli_evaluate_and_analyze_on_the_trained_tiny_model(trained_run, tmp_pat
     assert metrics["ua"] == 1.0
     for name in ("metrics.json", "summary.md", "confusion.png", "layer_weights_and_gates.png", "training_curves.png"):
         assert (tmp_path / "report" / name).is_file(), name
+    assert "per_speaker" not in metrics  # the printed object stays flat; metrics.json has it
+    per_speaker = json.loads((tmp_path / "report" / "metrics.json").read_text())["per_speaker"]
+    assert sorted(per_speaker) == ["spk0", "spk1"] and all(s["n_asr"] == s["n_ser"] == 4 for s in per_speaker.values())
+    assert "## Per speaker" in (tmp_path / "report" / "summary.md").read_text()
 
     # another ASR prompt: the layer weights and gates reported are the ones that prompt reads
     result = _cli("evaluate", "--model", str(model_dir), "--manifest", str(root / "corpus" / "asr_test.jsonl"),
@@ -166,6 +170,7 @@ def test_demo_evaluates_a_spread_out_subset_of_the_test_split(trained_run, tmp_p
                             env=ENV, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "3 utterances per task, a fixed spread-out subset" in result.stdout and "| ua |" in result.stdout
+    assert "## Per test voice" in result.stdout and "| spk0 |" in result.stdout
     for task in ("asr", "ser"):
         ids = [json.loads(line)["id"] for line in (out / "limited" / f"{task}_test.jsonl").read_text().splitlines()]
         assert len(ids) == 3 and ids != [f"{task}_{i}" for i in range(3)]  # not simply the first three

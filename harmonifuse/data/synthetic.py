@@ -17,7 +17,8 @@ Voices are flite (slt, awb, rms, kal16, kal) and espeak-ng voice variants; train
 disjoint voices (kal and kal16, one speaker at two sample rates, are both in train; the espeak
 variants -- the part that sets the voice timbre -- are disjoint across splits too). The "wide"
 voice set (``prepare(voices="wide")``) reads the same training sentences with 40 voices instead of
-11 (vocal-tract-scaled flite copies, more espeak-ng variants); dev and test stay the same.
+11 (vocal-tract-scaled flite copies, more espeak-ng variants); "wider" adds six flite voices that
+take prosody the way the test voice rms does (46 in all). Dev and test stay the same.
 
 Output layout (``OUT``)::
 
@@ -121,16 +122,22 @@ class Voice:
     vocal_tract: float = 1.0
     """flite only: formant scale, by resampling, with pitch and duration compensated (0.9 = a
     longer vocal tract, lower formants): a new timbre from the same recorded voice."""
+    fixed_range: bool = False
+    """flite only: prosody the way ``rms`` takes it: the rule's pitch level by resampling (the
+    formants move with it), its pitch range not applied. Training voices like this make emotion
+    cues other than the pitch range count (rms is a test voice)."""
 
 
 def _espeak(language: str, variant: str) -> Voice:
     return Voice(f"espeak-{language}+{variant}", "espeak", f"{language}+{variant}")
 
 
-def _flite_shifted(base: Voice, vocal_tract: float, f0_scale: float = 1.0) -> Voice:
-    suffix = f"-vt{vocal_tract:.2f}" + (f"-f0x{f0_scale:.2f}" if f0_scale != 1.0 else "")
+def _flite_shifted(base: Voice, vocal_tract: float, f0_scale: float = 1.0, *,
+                   fixed_range: bool = False) -> Voice:
+    suffix = (f"-vt{vocal_tract:.2f}" + (f"-f0x{f0_scale:.2f}" if f0_scale != 1.0 else "")
+              + ("-fixedrange" if fixed_range else ""))
     return Voice(base.name + suffix, base.engine, base.voice, base.f0_mean * f0_scale,
-                 base.f0_std * f0_scale, vocal_tract)
+                 base.f0_std * f0_scale, vocal_tract, fixed_range)
 
 
 VOICES: dict[str, tuple[Voice, ...]] = {
@@ -171,9 +178,19 @@ _WIDE_EXTRA_TRAIN: tuple[Voice, ...] = (
         ("en-us", "f3"), ("en", "m4"), ("en-gb-scotland", "m5"),
     )),
 )
+# The "wider" set adds six flite voices that take prosody the way the test voice rms does (pitch by
+# resampling, no pitch range). Every "wide" training voice widens its pitch range for happy and
+# angry, and the model trained on it took many of rms's neutral and happy clips for angry. Two are
+# lowered slt copies, the nearest to rms (the other male clustergen voice, awb, is a dev voice).
+_WIDER_EXTRA_TRAIN: tuple[Voice, ...] = (
+    _flite_shifted(_SLT, 1.0, fixed_range=True), _flite_shifted(_SLT, 0.84, 0.65, fixed_range=True),
+    _flite_shifted(_SLT, 0.9, 0.72, fixed_range=True), _flite_shifted(_KAL16, 1.0, fixed_range=True),
+    _flite_shifted(_KAL16, 0.92, fixed_range=True), _flite_shifted(_KAL, 1.0, fixed_range=True),
+)
 VOICE_SETS: dict[str, dict[str, tuple[Voice, ...]]] = {
     "standard": VOICES,
     "wide": {**VOICES, "train": VOICES["train"] + _WIDE_EXTRA_TRAIN},
+    "wider": {**VOICES, "train": VOICES["train"] + _WIDE_EXTRA_TRAIN + _WIDER_EXTRA_TRAIN},
 }
 _FLITE_VOICES = sorted({v.voice for vs in VOICES.values() for v in vs if v.engine == "flite"})
 
@@ -278,14 +295,18 @@ def synthesise(spoken: str, voice: Voice, *, pitch: float = 1.0, range: float = 
         if voice.engine == "flite":
             cmd = ["flite", "-voice", voice.voice]
             tract = voice.vocal_tract
-            if voice.f0_mean is None:  # rms: shift pitch by resampling, pre-compensate duration
-                cmd += ["--setf", f"duration_stretch={tempo * pitch * tract:.4f}"]
-                resample_from = pitch * tract
-            else:  # resampling by the vocal-tract scale moves F0 and duration too: pre-compensate
-                cmd += ["--setf", f"duration_stretch={tempo * tract:.4f}",
-                        "--setf", f"int_f0_target_mean={voice.f0_mean * pitch / tract:.3f}",
-                        "--setf", f"int_f0_target_stddev={voice.f0_std * range / tract:.3f}"]
-                resample_from = tract if tract != 1.0 else None
+            # rms ignores flite's F0 settings: its pitch level is set by resampling instead
+            by_resampling = voice.f0_mean is None or voice.fixed_range
+            if by_resampling:
+                pitch_by_f0, range_by_f0, speed_up = 1.0, 1.0, pitch * tract
+            else:
+                pitch_by_f0, range_by_f0, speed_up = pitch, range, tract
+            # resampling moves F0 and duration with the formants: pre-compensate both
+            cmd += ["--setf", f"duration_stretch={tempo * speed_up:.4f}"]
+            if voice.f0_mean is not None:
+                cmd += ["--setf", f"int_f0_target_mean={voice.f0_mean * pitch_by_f0 / tract:.3f}",
+                        "--setf", f"int_f0_target_stddev={voice.f0_std * range_by_f0 / tract:.3f}"]
+            resample_from = speed_up if by_resampling or tract != 1.0 else None
             cmd += ["-t", spoken, "-o", wav]
         elif voice.engine == "espeak":
             ssml = (f'<speak><prosody pitch="{round((pitch - 1) * 100):+d}%" '
@@ -537,7 +558,8 @@ Train, dev and test use disjoint voices (test voices are never heard in training
 and `kal16` are one speaker and are both in train; the espeak-ng variants that set the voice
 timbre are disjoint across splits). A voice named `flite-<voice>-vt<s>` (the "wide" training
 voice set) is that flite voice with its formants scaled by s through resampling, pitch and
-duration compensated; `-f0x<k>` also scales its pitch by k. The sentence pool is split 80/10/10 before drawing, so dev
+duration compensated; `-f0x<k>` also scales its pitch by k; `-fixedrange` (the "wider" set) takes
+prosody as rms does: the pitch level by resampling, no pitch range. The sentence pool is split 80/10/10 before drawing, so dev
 and test sentences never occur in training (in either task). Within a split, ASR utterances take
 distinct sentences while the pool lasts, and SER utterances continue with sentences ASR did not
 use; SER sentences are assigned independently of the emotion (no lexical cue).
@@ -591,9 +613,10 @@ def prepare(out: Path, *, seed: int = 0, size: str | dict = "default", voices: s
         size: "tiny" (40 utterances, seconds), "small", "default" (~5,000 utterances, minutes),
             "large" (default's dev and test, 4x/3x its ASR/SER training sets; ~15,000) or
             a dict of counts with keys ``{asr,ser}_{train,dev,test}`` (missing keys count 0).
-        voices: "standard" (11 training voices) or "wide" (40: the standard ones, vocal-tract
-            scaled flite copies and more espeak-ng variants; see :data:`VOICE_SETS`). Dev and test
-            voices, and so the dev and test utterances, are the same in both.
+        voices: "standard" (11 training voices), "wide" (40: the standard ones, vocal-tract
+            scaled flite copies and more espeak-ng variants) or "wider" (46: six more flite voices
+            with rms's fixed pitch range); see :data:`VOICE_SETS`. Dev and test voices, and so the
+            dev and test utterances, are the same in all.
         src: unused (the corpus needs no source data); accepted for the common ``prepare`` API.
         workers: processes rendering audio in parallel (<= 1: in this process). Results do not
             depend on it.

@@ -70,15 +70,26 @@ def ctc_ser_metrics(model, utterances: Sequence[Utterance], *, batch_size: int =
     return ser_metrics([u.emotion for u in utterances], predictions, model.config.tasks.emotion_labels)
 
 
+def _per_speaker(utterances: Sequence[Utterance], score) -> dict[str, dict]:
+    """``score(indices)`` for each speaker's utterances, by speaker name."""
+    indices: dict[str, list[int]] = {}
+    for i, utterance in enumerate(utterances):
+        indices.setdefault(utterance.speaker, []).append(i)
+    return {speaker: score(idx) for speaker, idx in sorted(indices.items())}
+
+
 def evaluate(model, manifests: Mapping[str, Sequence[Utterance]], *, batch_size: int = 8, cache=None,
              prompts: Mapping[str, str] | None = None, progress: bool = True) -> dict:
     """``{"asr": [...], "ser": [...]}`` utterances -> metrics and per-utterance predictions.
 
-    Returns ``{"metrics": {...wer, cer, wa, ua, macro_f1...}, "predictions": {task: [...]}}``.
+    Returns ``{"metrics": {...wer, cer, wa, ua, macro_f1..., "per_speaker": {speaker: {...}}},
+    "predictions": {task: [...]}}``; ``per_speaker`` only when there are several speakers (the
+    same metrics on each speaker's utterances, without the confusion matrix).
     """
     if prompts:
         model.task_ids(list(prompts))  # a misspelt task would otherwise silently keep its canonical prompt
     metrics: dict = {}
+    per_speaker: dict[str, dict] = {}
     predictions: dict[str, list[dict]] = {}
     for task, utterances in manifests.items():
         if not utterances:
@@ -89,15 +100,24 @@ def evaluate(model, manifests: Mapping[str, Sequence[Utterance]], *, batch_size:
             refs = [u.text for u in utterances]
             hyps = [r["transcript"] for r in out]
             metrics.update(asr_metrics(refs, hyps))
-            predictions[task] = [{"id": u.id, "reference": ref, "hypothesis": hyp}
+            scores = _per_speaker(utterances, lambda idx: asr_metrics([refs[i] for i in idx],
+                                                                      [hyps[i] for i in idx]))
+            predictions[task] = [{"id": u.id, "speaker": u.speaker, "reference": ref, "hypothesis": hyp}
                                  for u, ref, hyp in zip(utterances, refs, hyps)]
         elif task == "ser":
             labels = model.config.tasks.emotion_labels
             refs = [u.emotion for u in utterances]
             preds = [r["emotion"] for r in out]
             metrics.update(ser_metrics(refs, preds, labels))
-            predictions[task] = [{"id": u.id, "reference": ref, "prediction": r["emotion"],
+            scores = _per_speaker(utterances, lambda idx: {
+                k: v for k, v in ser_metrics([refs[i] for i in idx], [preds[i] for i in idx], labels).items()
+                if k not in ("confusion", "labels")})
+            predictions[task] = [{"id": u.id, "speaker": u.speaker, "reference": ref, "prediction": r["emotion"],
                                   "probs": r["emotion_probs"]} for u, ref, r in zip(utterances, refs, out)]
         else:
             raise ValueError(f"no metric for task {task!r}")
+        for speaker, values in scores.items():
+            per_speaker.setdefault(speaker, {}).update(values)
+    if len(per_speaker) > 1:
+        metrics["per_speaker"] = dict(sorted(per_speaker.items()))
     return {"metrics": metrics, "predictions": predictions}

@@ -19,15 +19,15 @@ def split_by_task(utterances) -> dict[str, list]:
             if any(u.has_task(task) for u in utterances)}
 
 
-def markdown_table(rows: dict[str, dict], title: str) -> str:
-    columns = [c for c in SCALARS if any(c in r for r in rows.values())]
-    lines = [f"## {title}", "", "| manifest | " + " | ".join(columns) + " |",
+def markdown_table(rows: dict[str, dict], title: str, first_column: str = "manifest") -> str:
+    columns = [c for c in SCALARS + ("n_asr", "n_ser") if any(c in r for r in rows.values())]
+    lines = [f"## {title}", "", f"| {first_column} | " + " | ".join(columns) + " |",
              "|---|" + "---|" * len(columns)]
     for name, metrics in rows.items():
         cells = []
         for c in columns:
             value = metrics.get(c)
-            cells.append("" if value is None else value if isinstance(value, str) else f"{value:.4f}")
+            cells.append("" if value is None else str(value) if isinstance(value, (str, int)) else f"{value:.4f}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -59,6 +59,10 @@ def run_evaluation(model, manifests: Sequence[Path], out_dir: Path | None = None
         if len(per_group) > 1:
             rows["mean ± std"] = {k: f"{summary[k]:.4f} ± {summary[k + '_std']:.4f}" for k in SCALARS if k in summary}
         text = markdown_table(rows, "HarmoniFuse evaluation")
+        for name, metrics in per_group.items():
+            if "per_speaker" in metrics:
+                title = "Per speaker" + (f" ({name})" if len(per_group) > 1 else "")
+                text += "\n" + markdown_table(metrics["per_speaker"], title, "speaker")
         plots = []
         first = next(iter(per_group.values()))
         if "confusion" in first:
