@@ -47,7 +47,7 @@ def test_mean_std():
     assert mean_std([5.0]) == (5.0, 0.0)
 
 
-def test_evaluation_scores_each_speaker_and_writes_their_table(monkeypatch, tmp_path):
+def test_evaluation_scores_each_speaker_and_writes_their_table(monkeypatch):
     from types import SimpleNamespace
 
     from harmonifuse.data.manifest import Utterance

@@ -112,19 +112,19 @@ def test_large_size_keeps_the_default_dev_and_test_utterances():
 def test_a_larger_voice_set_adds_training_voices_and_keeps_dev_and_test(voice_set, n_voices):
     sentences = load_sentences()
     standard = synthetic._plan(0, synthetic.SIZES["large"], sentences)
-    wide = synthetic._plan(0, synthetic.SIZES["large"], sentences, synthetic.VOICE_SETS[voice_set])
+    larger = synthetic._plan(0, synthetic.SIZES["large"], sentences, synthetic.VOICE_SETS[voice_set])
 
     def held_out(plan):
         return [it for it in plan if it["split"] != "train"]
 
-    assert held_out(wide) == held_out(standard)  # the same dev and test utterances
+    assert held_out(larger) == held_out(standard)  # the same dev and test utterances
     train = {name: [it for it in plan if it["split"] == "train"] for name, plan in
-             (("standard", standard), ("wide", wide))}
-    assert [(it["id"], it["text"]) for it in train["wide"]] == [(it["id"], it["text"]) for it in train["standard"]]
+             (("standard", standard), ("larger", larger))}
+    assert [(it["id"], it["text"]) for it in train["larger"]] == [(it["id"], it["text"]) for it in train["standard"]]
     voices = synthetic.VOICE_SETS[voice_set]["train"]
     assert len({v.name for v in voices}) == len(voices) == n_voices
     assert set(synthetic.VOICES["train"]) <= set(voices)
-    assert {it["speaker"] for it in train["wide"]} == {v.name for v in voices}  # every voice reads
+    assert {it["speaker"] for it in train["larger"]} == {v.name for v in voices}  # every voice reads
     held_out_voices = {v.name for split in ("dev", "test") for v in synthetic.VOICES[split]}
     assert not held_out_voices & {v.name for v in voices}
     # no training voice uses a held-out espeak-ng variant (the part that sets the timbre)
