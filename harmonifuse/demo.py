@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.time()
 
     from .data.manifest import read_manifest
-    from .evaluation.report import run_evaluation
+    from .evaluation.report import SCALARS, markdown_table, run_evaluation
 
     corpus = Path(args.corpus)
     if not (corpus / "asr_test.jsonl").is_file():
@@ -81,12 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     summary = run_evaluation(model, manifests, Path(args.out), batch_size=8,
                              log_file=log if log and log.is_file() else None)
     print("\n| metric | value |\n|---|---|")
-    for key in ("wer", "cer", "wer_raw", "wa", "ua", "macro_f1"):
+    for key in SCALARS:
         if key in summary:
             print(f"| {key} | {summary[key]:.4f} |")
     if "per_speaker" in summary:
-        from .evaluation.report import markdown_table
-
         print("\n" + markdown_table(summary["per_speaker"], "Per test voice", "speaker"))
     print(f"\nreport and plots: {Path(args.out) / 'summary.md'}   ({(time.time() - start) / 60:.1f} min)")
     if model_dir is None:
