@@ -159,3 +159,25 @@ def test_shipped_experiments_resolve_every_arm(name):
         assert configs["mixed-batches"].data.schedule == "mixed"
         assert configs["task-fusion"].model.fusion.mode == "task"
         assert configs["harmonifuse-10"].data.fraction == {"asr": 0.1}
+
+
+def test_the_shipped_recipe_experiment_trains_demo_yaml_as_it_ships():
+    from pathlib import Path
+
+    from harmonifuse.config import load_config
+    from harmonifuse.training.config import RunConfig
+
+    root = Path(__file__).parents[1] / "configs"
+    spec, base = load_experiment(root / "experiments" / "shipped.yaml")
+    assert len(spec.seeds) >= 3 and spec.keep_checkpoints and spec.evaluation.limit == 0
+    for seed in spec.seeds:
+        out = f"train.output_dir=runs/experiments/shipped/harmonifuse/seed{seed}"
+        shipped = load_config(RunConfig, root / "demo.yaml", [f"train.seed={seed}", out])
+        arms = {arm.name: arm_config(spec, base, arm, seed) for arm in spec.arms}
+        assert arms["harmonifuse"] == shipped
+        naive = arms["naive"]
+        assert (naive.model.fusion.mode, naive.model.gate.mode, naive.model.tasks.train_prompts) == ("static", "none", {})
+        assert shipped.model.tasks.train_prompts  # so the naive arm's one prompt per task is a real difference
+        # nothing else differs: the same data, budget, encoder training and seed
+        assert (naive.data, naive.train.max_steps, naive.align, naive.optim, naive.model.encoder) == (
+            shipped.data, shipped.train.max_steps, shipped.align, shipped.optim, shipped.model.encoder)

@@ -19,6 +19,17 @@ def test_wer_and_cer_by_hand():
     assert m["n_asr"] == 2
 
 
+def test_label_answers_count_asr_replies_that_start_with_an_emotion_label():
+    labels = ["neutral", "happy", "sad", "angry"]
+    refs = ["the cat sat", "Sad songs say so much", "good morning", "a dog", "one two"]
+    # 1: "Angry," -> counted (normalised); 2: the reference itself starts with a label -> not counted;
+    # 3: a label later in the answer -> not counted; 4: "Happy" -> counted; 5: empty answer -> not counted
+    hyps = ["Angry, the cat sat", "sad songs say so much", "good morning happy", "Happy a dog", ""]
+    m = asr_metrics(refs, hyps, labels)
+    assert m["label_answers"] == pytest.approx(2 / 5)
+    assert "label_answers" not in asr_metrics(refs, hyps)
+
+
 def test_asr_metrics_reject_mismatched_lists():
     with pytest.raises(ValueError, match="as many"):
         asr_metrics(["a"], [])
@@ -59,15 +70,18 @@ def test_evaluation_scores_each_speaker_and_writes_their_table(monkeypatch):
 
     asr = [utt(0, "a", "one two"), utt(1, "b", "three four five"), utt(2, "a", "six")]
     ser = [utt(3, "a", emotion="sad"), utt(4, "b", emotion="happy"), utt(5, "b", emotion="sad")]
-    answers = {"asr": [{"transcript": "one two"}, {"transcript": "three for"}, {"transcript": "sex"}],
+    answers = {"asr": [{"transcript": "one two"}, {"transcript": "three for"}, {"transcript": "happy six"}],
                "ser": [{"emotion": e, "emotion_probs": {}} for e in ("sad", "happy", "happy")]}
     monkeypatch.setattr(evaluation, "predict", lambda model, utterances, task, **_: answers[task][:len(utterances)])
     model = SimpleNamespace(config=SimpleNamespace(tasks=SimpleNamespace(emotion_labels=["happy", "sad"])))
     result = evaluation.evaluate(model, {"asr": asr, "ser": ser}, progress=False)
     metrics, per_speaker = result["metrics"], result["metrics"]["per_speaker"]
     assert metrics["wer"] == pytest.approx(3 / 6)
-    # a: "one two" right, "six" -> "sex": 1 of 3 words; b: "four" -> "for", "five" deleted: 2 of 3
+    # a: "one two" right, "happy" inserted before "six": 1 of 3 words; b: "four" -> "for", "five" deleted: 2 of 3
     assert per_speaker["a"]["wer"] == pytest.approx(1 / 3) and per_speaker["b"]["wer"] == pytest.approx(2 / 3)
+    # "happy six" answers the ASR prompt with an emotion label: 1 of 3 answers, 1 of speaker a's 2
+    assert metrics["label_answers"] == pytest.approx(1 / 3)
+    assert per_speaker["a"]["label_answers"] == 0.5 and per_speaker["b"]["label_answers"] == 0.0
     assert per_speaker["a"]["wa"] == 1.0 and per_speaker["b"]["wa"] == 0.5
     assert per_speaker["b"]["ua"] == 0.5 and "confusion" not in per_speaker["b"]
     assert (per_speaker["a"]["n_asr"], per_speaker["a"]["n_ser"]) == (2, 1)

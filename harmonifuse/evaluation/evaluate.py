@@ -99,9 +99,10 @@ def evaluate(model, manifests: Mapping[str, Sequence[Utterance]], *, batch_size:
         if task == "asr":
             refs = [u.text for u in utterances]
             hyps = [r["transcript"] for r in out]
-            metrics.update(asr_metrics(refs, hyps))
+            labels = model.config.tasks.emotion_labels
+            metrics.update(asr_metrics(refs, hyps, labels))
             scores = _per_speaker(utterances, lambda idx: asr_metrics([refs[i] for i in idx],
-                                                                      [hyps[i] for i in idx]))
+                                                                      [hyps[i] for i in idx], labels))
             predictions[task] = [{"id": u.id, "speaker": u.speaker, "reference": ref, "hypothesis": hyp}
                                  for u, ref, hyp in zip(utterances, refs, hyps)]
         elif task == "ser":

@@ -3,6 +3,10 @@
 Text normalisation for WER/CER (the one documented rule, applied to reference and hypothesis alike):
 lower case, punctuation removed (jiwer's RemovePunctuation, Unicode category P), whitespace
 collapsed. ``wer_raw`` compares the texts as they are, without it.
+
+``label_answers`` measures task confusion in a multi-task model: the share of ASR answers whose
+first word is an emotion label while the reference's is not, i.e. the ASR prompt answered as if
+it were the SER one (such answers often run on into repetition, which inflates the WER).
 """
 from __future__ import annotations
 
@@ -24,8 +28,10 @@ def normalize_text(text: str) -> str:
     return NORMALIZE(text)
 
 
-def asr_metrics(references: Sequence[str], hypotheses: Sequence[str]) -> dict[str, float]:
-    """Corpus-level WER and CER after normalisation, and the raw WER."""
+def asr_metrics(references: Sequence[str], hypotheses: Sequence[str],
+                labels: Sequence[str] = ()) -> dict[str, float]:
+    """Corpus-level WER and CER after normalisation, the raw WER, and with ``labels`` (the SER
+    label set) the share of answers that start with a label word (``label_answers``)."""
     if len(references) != len(hypotheses) or not references:
         raise ValueError(f"need as many hypotheses as references (got {len(hypotheses)} and {len(references)})")
     refs = [normalize_text(r) for r in references]
@@ -34,12 +40,16 @@ def asr_metrics(references: Sequence[str], hypotheses: Sequence[str]) -> dict[st
         raise ValueError("a reference transcript is empty after normalisation")
     raw_refs = [r.strip() for r in references]
     raw_hyps = [h.strip() for h in hypotheses]
-    return {
+    metrics = {
         "wer": jiwer.wer(refs, hyps),
         "cer": jiwer.cer(refs, hyps),
         "wer_raw": jiwer.wer(raw_refs, raw_hyps),
-        "n_asr": len(refs),
     }
+    if labels:
+        words = {normalize_text(label) for label in labels}
+        first = [(r.split()[0], h.split()[0] if h else "") for r, h in zip(refs, hyps)]
+        metrics["label_answers"] = sum(h in words and r not in words for r, h in first) / len(refs)
+    return {**metrics, "n_asr": len(refs)}
 
 
 def ser_metrics(references: Sequence[str], predictions: Sequence[str], labels: Sequence[str]) -> dict:

@@ -10,7 +10,7 @@ from .evaluate import evaluate, hidden_states_for
 from .metrics import mean_std
 from .plots import plot_confusion, plot_task_profiles, plot_training_curves
 
-SCALARS = ("wer", "cer", "wer_raw", "wa", "ua", "macro_f1")
+SCALARS = ("wer", "cer", "wer_raw", "label_answers", "wa", "ua", "macro_f1")
 
 
 def split_by_task(utterances) -> dict[str, list]:
