@@ -39,9 +39,10 @@ def test_two_arms_two_seeds_table_plots_and_rerun_skips(tmp_path, capsys):
             for line in table.splitlines() if line.startswith("| ") and not line.startswith("| arm")}
     naive, single = rows["naive multi-task"], rows["single-task SER"]
     assert naive[:2] == ["2/2", "4"] and single[:2] == ["2/2", "4"]
-    assert "±" in naive[4] and "±" in naive[7]  # WER and UA, mean ± std over the two seeds
-    assert single[4] == "–" and "±" in single[7]  # an SER-only model has no WER
-    assert "*naive multi-task, paraphrased prompts*" in rows and "±" in rows["*naive multi-task, paraphrased prompts*"][4]
+    assert "±" in naive[3] and "±" in naive[6]  # WER and UA, mean ± std over the two seeds
+    assert single[3] == "–" and "±" in single[6]  # an SER-only model has no WER
+    assert "| ASR label answers |" in table and "±" in naive[8] and single[8] == "–"  # task confusion
+    assert "*naive multi-task, paraphrased prompts*" in rows and "±" in rows["*naive multi-task, paraphrased prompts*"][3]
     assert "*single-task SER, paraphrased prompts*" not in rows  # no SER paraphrase in this spec
     for png in ("metrics_per_arm.png", "layer_weights.png"):
         assert (out_dir / png).read_bytes()[:4] == b"\x89PNG"

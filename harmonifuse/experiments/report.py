@@ -14,8 +14,9 @@ import numpy as np  # noqa: E402
 from ..evaluation.metrics import mean_std  # noqa: E402
 from .spec import ExperimentSpec, run_result_path  # noqa: E402
 
-METRICS = (("wer", "WER"), ("cer", "CER"), ("wa", "WA"), ("ua", "UA"), ("macro_f1", "macro-F1"))
-LOWER_IS_BETTER = {"wer", "cer"}
+METRICS = (("wer", "WER"), ("cer", "CER"), ("wa", "WA"), ("ua", "UA"), ("macro_f1", "macro-F1"),
+           ("label_answers", "ASR label answers"))
+LOWER_IS_BETTER = {"wer", "cer", "label_answers"}
 
 
 def load_results(spec: ExperimentSpec, results_dir: Path) -> dict[str, list[dict]]:
@@ -64,7 +65,8 @@ def table_markdown(spec: ExperimentSpec, results: dict[str, list[dict]], source:
         f"Shared budget and settings: `{' '.join(spec.overrides) or '(base config)'}` on `{spec.base}`.",
         f"Scored on the {ev.split} split"
         + (f" ({ev.limit} utterances per task, a fixed spread-out subset)" if ev.limit else "")
-        + "; mean ± sample std over seeds. WER/CER: lower is better; WA/UA/macro-F1: higher is better. "
+        + "; mean ± sample std over seeds. WER/CER: lower is better; WA/UA/macro-F1: higher is better; "
+        "ASR label answers (ASR answers that begin with an emotion label, i.e. task confusion): lower is better. "
         "Rows marked *paraphrased prompts* score the same models with task prompts never seen in training"
         + (": " + "; ".join(f"{t.upper()}: \"{p}\"" for t, p in ev.paraphrases.items()) if ev.paraphrases else "")
         + ".",
