@@ -88,6 +88,7 @@ def evaluate(model, manifests: Mapping[str, Sequence[Utterance]], *, batch_size:
     """
     if prompts:
         model.task_ids(list(prompts))  # a misspelt task would otherwise silently keep its canonical prompt
+    labels = model.config.tasks.emotion_labels
     metrics: dict = {}
     per_speaker: dict[str, dict] = {}
     predictions: dict[str, list[dict]] = {}
@@ -99,14 +100,12 @@ def evaluate(model, manifests: Mapping[str, Sequence[Utterance]], *, batch_size:
         if task == "asr":
             refs = [u.text for u in utterances]
             hyps = [r["transcript"] for r in out]
-            labels = model.config.tasks.emotion_labels
             metrics.update(asr_metrics(refs, hyps, labels))
             scores = _per_speaker(utterances, lambda idx: asr_metrics([refs[i] for i in idx],
                                                                       [hyps[i] for i in idx], labels))
             predictions[task] = [{"id": u.id, "speaker": u.speaker, "reference": ref, "hypothesis": hyp}
                                  for u, ref, hyp in zip(utterances, refs, hyps)]
         elif task == "ser":
-            labels = model.config.tasks.emotion_labels
             refs = [u.emotion for u in utterances]
             preds = [r["emotion"] for r in out]
             metrics.update(ser_metrics(refs, preds, labels))

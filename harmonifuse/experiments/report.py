@@ -16,7 +16,6 @@ from .spec import ExperimentSpec, run_result_path  # noqa: E402
 
 METRICS = (("wer", "WER"), ("cer", "CER"), ("wa", "WA"), ("ua", "UA"), ("macro_f1", "macro-F1"),
            ("label_answers", "ASR label answers"))
-LOWER_IS_BETTER = {"wer", "cer", "label_answers"}
 
 
 def load_results(spec: ExperimentSpec, results_dir: Path) -> dict[str, list[dict]]:
