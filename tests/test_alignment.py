@@ -220,6 +220,25 @@ def test_an_alignment_stage_over_both_tasks_interleaves_them_and_scores_ser_by_i
     assert {"wer", "cer", "wa", "ua", "macro_f1"} <= set(dev) and 0 <= dev["ua"] <= 1
 
 
+def test_the_alignment_stage_alone_trains_the_front_end_and_exports_it(tmp_path):
+    path = write_tiny_run_config(tmp_path, align={"max_steps": 40, "eval_every": 40, "batch_size": 4, "lr": 1e-2,
+                                                  "warmup_steps": 0},
+                                 model={"projector": {"stack": 2, "hidden_size": 24, **CTC_SETTINGS}},
+                                 train={"max_steps": 0, "eval_every": 5, "save_every": 25})
+    summary = train(load_run_config(path), progress=False)
+    assert (summary["steps"], summary["align_steps"], summary["stop_reason"]) == (0, 40, "max_steps")
+    records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert not [r for r in records if r["kind"] in ("train", "dev")]  # no LLM step, no LLM scoring
+    align = [r for r in records if r["kind"] == "align"]
+    assert sum(r["loss_ctc"] for r in align[-5:]) < 0.5 * sum(r["loss_ctc"] for r in align[:5])
+    # the exported model is the last alignment step's, and the final checkpoint holds it for --resume
+    best = load_file(str(tmp_path / "run" / "best" / "trained.safetensors"))
+    last = load_file(str(tmp_path / "run" / "checkpoints" / "step_0000040" / "trained.safetensors"))
+    assert best.keys() == last.keys() and all(torch.equal(best[k], last[k]) for k in best)
+    with pytest.raises(ConfigError, match="train.max_steps.*align.max_steps"):
+        load_run_config(path, ["align.max_steps=0"])
+
+
 def test_alignment_stage_leaves_the_lora_adapters_untouched(aligned_run):
     root, _ = aligned_run
     from harmonifuse.model import HarmoniFuse

@@ -70,6 +70,49 @@ def test_two_arms_two_seeds_table_plots_and_rerun_skips(tmp_path, capsys):
     assert calls == [] and (out_dir / "runs" / "naive" / "seed0.json").stat().st_mtime_ns == before
 
 
+def test_a_ctc_scored_experiment_compares_front_ends_trained_by_the_alignment_stage_alone(tmp_path):
+    from harmonifuse.evaluation.evaluate import evaluate_ctc
+    from harmonifuse.experiments.runner import evaluation_utterances
+    from harmonifuse.model import HarmoniFuse
+
+    paraphrases = {"asr": "Write down what is said.", "ser": "Which feeling is this?"}
+    path = write_spec(
+        tmp_path, seeds=[0],
+        overrides=["data.dev={}", "train.max_steps=0", "align.max_steps=6", "align.batch_size=4",
+                   "model.projector.ctc_weight=0.3", "model.projector.ctc_tasks=[asr, ser]"],
+        evaluation={"split": "test", "limit": 4, "batch_size": 4, "scorer": "ctc", "paraphrases": paraphrases},
+        arms=[{"name": "harmonifuse"},
+              {"name": "mixed", "overrides": ["data.schedule=mixed"]},  # batches of both tasks at once
+              {"name": "single-ser", "overrides": ["data.train={ser: ser_train.jsonl}",
+                                                   "model.projector.ctc_tasks=[ser]"]}])
+    assert main(["experiment", str(path), "-q"]) == 0
+    out_dir = tmp_path / "results" / "tinyexp"
+    table = (out_dir / "table.md").read_text()
+    assert "through the projector's embedding-CTC head, without the LLM" in table
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in table.splitlines() if line.startswith("| ") and not line.startswith("| arm")}
+    assert all(rows[arm][1] == "6 + 0" for arm in ("harmonifuse", "mixed", "single-ser"))  # alignment steps only
+    run = json.loads((out_dir / "runs" / "harmonifuse" / "seed0.json").read_text())
+    assert {"wer", "cer", "label_answers", "wa", "ua", "macro_f1"} <= set(run["metrics"])
+    assert {"wer", "ua"} <= set(run["paraphrase_metrics"])
+    single = json.loads((out_dir / "runs" / "single-ser" / "seed0.json").read_text())
+    assert "wer" not in single["metrics"] and "ua" in single["metrics"]
+
+    # the paraphrase row is the CTC scoring of the saved front end under the paraphrased prompts
+    spec, base = load_experiment(path)
+    config = arm_config(spec, base, spec.arms[0], 0)
+    model = HarmoniFuse.from_pretrained(run["model"]).eval()
+    seen = []
+    embed = model.speech_embeddings
+    model.speech_embeddings = lambda h, n, tasks, prompts, **kw: seen.append(set(prompts)) or embed(h, n, tasks,
+                                                                                                  prompts, **kw)
+    again = evaluate_ctc(model, evaluation_utterances(config, spec.evaluation), batch_size=4, cache=None,
+                         prompts=paraphrases, progress=False)["metrics"]
+    assert {p for s in seen for p in s} == set(paraphrases.values())
+    assert {k: again[k] for k in ("wer", "cer", "ua")} == pytest.approx(
+        {k: run["paraphrase_metrics"][k] for k in ("wer", "cer", "ua")})
+
+
 def test_runs_from_different_machines_are_listed_apart(tmp_path):
     from harmonifuse.experiments.report import _hardware_lines, table_markdown
 
@@ -182,3 +225,28 @@ def test_the_shipped_recipe_experiment_trains_demo_yaml_as_it_ships():
         # nothing else differs: the same data, budget, encoder training and seed
         assert (naive.data, naive.train.max_steps, naive.align, naive.optim, naive.model.encoder) == (
             shipped.data, shipped.train.max_steps, shipped.align, shipped.optim, shipped.model.encoder)
+
+
+def test_the_frontend_experiment_trains_every_arm_by_the_alignment_stage_alone():
+    from pathlib import Path
+
+    from harmonifuse.config import load_config
+    from harmonifuse.training.config import RunConfig
+
+    root = Path(__file__).parents[1] / "configs"
+    spec, base = load_experiment(root / "experiments" / "frontend.yaml")
+    assert len(spec.seeds) >= 3 and spec.evaluation.scorer == "ctc" and spec.evaluation.paraphrases
+    configs = {arm.name: arm_config(spec, base, arm, 0) for arm in spec.arms}
+    assert {"single-asr", "single-ser", "naive", "harmonifuse", "no-gate", "static-fusion", "task-fusion",
+            "mixed-batches", "harmonifuse-10", "naive-25"} <= set(configs)
+    for name, c in configs.items():
+        assert (c.train.max_steps, c.align.max_minutes, c.model.encoder.trainable) == (0, 0, False), name
+        assert c.align.max_steps == configs["harmonifuse"].align.max_steps > 0, name
+        # the alignment stage trains on exactly the arm's tasks
+        assert sorted(c.model.projector.ctc_tasks) == sorted(c.data.train), name
+    # the HarmoniFuse arm is demo.yaml's model and data; only the shared stage budget differs
+    shipped = load_config(RunConfig, root / "demo.yaml", ["model.encoder.trainable=false"])
+    assert configs["harmonifuse"].model == shipped.model and configs["harmonifuse"].data.train == shipped.data.train
+    assert configs["naive"].model.fusion.mode == "static" and configs["naive"].model.gate.mode == "none"
+    assert configs["task-fusion"].model.fusion.mode == "task" and configs["mixed-batches"].data.schedule == "mixed"
+    assert configs["harmonifuse-10"].data.fraction == {"asr": 0.1} and configs["naive-25"].data.fraction == {"asr": 0.25}

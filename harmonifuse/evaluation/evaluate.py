@@ -54,20 +54,41 @@ def predict(model, utterances: Sequence[Utterance], task: str, *, batch_size: in
 
 
 def ctc_asr_metrics(model, utterances: Sequence[Utterance], *, batch_size: int = 16, cache=None,
-                    progress: bool = True) -> dict:
-    """WER and CER of the projector's greedy CTC transcripts (no LLM): what the alignment stage reached."""
-    hyps = map_batches(model, utterances, model.ctc_transcribe_hidden, batch_size=batch_size, cache=cache,
-                       progress=progress, desc="CTC transcripts")
-    return asr_metrics([u.text for u in utterances], hyps)
+                    prompt: str | None = None, progress: bool = True) -> dict:
+    """WER and CER of the projector's greedy CTC transcripts (no LLM): what the alignment stage reached.
+
+    ``prompt``: the ASR prompt the fusion and gate read (default: the task's training prompt)."""
+    hyps = map_batches(model, utterances, lambda h, n: model.ctc_transcribe_hidden(h, n, prompt),
+                       batch_size=batch_size, cache=cache, progress=progress, desc="CTC transcripts")
+    return asr_metrics([u.text for u in utterances], hyps, model.config.tasks.emotion_labels)
 
 
 def ctc_ser_metrics(model, utterances: Sequence[Utterance], *, batch_size: int = 16, cache=None,
-                    progress: bool = True) -> dict:
+                    prompt: str | None = None, progress: bool = True) -> dict:
     """WA, UA and macro-F1 of the projector's closed-set CTC label scoring (no LLM)."""
-    probs = map_batches(model, utterances, model.ctc_classify_hidden, batch_size=batch_size, cache=cache,
-                        progress=progress, desc="CTC labels")
+    probs = map_batches(model, utterances, lambda h, n: model.ctc_classify_hidden(h, n, prompt),
+                        batch_size=batch_size, cache=cache, progress=progress, desc="CTC labels")
     predictions = [max(p, key=p.get) for p in probs]
     return ser_metrics([u.emotion for u in utterances], predictions, model.config.tasks.emotion_labels)
+
+
+CTC_SCORERS = {"asr": ctc_asr_metrics, "ser": ctc_ser_metrics}
+
+
+def evaluate_ctc(model, manifests: Mapping[str, Sequence[Utterance]], *, batch_size: int = 16, cache=None,
+                 prompts: Mapping[str, str] | None = None, progress: bool = True) -> dict:
+    """The front end alone (encoder, fusion, gate, projector) through its embedding-CTC head, no LLM:
+    ``{"asr": [...], "ser": [...]}`` utterances -> ``{"metrics": {wer, cer, ..., wa, ua, macro_f1}}``."""
+    if prompts:
+        model.task_ids(list(prompts))
+    metrics: dict = {}
+    for task, utterances in manifests.items():
+        if task not in CTC_SCORERS:
+            raise ValueError(f"no CTC metric for task {task!r}")
+        if utterances:
+            metrics.update(CTC_SCORERS[task](model, utterances, batch_size=batch_size, cache=cache,
+                                             prompt=(prompts or {}).get(task), progress=progress))
+    return {"metrics": metrics}
 
 
 def _per_speaker(utterances: Sequence[Utterance], score) -> dict[str, dict]:

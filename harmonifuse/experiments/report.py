@@ -64,6 +64,8 @@ def table_markdown(spec: ExperimentSpec, results: dict[str, list[dict]], source:
         f"Shared budget and settings: `{' '.join(spec.overrides) or '(base config)'}` on `{spec.base}`.",
         f"Scored on the {ev.split} split"
         + (f" ({ev.limit} utterances per task, a fixed spread-out subset)" if ev.limit else "")
+        + (" through the projector's embedding-CTC head, without the LLM (greedy transcripts; "
+           "label words scored by their CTC likelihood)" if ev.scorer == "ctc" else "")
         + "; mean ± sample std over seeds. WER/CER: lower is better; WA/UA/macro-F1: higher is better; "
         "ASR label answers (ASR answers that begin with an emotion label, i.e. task confusion): lower is better. "
         "Rows marked *paraphrased prompts* score the same models with task prompts never seen in training"

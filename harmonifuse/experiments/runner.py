@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from ..data.manifest import Utterance
-from ..evaluation.evaluate import evaluate, hidden_states_for
+from ..evaluation.evaluate import evaluate, evaluate_ctc, hidden_states_for
 from ..training.config import RunConfig
 from ..training.data import feature_cache_for, read_split, spread_sample
 from ..training.trainer import choose_precision
@@ -28,6 +28,8 @@ from .spec import ArmSpec, EvaluationSpec, ExperimentSpec, arm_config, run_resul
 
 log = logging.getLogger(__name__)
 FINISHED = ("max_steps", "max_minutes", "early_stop")
+# evaluation.scorer -> evaluate(model, {task: utterances}, batch_size=, cache=, prompts=, progress=)
+SCORERS = {"llm": evaluate, "ctc": evaluate_ctc}
 
 
 class ExperimentInterrupted(RuntimeError):
@@ -51,7 +53,8 @@ def evaluation_utterances(config: RunConfig, evaluation: EvaluationSpec) -> dict
 
 
 def score_run(config: RunConfig, model_dir: Path, evaluation: EvaluationSpec, *, progress: bool = True) -> dict:
-    """Metrics with the training prompts and with the paraphrases, and what each task reads."""
+    """Metrics with the training prompts and with the paraphrases (by ``evaluation.scorer``), and
+    what each task reads."""
     from ..model import HarmoniFuse
 
     model = HarmoniFuse.from_pretrained(model_dir)
@@ -66,15 +69,16 @@ def score_run(config: RunConfig, model_dir: Path, evaluation: EvaluationSpec, *,
         model.llm.store_frozen_linears_in(dtype)
     tasks = list(utterances)
     result: dict = {}
+    score = SCORERS[evaluation.scorer]
     with autocast, torch.no_grad():
-        scored = evaluate(model, utterances, batch_size=evaluation.batch_size, cache=cache, progress=progress)
-        result["metrics"] = scored["metrics"]
+        result["metrics"] = score(model, utterances, batch_size=evaluation.batch_size, cache=cache,
+                                  progress=progress)["metrics"]
         paraphrases = {t: p for t, p in evaluation.paraphrases.items() if t in tasks}
         if paraphrases:
             result["paraphrases"] = paraphrases
-            result["paraphrase_metrics"] = evaluate(model, {t: utterances[t] for t in paraphrases},
-                                                    batch_size=evaluation.batch_size, cache=cache,
-                                                    prompts=paraphrases, progress=progress)["metrics"]
+            result["paraphrase_metrics"] = score(model, {t: utterances[t] for t in paraphrases},
+                                                 batch_size=evaluation.batch_size, cache=cache,
+                                                 prompts=paraphrases, progress=progress)["metrics"]
         sample = next(iter(utterances.values()))[:evaluation.batch_size]
         hidden, lengths = hidden_states_for(model, sample, cache)
         profiles = model.task_profiles(hidden, lengths)

@@ -52,6 +52,10 @@ class EvaluationSpec:
     batch_size: int = 8
     paraphrases: dict[str, str] = field(default_factory=dict)
     """Task prompts never seen in training; each arm is scored with them too (prompt generalisation)."""
+    scorer: Literal["llm", "ctc"] = "llm"
+    """``llm``: the LLM answers (transcripts decoded, labels scored). ``ctc``: the front end alone
+    (encoder, fusion, gate, projector) through its embedding-CTC head: greedy transcripts and
+    closed-set label scoring, no LLM pass; for arms trained by the alignment stage alone."""
 
     def validate(self, prefix: str) -> None:
         _check(self.limit >= 0, f"{prefix}.limit", "must be >= 0 (0: the whole split)")

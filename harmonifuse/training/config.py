@@ -110,6 +110,7 @@ class TrainConfig:
     output_dir: str = "runs/demo"
     seed: int = 0
     max_steps: int = 1500
+    """Steps of the main stage (0: the alignment stage alone, e.g. to compare front ends by their CTC)."""
     max_minutes: float = 0.0
     """Stop after this much training time, the alignment stage included (0: no limit); the
     learning-rate schedule still spans max_steps."""
@@ -128,7 +129,7 @@ class TrainConfig:
     """torch intra-op threads (0: torch's default)."""
 
     def validate(self, prefix: str) -> None:
-        _check(self.max_steps >= 1, f"{prefix}.max_steps", "must be >= 1")
+        _check(self.max_steps >= 0, f"{prefix}.max_steps", "must be >= 0 (0: the alignment stage alone)")
         _check(self.eval_every >= 1, f"{prefix}.eval_every", "must be >= 1")
         _check(self.save_every >= 1, f"{prefix}.save_every", "must be >= 1")
         _check(self.keep_last >= 1, f"{prefix}.keep_last", "must be >= 1")
@@ -142,3 +143,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     align: AlignConfig = field(default_factory=AlignConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self, prefix: str) -> None:
+        _check(self.train.max_steps > 0 or self.align.max_steps > 0, "train.max_steps",
+               "is 0 and so is align.max_steps: nothing would train; set either above 0")

@@ -24,7 +24,7 @@ import yaml
 from tqdm import tqdm
 
 from ..data.prompts import PromptChoice
-from ..evaluation.evaluate import ctc_asr_metrics, ctc_ser_metrics, evaluate
+from ..evaluation.evaluate import evaluate, evaluate_ctc
 from .checkpoint import CheckpointManager, rng_state, set_rng_state
 from .config import RunConfig
 from .data import RunData
@@ -459,15 +459,13 @@ class Trainer:
     def evaluate_align(self) -> None:
         """The projector's greedy-CTC WER and CTC label-scoring UA on the dev subsets of the
         alignment stage's tasks (rank 0; no LLM pass)."""
-        scorers = {"asr": ctc_asr_metrics, "ser": ctc_ser_metrics}
         tasks = [t for t in self.config.model.projector.ctc_tasks if self.data.dev.get(t)]
         if not self.is_main or not tasks:
             return
-        metrics = {}
         with self._autocast():
-            for task in tasks:
-                metrics.update(scorers[task](self.model, self.data.dev[task], batch_size=self.config.align.batch_size,
-                                             cache=self.data.cache, progress=self.progress))
+            metrics = evaluate_ctc(self.model, {t: self.data.dev[t] for t in tasks},
+                                   batch_size=self.config.align.batch_size, cache=self.data.cache,
+                                   progress=self.progress)["metrics"]
         self.logger.write({"kind": "align_dev", "step": self.align_step, "minutes": self.total_seconds / 60,
                            **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}})
         tqdm.write(f"align step {self.align_step}: CTC " + ", ".join(
