@@ -101,34 +101,39 @@ def table_markdown(spec: ExperimentSpec, results: dict[str, list[dict]], source:
 
 
 def plot_metrics(spec: ExperimentSpec, results: dict[str, list[dict]], path: Path) -> Path:
-    """WER and UA per arm: bar = mean over seeds, dots = seeds, hatched = paraphrased prompts."""
+    """WER and UA per arm: bar = mean over seeds, dots = seeds, hatched = paraphrased prompts.
+
+    One row per arm with results, shared by both panels and named once, on the left (an arm
+    without a task's metric leaves its row empty in that panel)."""
     panels = [("wer", "WER (lower is better)"), ("ua", "SER UA (higher is better)")]
-    fig, axes = plt.subplots(1, 2, figsize=(12, max(3.5, 0.42 * len(spec.arms) + 1.5)))
+    arms = [arm for arm in spec.arms if results.get(arm.name)]
+    fig, axes = plt.subplots(1, 2, sharey=True, figsize=(12, max(3.5, 0.42 * len(arms) + 1.5)))
     for ax, (key, title) in zip(axes, panels):
-        names, y = [], 0
-        for arm in spec.arms:
-            runs = results.get(arm.name, [])
+        labelled = False
+        for y, arm in enumerate(arms):
+            runs = results[arm.name]
             values = [r["metrics"][key] for r in runs if key in r["metrics"]]
             para = [r["paraphrase_metrics"][key] for r in runs if key in r.get("paraphrase_metrics", {})]
             if not values:
                 continue
             ax.barh(y - 0.2, np.mean(values), height=0.38, color="tab:blue", alpha=0.8,
-                    label="training prompts" if not names else None)
+                    label=None if labelled else "training prompts")
             ax.plot(values, [y - 0.2] * len(values), "k.", ms=6)
             if para:
                 ax.barh(y + 0.2, np.mean(para), height=0.38, color="tab:orange", alpha=0.6, hatch="//",
-                        label="paraphrased prompts" if not names else None)
+                        label=None if labelled else "paraphrased prompts")
                 ax.plot(para, [y + 0.2] * len(para), "k.", ms=6)
-            names.append((y, arm.title))
-            y += 1
-        if names:
-            ax.set_yticks([p for p, _ in names], [n for _, n in names])
-            ax.invert_yaxis()
-            ax.legend(loc="best", fontsize=8)
+            labelled = True
         ax.set_title(title)
         ax.grid(axis="x", alpha=0.3)
+    if arms:
+        axes[0].set_yticks(range(len(arms)), [arm.title for arm in arms])
+        axes[0].invert_yaxis()  # sharey: both panels list the arms top-down in the spec's order
+    handles = {label: h for ax in axes for h, label in zip(*ax.get_legend_handles_labels())}
+    if handles:  # one legend for both panels, below them, where it hides no bar
+        fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=len(handles), fontsize=9)
     fig.suptitle(f"{spec.name}: mean over seeds (bars) and each seed (dots)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07 if handles else 0, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
