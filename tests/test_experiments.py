@@ -250,3 +250,7 @@ def test_the_frontend_experiment_trains_every_arm_by_the_alignment_stage_alone()
     assert configs["naive"].model.fusion.mode == "static" and configs["naive"].model.gate.mode == "none"
     assert configs["task-fusion"].model.fusion.mode == "task" and configs["mixed-batches"].data.schedule == "mixed"
     assert configs["harmonifuse-10"].data.fraction == {"asr": 0.1} and configs["naive-25"].data.fraction == {"asr": 0.25}
+    # the speed controls differ from their arm in the layer logits' rate alone
+    for fast, slow in (("naive-fast", "naive"), ("task-fusion-fast", "task-fusion")):
+        assert configs[fast].optim.fusion_lr_scale == 20 and configs[slow].optim.fusion_lr_scale == 1
+        assert configs[fast].model == configs[slow].model and configs[fast].data == configs[slow].data

@@ -266,3 +266,35 @@ def test_a_missing_built_in_corpus_is_built_with_the_configured_size_and_voices(
     missing = DataConfig(root=str(tmp_path / "none"), build_synthetic=False)
     with pytest.raises(FileNotFoundError, match=r"asr_train.jsonl.*harmonifuse prepare"):
         ensure_corpus(missing, progress=False)
+
+
+@pytest.mark.parametrize("mode", ["static", "prompt"])
+def test_fusion_lr_scale_gives_the_layer_weights_their_own_rate_in_both_stages(mode):
+    from harmonifuse.training.config import OptimConfig
+    from harmonifuse.training.trainer import parameter_groups
+    from tiny import tiny_harmonifuse
+
+    model = tiny_harmonifuse(fusion={"mode": mode})
+    fusion = {id(p) for p in model.fusion.parameters()}
+    assert fusion
+    plain = parameter_groups(model, OptimConfig(lr=1e-3))
+    assert [g["name"] for g in plain] == ["harmonifuse", "lora"]  # as before: earlier checkpoints resume
+    scaled = {g["name"]: g for g in parameter_groups(model, OptimConfig(lr=1e-3, fusion_lr_scale=20.0))}
+    assert {id(p) for p in scaled["fusion"]["params"]} == fusion
+    assert not fusion & {id(p) for p in scaled["harmonifuse"]["params"]}
+    assert scaled["fusion"]["lr"] == pytest.approx(0.02) and scaled["harmonifuse"]["lr"] == pytest.approx(1e-3)
+    # the alignment stage passes its own rate; the scale applies on top of it
+    align = {g["name"]: g for g in parameter_groups(model, OptimConfig(lr=1e-3, fusion_lr_scale=20.0), lr=5e-3)}
+    assert align["fusion"]["lr"] == pytest.approx(0.1) and align["lora"]["lr"] == pytest.approx(5e-4)
+
+
+def test_a_higher_fusion_lr_scale_moves_static_layer_weights_further(tmp_path):
+    moved = {}
+    for scale in (1.0, 20.0):
+        path = write_tiny_run_config(tmp_path / str(scale), model={"fusion": {"mode": "static"}},
+                                     optim={"fusion_lr_scale": scale},
+                                     train={"max_steps": 8, "eval_every": 100, "save_every": 100})
+        train(load_run_config(path), progress=False)
+        weights = load_file(str(tmp_path / str(scale) / "run" / "best" / "trained.safetensors"))
+        moved[scale] = float(weights["fusion.weighting.logits"].abs().max())
+    assert moved[20.0] > 5 * moved[1.0] > 0

@@ -58,6 +58,11 @@ class OptimConfig:
     """Learning rate of the HarmoniFuse parts (projector, fusion, gate)."""
     lora_lr: float = 5e-4
     encoder_lr: float = 5e-5
+    fusion_lr_scale: float = 1.0
+    """The fusion's layer-weight parameters learn at this multiple of their stage's rate (optim.lr,
+    align.lr). Adam moves each parameter by about the rate per step, so prompt fusion's logits,
+    a sum over the prompt vector's entries, move about 20x faster than a static or per-task logit
+    vector (docs: the frontend experiment); a scale lets those ablations move as fast."""
     weight_decay: float = 0.01
     warmup_steps: int = 50
     schedule: Literal["cosine", "constant"] = "cosine"
@@ -66,7 +71,7 @@ class OptimConfig:
     clip_norm: float = 1.0
 
     def validate(self, prefix: str) -> None:
-        for name in ("lr", "lora_lr", "encoder_lr"):
+        for name in ("lr", "lora_lr", "encoder_lr", "fusion_lr_scale"):
             _check(getattr(self, name) > 0, f"{prefix}.{name}", "must be > 0")
         _check(self.warmup_steps >= 0, f"{prefix}.warmup_steps", "must be >= 0")
         _check(self.grad_accum >= 1, f"{prefix}.grad_accum", "must be >= 1")

@@ -48,15 +48,21 @@ def init_distributed() -> tuple[int, int]:
 # -- optimisation -------------------------------------------------------------------------------------
 
 
-def parameter_groups(model, optim) -> list[dict]:
-    """HarmoniFuse parts, LoRA adapters and (if unfrozen) the encoder learn at their own rates."""
-    groups: dict[str, list] = {"harmonifuse": [], "lora": [], "encoder": []}
+def parameter_groups(model, optim, lr: float | None = None) -> list[dict]:
+    """HarmoniFuse parts, LoRA adapters and (if unfrozen) the encoder learn at their own rates;
+    the fusion's layer weights apart at ``optim.fusion_lr_scale`` times the HarmoniFuse rate
+    (``lr``, default ``optim.lr``) when that scale is not 1."""
+    lr = optim.lr if lr is None else lr
+    split_fusion = optim.fusion_lr_scale != 1.0  # else the groups of earlier checkpoints, for --resume
+    groups: dict[str, list] = {"harmonifuse": [], "fusion": [], "lora": [], "encoder": []}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        key = "lora" if name.startswith("llm.") else "encoder" if name.startswith("encoder.") else "harmonifuse"
+        key = ("lora" if name.startswith("llm.") else "encoder" if name.startswith("encoder.")
+               else "fusion" if split_fusion and name.startswith("fusion.") else "harmonifuse")
         groups[key].append(p)
-    rates = {"harmonifuse": optim.lr, "lora": optim.lora_lr, "encoder": optim.encoder_lr}
+    rates = {"harmonifuse": lr, "fusion": lr * optim.fusion_lr_scale, "lora": optim.lora_lr,
+             "encoder": optim.encoder_lr}
     return [{"name": k, "params": v, "lr": rates[k], "weight_decay": optim.weight_decay}
             for k, v in groups.items() if v]
 
@@ -179,8 +185,7 @@ class Trainer:
         ac = config.align
         self.align_optimizer = self.align_scheduler = None
         if ac.max_steps:  # fusion, gate, projector, the CTC scale and an unfrozen encoder: the LLM takes no part
-            groups = [{**g, "lr": ac.lr} if g["name"] == "harmonifuse" else g
-                      for g in parameter_groups(model, oc) if g["name"] != "lora"]
+            groups = [g for g in parameter_groups(model, oc, lr=ac.lr) if g["name"] != "lora"]
             self.align_optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.98))
             self.align_scheduler = torch.optim.lr_scheduler.LambdaLR(
                 self.align_optimizer, lr_lambda(dataclasses.replace(oc, warmup_steps=ac.warmup_steps), ac.max_steps))
