@@ -62,7 +62,7 @@ class OptimConfig:
     """The fusion's layer-weight parameters learn at this multiple of their stage's rate (optim.lr,
     align.lr). Adam moves each parameter by about the rate per step, so prompt fusion's logits,
     a sum over the prompt vector's entries, move about 20x faster than a static or per-task logit
-    vector (docs: the frontend experiment); a scale lets those ablations move as fast."""
+    vector (README, the front-end table); a scale lets those ablations move as fast."""
     weight_decay: float = 0.01
     warmup_steps: int = 50
     schedule: Literal["cosine", "constant"] = "cosine"
