@@ -109,7 +109,6 @@ def plot_metrics(spec: ExperimentSpec, results: dict[str, list[dict]], path: Pat
     arms = [arm for arm in spec.arms if results.get(arm.name)]
     fig, axes = plt.subplots(1, 2, sharey=True, figsize=(12, max(3.5, 0.42 * len(arms) + 1.5)))
     for ax, (key, title) in zip(axes, panels):
-        labelled = False
         for y, arm in enumerate(arms):
             runs = results[arm.name]
             values = [r["metrics"][key] for r in runs if key in r["metrics"]]
@@ -117,20 +116,20 @@ def plot_metrics(spec: ExperimentSpec, results: dict[str, list[dict]], path: Pat
             if not values:
                 continue
             ax.barh(y - 0.2, np.mean(values), height=0.38, color="tab:blue", alpha=0.8,
-                    label=None if labelled else "training prompts")
+                    label="training prompts")
             ax.plot(values, [y - 0.2] * len(values), "k.", ms=6)
             if para:
                 ax.barh(y + 0.2, np.mean(para), height=0.38, color="tab:orange", alpha=0.6, hatch="//",
-                        label=None if labelled else "paraphrased prompts")
+                        label="paraphrased prompts")
                 ax.plot(para, [y + 0.2] * len(para), "k.", ms=6)
-            labelled = True
         ax.set_title(title)
         ax.grid(axis="x", alpha=0.3)
     if arms:
         axes[0].set_yticks(range(len(arms)), [arm.title for arm in arms])
         axes[0].invert_yaxis()  # sharey: both panels list the arms top-down in the spec's order
+    # every bar carries its label; one legend entry per label, for both panels, below them
     handles = {label: h for ax in axes for h, label in zip(*ax.get_legend_handles_labels())}
-    if handles:  # one legend for both panels, below them, where it hides no bar
+    if handles:
         fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=len(handles), fontsize=9)
     fig.suptitle(f"{spec.name}: mean over seeds (bars) and each seed (dots)")
     fig.tight_layout(rect=(0, 0.07 if handles else 0, 1, 1))
