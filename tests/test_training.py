@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from harmonifuse.training.run import load_run_config, train
-from tiny import write_tiny_run_config
+from tiny import tiny_harmonifuse, write_tiny_run_config
 
 TESTS = Path(__file__).parent
 ENV = {**os.environ, "PYTHONPATH": str(TESTS), "OMP_NUM_THREADS": "1"}
@@ -272,7 +272,6 @@ def test_a_missing_built_in_corpus_is_built_with_the_configured_size_and_voices(
 def test_fusion_lr_scale_gives_the_layer_weights_their_own_rate_in_both_stages(mode):
     from harmonifuse.training.config import OptimConfig
     from harmonifuse.training.trainer import parameter_groups
-    from tiny import tiny_harmonifuse
 
     model = tiny_harmonifuse(fusion={"mode": mode})
     fusion = {id(p) for p in model.fusion.parameters()}
