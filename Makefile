@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-DEBIAN_PACKAGES := flite espeak-ng pocketsphinx-testdata wordnet-base
+DEBIAN_PACKAGES := flite espeak-ng pocketsphinx-testdata wordnet-base chromium chromium-driver
 STAMP := $(VENV)/.installed
 
 .PHONY: install demo test bench clean-cache

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from harmonifuse.cli import default_model, load_model
+from harmonifuse.cli import load_model, resolve_model
 from harmonifuse.data.manifest import read_manifest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,7 +26,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--bf16", action="store_true", help="the LLM in bf16 (see bench_inference.py)")
     args = parser.parse_args()
-    model = load_model(args.model or default_model(), bf16=args.bf16).eval()
+    model = load_model(resolve_model(args.model), bf16=args.bf16).eval()
     utts = [u for u in read_manifest(REPO / "data" / "synthetic" / "asr_test.jsonl") if 3 <= u.duration <= 10]
     paths = [u.audio for u in utts[: args.clips]]
     seconds = sum(u.duration for u in utts[: args.clips])

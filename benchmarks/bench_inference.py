@@ -45,11 +45,11 @@ VARIANTS = {  # name: (precision, batch size, KV cache, batches of similar durat
 def worker(variant: str, clips: int) -> dict:
     import contextlib
 
-    from harmonifuse.cli import default_model, duration_batches, load_model
+    from harmonifuse.cli import duration_batches, load_model, resolve_model
     from harmonifuse.data.manifest import read_manifest
 
     precision, batch_size, kv_cache, by_duration = VARIANTS[variant]
-    model = load_model(default_model()).eval()
+    model = load_model(resolve_model(None)).eval()
     if precision == "bf16-weights":
         model.llm.model.to(torch.bfloat16)
     if kv_cache == "static-compile":

@@ -12,8 +12,10 @@ Conversions (silent, always applied):
 - float input whose peak exceeds 1 -> scaled down so the peak is 1 (clipping would distort);
   the tiny overshoot resampling can add is clipped to [-1, 1].
 
-Rejections: missing file, directory, not audio / corrupt, empty, NaN or inf samples, too short
-(``min_seconds``), too long (``max_seconds``), silent (peak below ``silence_threshold``).
+Rejections: missing file, broken symlink or symlink loop, directory, unreadable (permissions), not
+audio / corrupt, empty, NaN or inf samples, too short (``min_seconds``), too long (``max_seconds``),
+silent (peak below ``silence_threshold``). A WAV cut short (its header announces more audio than
+the file holds) is read as far as it goes, with a logged warning saying how much is missing.
 Durations are judged on the input before resampling.
 
 Training should not die on one bad file among thousands, nor hide them: :class:`BadSamplePolicy`
@@ -22,6 +24,7 @@ either re-raises (``"fail"``) or records the file and reason in a :class:`SkipCo
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from dataclasses import dataclass, field
@@ -34,6 +37,7 @@ import soxr
 __all__ = [
     "SAMPLE_RATE",
     "AudioError",
+    "check_readable",
     "load_audio",
     "to_mono_16k",
     "SkipCounter",
@@ -73,32 +77,95 @@ def load_audio(
             short or too long. The message names the file and what to do about it.
     """
     source = os.fspath(path)
-    if not os.path.exists(source):
-        raise AudioError(source, "audio file not found",
-                         "check the path (manifest paths are relative to the manifest's folder)")
-    if os.path.isdir(source):
-        raise AudioError(source, "is a directory, not an audio file", "point at a .wav or .flac file")
-    if os.path.getsize(source) == 0:
-        raise AudioError(source, "audio file is empty (0 bytes)",
-                         "re-extract or re-download it, or remove it from the manifest")
+    check_readable(source)
     try:
         info = sf.info(source)
     except (sf.LibsndfileError, RuntimeError) as error:
-        raise AudioError(source, f"not a readable audio file ({error})",
-                         "convert it to WAV or FLAC, or remove it from the manifest") from error
+        raise AudioError(source, f"not a readable audio file ({_reason(error)})",
+                         "convert it to WAV or FLAC (e.g. ffmpeg -i FILE out.wav), or remove it from the "
+                         "manifest") from error
     if info.frames == 0:
         raise AudioError(source, "audio file contains no samples",
                          "re-extract or re-download it, or remove it from the manifest")
+    _warn_if_truncated(source, info)
     # Reject long files from the header alone, before paying to decode them.
     _check_duration(source, info.frames / info.samplerate, min_seconds, max_seconds)
     try:
         samples, rate = sf.read(source, dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError) as error:
-        raise AudioError(source, f"audio file is corrupt or truncated ({error})",
+        raise AudioError(source, f"audio file is corrupt or truncated ({_reason(error)})",
                          "re-extract or re-download it, or remove it from the manifest") from error
     return to_mono_16k(samples, rate, source=source, sample_rate=sample_rate,
                        max_seconds=max_seconds, min_seconds=min_seconds,
                        silence_threshold=silence_threshold)
+
+
+def check_readable(source: str) -> None:
+    """Raise an :class:`AudioError` saying why ``source`` cannot be opened as a file: missing, a
+    broken symlink or symlink loop, a folder, unreadable (permissions), or empty."""
+    if not os.path.exists(source):
+        if os.path.islink(source):
+            try:
+                os.stat(source)
+                problem = "is a broken symbolic link"
+            except OSError as error:
+                problem = ("is a symbolic link loop" if error.errno == errno.ELOOP
+                           else f"is a broken symbolic link (to {os.readlink(source)})")
+            raise AudioError(source, problem, "point at the real file (`readlink -f` shows where the link leads)")
+        raise AudioError(source, "audio file not found",
+                         "check the path (manifest paths are relative to the manifest's folder)")
+    if os.path.isdir(source):
+        raise AudioError(source, "is a directory, not an audio file",
+                         "point at an audio file (.wav, .flac, .ogg, .mp3) inside it")
+    try:
+        with open(source, "rb") as handle:
+            empty = not handle.read(1)
+    except PermissionError as error:
+        raise AudioError(source, "permission denied: this user cannot read the file",
+                         "make it readable (chmod a+r FILE) or run as a user who can read it") from error
+    except OSError as error:
+        raise AudioError(source, f"cannot be opened ({error.strerror or error})",
+                         "check the file and the disk it is on") from error
+    if empty:
+        raise AudioError(source, "audio file is empty (0 bytes)",
+                         "re-extract or re-download it, or remove it from the manifest")
+
+
+def _reason(error: Exception) -> str:
+    """libsndfile's reason without the repeated file name: "Error opening 'x.wav': Format not
+    recognised." -> "Format not recognised"."""
+    text = str(error)
+    if ": " in text and text.startswith("Error opening"):
+        text = text.split(": ", 1)[1]
+    return text.strip().rstrip(".")
+
+
+def _warn_if_truncated(source: str, info) -> None:
+    """A WAV whose header promises more audio than the file holds (an interrupted copy or
+    recording): libsndfile reads what is there; say so, since the end of the recording is missing."""
+    if info.format not in ("WAV", "WAVEX"):
+        return
+    try:
+        with open(source, "rb") as handle:
+            head = handle.read(1 << 16)
+        size = os.path.getsize(source)
+    except OSError:
+        return
+    if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        return
+    position = 12
+    while position + 8 <= len(head):
+        chunk, length = head[position:position + 4], int.from_bytes(head[position + 4:position + 8], "little")
+        if chunk == b"data":
+            present = size - (position + 8)
+            if length != 0xFFFFFFFF and present < length:
+                missing = (length - present) * info.frames / max(1, present) / info.samplerate
+                log.warning("%s: the file is truncated: its header announces %d bytes of audio, %d are present "
+                            "(about %.2f s of the recording is missing); the part present is used. Re-copy or "
+                            "re-export the file if the end matters", source, length, present,
+                            missing)
+            return
+        position += 8 + length + (length & 1)
 
 
 def to_mono_16k(
@@ -168,8 +235,8 @@ def _as_float(samples: np.ndarray, source: str) -> np.ndarray:
 
 def _check_duration(source: str, seconds: float, min_seconds: float, max_seconds: float | None) -> None:
     if seconds < min_seconds:
-        raise AudioError(source, f"audio is too short ({seconds:.3f} s < min_seconds {min_seconds:g} s)",
-                         "remove it from the data, or lower `min_seconds` in the data config")
+        raise AudioError(source, f"audio is too short ({seconds:.3f} s < min_seconds {min_seconds:g} s): too "
+                                 "short to hold a word", "check that the file was written completely, or remove it")
     if max_seconds is not None and seconds > max_seconds:
         raise AudioError(source, f"audio is too long ({seconds:.2f} s > max_seconds {max_seconds:g} s)",
                          "raise `max_seconds` in the data config (null disables the limit), "

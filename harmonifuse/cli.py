@@ -8,26 +8,19 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Callable
 
 from .config import ConfigError
+from .pretrained import DEMO_MODEL, MODEL_ENV, default_model, resolve_model  # noqa: F401 (re-exported)
 from .training.config import SYNTHETIC_SIZES, SYNTHETIC_VOICE_SETS
 
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif"}
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEMO_MODEL = REPO_ROOT / "models" / "harmonifuse-demo"
+REPO_ROOT = Path(__file__).resolve().parents[1]  # a source checkout's root; never needed to find the model
 log = logging.getLogger("harmonifuse")
+DEBUG_HELP = "show the full traceback of an error (default: one line saying what went wrong and what to do)"
 BF16_HELP = "run the LLM in bf16 (faster on CPUs with bf16 matrix units and on GPUs; bf16 rounding)"
-
-
-def default_model() -> str | None:
-    """$HARMONIFUSE_MODEL, else the shipped demo model when present."""
-    if os.environ.get("HARMONIFUSE_MODEL"):
-        return os.environ["HARMONIFUSE_MODEL"]
-    return str(DEMO_MODEL) if (DEMO_MODEL / "config.yaml").is_file() else None
 
 
 def expand_audio_paths(items: list[str]) -> list[Path]:
@@ -37,26 +30,26 @@ def expand_audio_paths(items: list[str]) -> list[Path]:
         path = Path(item)
         if path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES)
-            if not found:
-                raise SystemExit(f"error: no audio files ({', '.join(sorted(AUDIO_SUFFIXES))}) in folder {path}")
-            paths.extend(found)
+            paths.extend(found or [path])  # a folder without audio is reported like a bad file
         else:
             paths.append(path)
     return paths
 
 
-def load_model(model_dir: str | None, *, bf16: bool = False):
+def load_model(model_dir: str | None, *, bf16: bool = False, overrides: list[str] | None = None):
     import torch
 
     from .config import ModelConfig
     from .model import HarmoniFuse
 
     if model_dir is None:
-        print("note: no trained model found (models/harmonifuse-demo or --model); using an UNTRAINED "
+        print(f"note: no trained model found (pass --model FOLDER or set {MODEL_ENV}); using an UNTRAINED "
               "HarmoniFuse on the default pretrained parts: its answers are not meaningful", file=sys.stderr)
-        model = HarmoniFuse.from_pretrained(ModelConfig())
+        from .config import apply_overrides, from_dict
+
+        model = HarmoniFuse.from_pretrained(from_dict(ModelConfig, apply_overrides({}, overrides or []), "model"))
     else:
-        model = HarmoniFuse.from_pretrained(model_dir)
+        model = HarmoniFuse.from_pretrained(model_dir, overrides)
     return model.llm_in(torch.bfloat16) if bf16 else model
 
 
@@ -65,23 +58,30 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
     paths = expand_audio_paths(args.files)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    model = load_model(args.model or default_model(), bf16=args.bf16)
+    model = load_model(resolve_model(args.model), bf16=args.bf16)
     model.eval()
     unknown = set(tasks) - set(model.task_names)
     if unknown:
         raise SystemExit(f"error: --tasks has unknown task(s) {sorted(unknown)}; choose from {model.task_names}")
+    if args.format in ("srt", "vtt") and not args.json and len(paths) > 1 and not args.output_dir:
+        raise SystemExit(f"error: --format {args.format} with {len(paths)} files needs --output-dir DIR "
+                         "(one subtitle file each)")
     failures = 0
     bar = tqdm(total=len(paths), unit="file", disable=len(paths) < 4 or args.quiet, file=sys.stderr)
     for window in duration_batches([header_duration(p) for p in paths], args.batch_size):
         results: dict[int, dict] = {}
         for batch in window:
-            for index, result in zip(batch, _analyze_batch(model, [paths[i] for i in batch], tasks)):
+            for index, result in zip(batch, _analyze_batch(model, [paths[i] for i in batch], tasks,
+                                                           progress=not args.quiet, debug=args.debug)):
                 results[index] = result
             bar.update(len(batch))
         for index in sorted(results):  # input order, printed once per window so little waits unprinted
             failures += "error" in results[index]
-            _print_result(paths[index], results[index], args.json)
+            _emit(paths[index], results[index], "json" if args.json else args.format, args.output_dir)
     bar.close()
+    if failures:
+        print(f"{failures} of {len(paths)} file(s) failed; their errors are above, the other files were answered",
+              file=sys.stderr)
     return 1 if failures else 0
 
 
@@ -108,20 +108,53 @@ def duration_batches(durations: list[float], batch_size: int, window_batches: in
     return plan
 
 
-def _analyze_batch(model, batch: list[Path], tasks: list[str]) -> list[dict]:
+def _analyze_batch(model, batch: list[Path], tasks: list[str], progress: bool = False,
+                   debug: bool = False) -> list[dict]:
+    """Answers for a batch; when one file fails, each file alone, so the good ones are still answered
+    and every bad one gets its own error (an unexpected one too, unless ``debug`` wants the traceback)."""
     from .audio import AudioError
 
     try:
-        return model.analyze([str(p) for p in batch], tasks=tasks)
+        return model.analyze([str(p) for p in batch], tasks=tasks, progress=progress)
     except AudioError:
-        # find the bad file(s) without losing the good ones
-        results = []
-        for path in batch:
-            try:
-                results.append(model.analyze([str(path)], tasks=tasks)[0])
-            except AudioError as error:
-                results.append({"error": str(error)})
-        return results
+        pass
+    except Exception:
+        if debug and len(batch) == 1:
+            raise
+    results = []
+    for path in batch:
+        try:
+            if path.is_dir():
+                raise AudioError(path, f"folder holds no audio files ({', '.join(sorted(AUDIO_SUFFIXES))})",
+                                 "point at a folder with audio files, or at the files themselves")
+            results.append(model.analyze([str(path)], tasks=tasks, progress=progress)[0])
+        except AudioError as error:
+            results.append({"error": str(error)})
+        except Exception as error:
+            if debug:
+                raise
+            results.append({"error": f"{path}: unexpected {type(error).__name__}: {error} (run with --debug "
+                                     "for the traceback, and please report it)"})
+    return results
+
+
+def _emit(path: Path, result: dict, form: str, output_dir: str | None) -> None:
+    """Print one file's answer as ``form``; subtitles go to OUTPUT_DIR/<name>.srt|.vtt when given."""
+    from . import formats
+
+    if form in ("json", "text") or "error" in result:
+        _print_result(path, result, form == "json")
+        return
+    text = formats.to_srt(result) if form == "srt" else formats.to_vtt(result)
+    if output_dir:
+        from .atomic import atomic_write_text
+
+        target = Path(output_dir) / f"{path.stem}.{form}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(target, text)
+        print(f"{path}: {target}", flush=True)
+    else:
+        print(text, end="" if text.endswith("\n") else "\n", flush=True)
 
 
 def _print_result(path: Path, result: dict, as_json: bool) -> None:
@@ -131,10 +164,13 @@ def _print_result(path: Path, result: dict, as_json: bool) -> None:
     if "error" in result:
         print(f"{path}\n  error: {result['error']}", flush=True)
         return
-    lines = [str(path)]
-    if "transcript" in result:
-        lines.append(f"  transcript: {result['transcript']}")
-    if "emotion" in result:
+    lines = [str(path) + (f"  ({result['duration']:.1f} s, {len(result['segments'])} segments)"
+                          if "segments" in result else "")]
+    if result.get("no_speech"):
+        lines.append("  no speech detected")
+    elif "transcript" in result:
+        lines.append(f"  transcript: {result['transcript']}  (confidence {result['transcript_confidence']:.2f})")
+    if result.get("emotion") is not None:
         probs = ", ".join(f"{k} {v:.2f}" for k, v in sorted(result["emotion_probs"].items(), key=lambda kv: -kv[1]))
         lines.append(f"  emotion:    {result['emotion']}  ({probs})")
     print("\n".join(lines), flush=True)
@@ -187,7 +223,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluation.report import run_evaluation
 
     prompts = parse_prompts(args.prompt or [])
-    model = load_model(args.model or default_model(), bf16=args.bf16)
+    model = load_model(resolve_model(args.model), bf16=args.bf16, overrides=args.set)
     try:
         model.task_ids(list(prompts))
     except ValueError as error:
@@ -195,7 +231,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     prompts = prompts or None
     summary = run_evaluation(model, [Path(m) for m in args.manifest], Path(args.out) if args.out else None,
                              batch_size=args.batch_size, folds=args.folds, progress=not args.quiet,
-                             log_file=Path(args.log) if args.log else None, prompts=prompts)
+                             log_file=Path(args.log) if args.log else None, prompts=prompts,
+                             nonspeech=args.nonspeech)
     if args.json:
         print(json.dumps({k: v for k, v in summary.items() if k not in ("confusion", "per_manifest", "per_speaker")}))
     else:
@@ -207,6 +244,21 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                 print(f"{key:>9}: {summary[key]:.4f}{spread}")
         if args.out:
             print(f"report: {Path(args.out) / 'summary.md'}")
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from .data.manifest import read_manifest
+    from .evaluation.calibration import calibrate
+
+    model_dir = resolve_model(args.model)
+    model = load_model(model_dir)
+    utterances = [u for m in args.manifest for u in read_manifest(m, labels=model.config.tasks.emotion_labels)
+                  if u.emotion is not None]
+    report = calibrate(model, utterances, batch_size=args.batch_size, progress=not args.quiet)
+    model.save_config(model_dir)
+    print(json.dumps(report, indent=2))
+    print(f"model.calibration.ser_temperature = {report['ser_temperature']} written to {Path(model_dir) / 'config.yaml'}")
     return 0
 
 
@@ -231,12 +283,20 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve.command import serve
+
+    return serve(args)
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "analyze": cmd_analyze,
     "prepare": cmd_prepare,
     "train": cmd_train,
     "evaluate": cmd_evaluate,
     "experiment": cmd_experiment,
+    "calibrate": cmd_calibrate,
+    "serve": cmd_serve,
 }
 
 
@@ -250,13 +310,18 @@ def positive_int(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="harmonifuse", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("analyze", help="transcribe and recognise the emotion of audio files")
     p.add_argument("files", nargs="+", help="audio files or folders")
-    p.add_argument("--model", help="trained model folder (default: $HARMONIFUSE_MODEL or the shipped demo model)")
+    p.add_argument("--model", help=f"trained model folder (default: ${MODEL_ENV}, else the shipped model)")
     p.add_argument("--tasks", default="asr,ser", help="comma separated tasks (default: asr,ser)")
-    p.add_argument("--json", action="store_true", help="one JSON object per line and file")
+    p.add_argument("--json", action="store_true", help="one JSON object per line and file (--format json)")
+    p.add_argument("--format", choices=("json", "text", "srt", "vtt"), default="text",
+                   help="text (default), json (one object per line and file), or srt/vtt subtitles from the "
+                        "segments of long recordings (one cue for a short one)")
+    p.add_argument("--output-dir", help="with --format srt|vtt: write OUTPUT_DIR/<file name>.srt|.vtt per file")
     p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--bf16", action="store_true", help=BF16_HELP)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -277,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
     p = sub.add_parser("evaluate", help="WER/CER and WA/UA/macro-F1 of a model on manifests")
-    p.add_argument("--model", help="trained model folder (default: the shipped demo model)")
+    p.add_argument("--model", help=f"trained model folder (default: ${MODEL_ENV}, else the shipped model)")
     p.add_argument("--manifest", action="append", required=True, help="JSONL manifest (repeatable)")
     p.add_argument("--folds", action="store_true", help="score each manifest separately, report mean and std")
     p.add_argument("--out", help="folder for metrics.json, summary.md and plots")
@@ -286,6 +351,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--bf16", action="store_true", help=BF16_HELP)
     p.add_argument("--json", action="store_true", help="print one JSON object with the metrics")
+    p.add_argument("--nonspeech", action="store_true",
+                   help="also score the built-in non-speech clips (share answered as no speech)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a model config field, e.g. --set decoding.ctc_weight=0.3 (repeatable)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("calibrate", help="fit the emotion probabilities' temperature on dev, store it in the model")
+    p.add_argument("--model", help=f"trained model folder (default: ${MODEL_ENV}, else the shipped model)")
+    p.add_argument("--manifest", action="append", required=True, help="dev manifest with emotion labels (repeatable)")
+    p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
     p = sub.add_parser("experiment", help="run an experiment's arms x seeds (resumable), write its table and plots")
@@ -294,18 +369,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", help="comma separated seeds (default: the file's)")
     p.add_argument("--report-only", action="store_true", help="redraw table and plots from finished runs")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    from .serve.command import add_arguments as add_serve_arguments
+
+    add_serve_arguments(sub.add_parser("serve", help="an OpenAI-compatible HTTP service and a browser page"))
+    for command in sub.choices.values():  # accepted before or after the command
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    from .audio import AudioError
-
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, AudioError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # noqa: BLE001 - one line, not a stack trace, unless --debug
+        if args.debug:
+            raise
+        # HarmoniFuse's own errors (AudioError, ConfigError, ManifestError, WeightsError, DiskFullError, ...)
+        # and the operating system's already say what and where; anything else is named by its type
+        ours = type(error).__module__.startswith("harmonifuse.") or isinstance(error, OSError)
+        print(f"error: {error}" if ours else
+              f"error: {error} ({type(error).__name__}; run again with --debug for the traceback)", file=sys.stderr)
         return 2
 
 

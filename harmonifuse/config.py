@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -167,6 +168,51 @@ class TasksConfig:
 
 
 @dataclass
+class DecodingConfig:
+    """How ASR answers are decoded: joint CTC/LLM beam search (harmonifuse/decoding.py)."""
+
+    beam_size: int = 1
+    """Hypotheses kept per utterance (1: greedy)."""
+    ctc_weight: float = 0.0
+    """w in score = (1 - w) log p_LLM + w log p_CTC-prefix: how much the projector's CTC head, which
+    only writes what it hears, restrains the LLM's prior (0: the LLM alone)."""
+    llm_candidates: int = 8
+    """The LLM's top tokens scored as extensions of each hypothesis per step; the tokens of the
+    utterance's greedy CTC transcript are always scored too."""
+
+    def validate(self, prefix: str) -> None:
+        _check(self.beam_size >= 1, f"{prefix}.beam_size", "must be >= 1")
+        _check(0.0 <= self.ctc_weight < 1.0, f"{prefix}.ctc_weight", "must be in [0, 1)")
+        _check(self.llm_candidates >= 1, f"{prefix}.llm_candidates", "must be >= 1")
+
+
+@dataclass
+class VADConfig:
+    """Voice activity detection (Silero VAD, its weights inside the silero-vad wheel): audio without
+    speech is answered as no speech instead of being transcribed."""
+
+    enabled: bool = True
+    threshold: float = 0.5
+    """Speech probability above which a 32 ms window counts as speech."""
+    min_speech_seconds: float = 0.25
+    """Less speech than this in a recording: ``no_speech``."""
+
+    def validate(self, prefix: str) -> None:
+        _check(0.0 < self.threshold < 1.0, f"{prefix}.threshold", "must be in (0, 1)")
+        _check(self.min_speech_seconds >= 0, f"{prefix}.min_speech_seconds", "must be >= 0")
+
+
+@dataclass
+class CalibrationConfig:
+    ser_temperature: float = 1.0
+    """Divides the emotion label log-likelihoods before the softmax; fitted on dev by
+    ``harmonifuse calibrate`` (1: uncalibrated)."""
+
+    def validate(self, prefix: str) -> None:
+        _check(self.ser_temperature > 0, f"{prefix}.ser_temperature", "must be > 0")
+
+
+@dataclass
 class ModelConfig:
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -176,6 +222,9 @@ class ModelConfig:
     prompt: PromptConfig = field(default_factory=PromptConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
     tasks: TasksConfig = field(default_factory=TasksConfig)
+    decoding: DecodingConfig = field(default_factory=DecodingConfig)
+    vad: VADConfig = field(default_factory=VADConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -253,8 +302,10 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     dotted = (prefix + ".") if prefix else ""
     unknown = sorted(set(data) - known)
     if unknown:
+        close = difflib.get_close_matches(str(unknown[0]), sorted(known), n=1, cutoff=0.6)
+        hint = f"did you mean '{dotted}{close[0]}'? " if close else ""
         raise ConfigError(
-            f"config field '{dotted}{unknown[0]}' is unknown; known fields here: {sorted(known)}"
+            f"config field '{dotted}{unknown[0]}' is unknown; {hint}known fields here: {sorted(known)}"
         )
     values = {key: _coerce(value, hints[key], f"{dotted}{key}") for key, value in data.items()}
     instance = cls(**values)
@@ -308,11 +359,16 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 def load_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+        if path.is_dir():
+            raise ConfigError(f"config file {path} is a folder; point at a YAML file")
+        raise ConfigError(f"config file {path} does not exist; check the path (e.g. configs/demo.yaml)")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        with open(path, encoding="utf-8") as handle:  # a stream: YAML's messages then name the file and line
+            data = yaml.safe_load(handle) or {}
     except yaml.YAMLError as error:
         raise ConfigError(f"config file {path} is not valid YAML: {error}") from error
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {error.start}); point at a YAML file") from error
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
     return data
@@ -322,4 +378,9 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
     """Load dataclass ``cls`` from a YAML file (optional) and dotted overrides."""
     data = load_yaml(path) if path is not None else {}
     data = apply_overrides(data, overrides or [])
-    return from_dict(cls, data)
+    try:
+        return from_dict(cls, data)
+    except ConfigError as error:
+        if path is None:
+            raise
+        raise ConfigError(f"{path}: {error}") from None

@@ -15,10 +15,12 @@ sequence of document breaks; a learned blank is a direction the LLM has no prior
 
 The logit scale ``s`` matters when the projector's output norm is pinned to that of the text
 embeddings (``projector.match_embedding_norm``): with ``s = 1`` a softmax over 49k tokens cannot
-become sharp. A small fixed ``s`` (3 in configs/demo.yaml) makes a confident CTC need outputs close
-to the token embeddings (cosine 0.41 to the CTC token on dev); a learned ``s`` (one scalar,
-log-parametrised, ``projector.ctc_learn_scale``) grew to 8-12 and let CTC be as accurate with
-outputs that point only loosely at them (cosine 0.20-0.22). See docs/recipes.md.
+become sharp. A small fixed ``s`` (``projector.ctc_scale``) makes a confident CTC need outputs close
+to the token embeddings; a learned ``s`` (one scalar, log-parametrised, ``projector.ctc_learn_scale``)
+lets CTC be as accurate with outputs that point only loosely at them (measurements:
+docs/training-log.md).
+
+At inference the same head scores hypotheses of the LLM (joint CTC/LLM decoding, decoding.py).
 """
 from __future__ import annotations
 
@@ -101,8 +103,8 @@ class EmbeddingCTC(nn.Module):
     def token_mixture(self, speech: torch.Tensor, embedding: torch.Tensor, blank: int) -> torch.Tensor:
         """speech (B, N, H) -> (B, N, H): each position's expected class embedding under the CTC
         posterior, sum_v p_v E_v (the learned blank's vector included). An LLM input that stays on
-        its own token embeddings, however the projector moves (run G in docs/recipes.md: it
-        learned slower than reading the projector output directly)."""
+        its own token embeddings, however the projector moves (it learned slower than reading the
+        projector output directly: docs/training-log.md)."""
         logits, _ = self.logits(speech, embedding, blank)
         probs = (logits * self.scale.float()).softmax(-1)  # (B, N, C)
         vocabulary = embedding.shape[0]

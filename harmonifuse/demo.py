@@ -1,10 +1,13 @@
-"""The main job (``make demo``): the shipped model on real recordings and on the built-in test split.
+"""The main job (``make demo``): the shipped model on real recordings, on noise and on the built-in test split.
 
-1. builds the built-in synthetic corpus into ``data/synthetic`` if it is missing;
-2. runs ``analyze`` on the real LibriVox recordings of Debian's pocketsphinx-testdata and on a few
-   test-split clips (unseen voices, unseen sentences);
-3. evaluates the model on a fixed spread-out subset of the test split (100 utterances per task;
-   ``--limit 0`` for all of it) and writes ``results/demo/`` (metrics, summary, plots).
+1. builds the built-in synthetic corpus into ``data/synthetic`` if it is missing, and the manifest
+   of the ten transcribed real recordings of Debian's pocketsphinx-testdata into ``data/real``;
+2. transcribes the real recordings, printing each reference beside the answer and its confidence;
+3. answers the built-in non-speech clips (noise, tones, hum, chords, silence): how many it
+   recognises as no speech;
+4. evaluates the model on a fixed spread-out subset of the test split (100 utterances per task;
+   ``--limit 0`` for all of it) and on the real recordings, writing ``results/demo/`` (metrics,
+   summary, plots).
 """
 from __future__ import annotations
 
@@ -14,15 +17,38 @@ import sys
 import time
 from pathlib import Path
 
-from .cli import DEMO_MODEL, REPO_ROOT, default_model, load_model
+from .cli import REPO_ROOT, default_model, load_model
 
-LIBRIVOX = Path("/usr/share/pocketsphinx/test/data/librivox")
+
+def _prepare_real(out: Path) -> Path | None:
+    """The real-speech manifest (written once), or None without pocketsphinx-testdata."""
+    from .data.importers import pocketsphinx
+
+    manifest = out / pocketsphinx.MANIFEST
+    if manifest.is_file():
+        return manifest
+    if not pocketsphinx.DEFAULT_SRC.is_dir():
+        print("   (not installed: apt-get install pocketsphinx-testdata)")
+        return None
+    return pocketsphinx.prepare(pocketsphinx.DEFAULT_SRC, out)["real"]
+
+
+def _show_real(model, manifest: Path) -> None:
+    from .data.manifest import read_manifest
+
+    utterances = read_manifest(manifest)
+    for utt, result in zip(utterances, model.analyze([u.audio for u in utterances], tasks=("asr",))):
+        answer = "(no speech)" if result["no_speech"] else result["transcript"]
+        print(f"{Path(utt.audio).name}\n  reference:  {utt.text}\n  answer:     {answer}"
+              f"   (confidence {result['transcript_confidence']:.2f})")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None, help=f"model folder (default: {DEMO_MODEL.relative_to(REPO_ROOT)})")
+    parser.add_argument("--model", default=None, help="model folder (default: the shipped model)")
     parser.add_argument("--corpus", default=str(REPO_ROOT / "data" / "synthetic"))
+    parser.add_argument("--real", default=str(REPO_ROOT / "data" / "real"),
+                        help="folder for the manifest of the real recordings")
     parser.add_argument("--out", default=str(REPO_ROOT / "results" / "demo"))
     parser.add_argument("--limit", type=int, default=100,
                         help="evaluate on a fixed spread-out subset of N utterances per task, so the demo stays "
@@ -31,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.time()
 
     from .data.manifest import read_manifest
+    from .evaluation.evaluate import nonspeech_metrics
     from .evaluation.report import SCALARS, markdown_table, run_evaluation
 
     corpus = Path(args.corpus)
@@ -43,16 +70,21 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = args.model or default_model()
     model = load_model(model_dir)
     model.eval()
+    d = model.config.decoding
+    print(f"decoding: beam {d.beam_size}, CTC weight {d.ctc_weight}; SER temperature "
+          f"{model.config.calibration.ser_temperature}; voice activity detection "
+          f"{'on' if model.vad is not None else 'off'}")
 
-    print("\n== real recordings (LibriVox, pocketsphinx-testdata)")
-    real = sorted(LIBRIVOX.glob("*.wav")) if LIBRIVOX.is_dir() else []
-    if not real:
-        print("   (not installed: apt-get install pocketsphinx-testdata)")
-    for path, result in zip(real, model.analyze([str(p) for p in real]) if real else []):
-        print(f"{path.name}\n  transcript: {result['transcript']}\n  emotion:    {result['emotion']}")
-    reference = LIBRIVOX / "transcription"
-    if reference.is_file():
-        print("  (reference transcripts: " + str(reference) + ")")
+    print("\n== real recordings (pocketsphinx-testdata: five LibriVox sentences, five card names)")
+    real = _prepare_real(Path(args.real))
+    if real is not None:
+        _show_real(model, real)
+
+    print("\n== non-speech clips (noise, tones, hum, clicks, chords, silence)")
+    clips = nonspeech_metrics(model)
+    invented = [c for c in clips["clips"] if not c["no_speech"]]
+    print(f"answered as no speech: {clips['nonspeech_detected']:.3f} of {clips['n_nonspeech']}"
+          + "".join(f"\n  {c['clip']}: {c['transcript']!r}, {c['emotion']}" for c in invented))
 
     print("\n== test-split clips (unseen voices and sentences; emotion is synthetic, prosody by rule)")
     asr_test = read_manifest(corpus / "asr_test.jsonl")
@@ -60,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     picks = asr_test[:2] + [ser_test[i] for i in range(0, len(ser_test), max(1, len(ser_test) // 4))][:4]
     for utt, result in zip(picks, model.analyze([u.audio for u in picks])):
         truth = f"text: {utt.text}" if utt.text else f"emotion: {utt.emotion}"
-        print(f"{Path(utt.audio).name}  [{truth}]\n  transcript: {result['transcript']}\n"
+        print(f"{Path(utt.audio).name}  [{truth}]\n  transcript: {result['transcript']}"
+              f"  (confidence {result['transcript_confidence']:.2f})\n"
               f"  emotion:    {result['emotion']}  ({json.dumps(result['emotion_probs'])})")
 
     manifests = [corpus / "asr_test.jsonl", corpus / "ser_test.jsonl"]
@@ -80,15 +113,21 @@ def main(argv: list[str] | None = None) -> int:
     log = Path(model_dir) / "log.jsonl" if model_dir else None
     summary = run_evaluation(model, manifests, Path(args.out), batch_size=8,
                              log_file=log if log and log.is_file() else None)
-    print("\n| metric | value |\n|---|---|")
+    summary["nonspeech_detected"] = clips["nonspeech_detected"]
+    rows = {"test split": summary}
+    if real is not None:
+        rows["real recordings (10, a smoke signal)"] = run_evaluation(model, [real], Path(args.out) / "real",
+                                                                      batch_size=8, progress=False)
+    print("\n| metric | " + " | ".join(rows) + " |\n|---|" + "---|" * len(rows))
     for key in SCALARS:
-        if key in summary:
-            print(f"| {key} | {summary[key]:.4f} |")
+        if any(key in r for r in rows.values()):
+            print(f"| {key} | " + " | ".join(f"{r[key]:.4f}" if key in r else "" for r in rows.values()) + " |")
+    (Path(args.out) / "nonspeech.json").write_text(json.dumps(clips, indent=1))
     if "per_speaker" in summary:
         print("\n" + markdown_table(summary["per_speaker"], "Per test voice", "speaker"))
     print(f"\nreport and plots: {Path(args.out) / 'summary.md'}   ({(time.time() - start) / 60:.1f} min)")
     if model_dir is None:
-        print("note: the model was UNTRAINED (no models/harmonifuse-demo); train one with "
+        print("note: the model was UNTRAINED (no shipped model found); train one with "
               "`harmonifuse train configs/demo.yaml`", file=sys.stderr)
     return 0
 

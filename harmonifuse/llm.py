@@ -9,10 +9,13 @@ The LLM is frozen; LoRA adapters (peft) are its only trained weights.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from .decoding import Hypothesis, beam_search
 
 SPEECH_MARK = "<<speech>>"
 IGNORE_INDEX = -100
@@ -45,6 +48,9 @@ class SpeechLLM(nn.Module):
         self.eos_token_id = tokenizer.eos_token_id
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self._layouts: dict[str, tuple[list[int], list[int]]] = {}
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        # transformers 5 renamed the KV-cache argument (the old name still works but warns)
+        self._cache_arg = "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
         # CTC blank: a special token that never occurs in a transcript (the first one the tokenizer has)
         specials = sorted(set(tokenizer.all_special_ids) - {self.eos_token_id}) or [self.pad_token_id]
         self.ctc_blank_id = specials[0]
@@ -203,6 +209,54 @@ class SpeechLLM(nn.Module):
         return [text.strip() for text in self.tokenizer.batch_decode(generated, skip_special_tokens=True)]
 
     @torch.no_grad()
+    def decode(self, speech: torch.Tensor, speech_lengths: torch.Tensor, prompts: list[str], *,
+               beam_size: int = 1, ctc_weight: float = 0.0, llm_candidates: int = 8,
+               ctc_log_probs: torch.Tensor | None = None, ctc_lengths: torch.Tensor | None = None,
+               blank: int | None = None, ctc_tokens: list[list[int]] | None = None,
+               max_new_tokens: int | None = None, max_tokens_per_position: float | None = 1.0) -> list[Hypothesis]:
+        """Joint CTC/LLM beam search (harmonifuse/decoding.py) with the KV cache: one hypothesis per item.
+
+        speech (B, N, H), speech_lengths (B,); ``ctc_log_probs`` (B, T, C) and ``ctc_lengths`` (B,)
+        when ``ctc_weight > 0``. Beam 1 without CTC is greedy decoding, token for token what
+        :meth:`generate` returns (up to the length bound). ``max_tokens_per_position``: at most this many
+        answer tokens per speech position (1.0 at the projector's 10 positions per second is 10 tokens
+        per second, twice fast speech; None: only ``max_new_tokens``).
+        """
+        context = self.build_inputs(speech, speech_lengths, prompts, left_pad=True)
+        out = self.model(inputs_embeds=context.inputs_embeds, attention_mask=context.attention_mask,
+                         position_ids=context.position_ids, use_cache=True, logits_to_keep=1)
+        cache = self._cache_of(out)
+        if beam_size > 1:
+            cache.batch_repeat_interleave(beam_size)
+        mask = context.attention_mask.repeat_interleave(beam_size, 0)  # (R, N)
+        position = mask.sum(-1)  # (R,) the next token's position
+        rows = torch.arange(len(mask), device=mask.device)
+
+        def step(tokens: torch.Tensor, parents: torch.Tensor) -> torch.Tensor:
+            nonlocal mask, position
+            if not torch.equal(parents, rows):  # greedy rows never move: spare copying the cache
+                cache.reorder_cache(parents)
+                mask, position = mask[parents], position[parents]
+            mask = torch.cat([mask, mask.new_ones(len(parents), 1)], dim=1)
+            logits = self.model(inputs_embeds=self.embed(tokens[:, None]), attention_mask=mask,
+                                position_ids=position[:, None], use_cache=True, **{self._cache_arg: cache}).logits
+            position = position + 1
+            return logits[:, -1]
+
+        return beam_search(out.logits[:, -1], step, eos=self.eos_token_id,
+                           max_new_tokens=max_new_tokens or self.max_new_tokens, beam_size=beam_size,
+                           ctc_weight=ctc_weight, llm_candidates=llm_candidates, ctc_log_probs=ctc_log_probs,
+                           ctc_lengths=ctc_lengths, blank=blank, ctc_tokens=ctc_tokens,
+                           max_lengths=None if max_tokens_per_position is None else
+                           [max(1, int(n * max_tokens_per_position)) for n in speech_lengths.tolist()])
+
+    def _cache_of(self, output):
+        return getattr(output, self._cache_arg)
+
+    def detokenize(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+    @torch.no_grad()
     def score_labels(self, speech: torch.Tensor, speech_lengths: torch.Tensor, prompts: list[str],
                      labels: list[str]) -> torch.Tensor:
         """Log-probability of every label (its tokens and eos) as the answer: (B, K).
@@ -214,7 +268,7 @@ class SpeechLLM(nn.Module):
         label_ids = [self.answer_ids(label) for label in labels]
         context = self.build_inputs(speech, speech_lengths, prompts, left_pad=True)
         out = self.model(inputs_embeds=context.inputs_embeds, attention_mask=context.attention_mask,
-                         position_ids=context.position_ids, use_cache=True)
+                         position_ids=context.position_ids, use_cache=True, logits_to_keep=1)
         first = out.logits[:, -1].float().log_softmax(-1)  # (B, V): every label's first token
         width = max(len(ids) for ids in label_ids)
         ids = torch.full((K, width), self.pad_token_id, dtype=torch.long, device=self.device)
@@ -224,14 +278,14 @@ class SpeechLLM(nn.Module):
             valid[k, : len(row)] = True
         scores = first.gather(1, ids[:, 0].expand(B, K))  # (B, K)
         if width > 1:
-            cache = out.past_key_values
+            cache = self._cache_of(out)
             cache.batch_repeat_interleave(K)  # row b*K + k continues item b with label k
             rows_ids, rows_valid = ids.repeat(B, 1), valid.repeat(B, 1)  # (B*K, W)
             mask = torch.cat([context.attention_mask.repeat_interleave(K, 0), rows_valid.long()], dim=1)
             start = context.attention_mask.sum(-1).repeat_interleave(K)[:, None]
             positions = start + torch.arange(width, device=self.device)[None, :]
             follow = self.model(inputs_embeds=self.embed(rows_ids), attention_mask=mask, position_ids=positions,
-                                past_key_values=cache, use_cache=True)
+                                use_cache=True, **{self._cache_arg: cache})
             logprobs = follow.logits[:, :-1].float().log_softmax(-1)  # predicts label tokens 1..W-1
             picked = logprobs.gather(-1, rows_ids[:, 1:, None])[..., 0] * rows_valid[:, 1:]
             scores = scores + picked.sum(-1).view(B, K)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence, Union
@@ -16,11 +15,10 @@ from typing import Any, Sequence, Union
 import numpy as np
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .augment import FeatureMasking
-from .ctc import EmbeddingCTC
+from .ctc import EmbeddingCTC, greedy_ctc_from_logits
 from .config import ModelConfig, from_dict, load_yaml
 from .encoders import EncoderOutput, SpeechEncoder, build_encoder
 from .fusion import LayerFusion, build_fusion
@@ -29,6 +27,7 @@ from .lengths import lengths_to_mask
 from .llm import IGNORE_INDEX, SpeechLLM
 from .projector import FrameStackProjector
 from .prompt import PROMPT_ENCODERS
+from .vad import SileroVAD
 
 AudioInput = Union[str, os.PathLike, np.ndarray, tuple]
 CONFIG_NAME = "config.yaml"
@@ -68,7 +67,7 @@ class SpeechEmbeddings:
 class HarmoniFuse(nn.Module):
     def __init__(self, config: ModelConfig, encoder: SpeechEncoder, prompt_encoder: nn.Module, fusion: LayerFusion,
                  gate: nn.Module, projector: FrameStackProjector, llm: SpeechLLM, ctc: EmbeddingCTC | None = None,
-                 augment: FeatureMasking | None = None) -> None:
+                 augment: FeatureMasking | None = None, vad: SileroVAD | None = None) -> None:
         super().__init__()
         self.config = config
         self.encoder = encoder
@@ -79,6 +78,8 @@ class HarmoniFuse(nn.Module):
         self.llm = llm
         self.ctc = ctc if ctc is not None else EmbeddingCTC()
         self.augment = augment if augment is not None else FeatureMasking()
+        self.vad = vad
+        """Answers ``no_speech`` for audio without speech instead of transcribing it (None: off)."""
         self.task_names = config.tasks.task_names
 
     # -- construction -------------------------------------------------------------------------------
@@ -115,26 +116,33 @@ class HarmoniFuse(nn.Module):
                            blank_size=llm.hidden_size if p.ctc_learned_blank else None)
         a = config.augment
         augment = FeatureMasking(a.time_masks, a.time_width, a.channel_masks, a.channel_width)
-        return cls(config, encoder, prompt_encoder, fusion, gate, projector, llm, ctc, augment)
+        v = config.vad
+        vad = SileroVAD(v.threshold, v.min_speech_seconds) if v.enabled else None
+        return cls(config, encoder, prompt_encoder, fusion, gate, projector, llm, ctc, augment, vad)
 
     @classmethod
-    def from_pretrained(cls, source: str | os.PathLike | ModelConfig, overrides: list[str] | None = None) -> "HarmoniFuse":
-        """A saved model folder, a YAML config file, or a ModelConfig (fresh, untrained parts)."""
+    def from_pretrained(cls, source: str | os.PathLike | ModelConfig | None = None,
+                        overrides: list[str] | None = None) -> "HarmoniFuse":
+        """A saved model folder, a YAML config file, or a ModelConfig (fresh, untrained parts);
+        None: $HARMONIFUSE_MODEL, else the model shipped in the package."""
         if isinstance(source, ModelConfig):
             return cls.build(source)
-        path = Path(source)
+        from .pretrained import resolve_model
+
+        path = Path(resolve_model(source))
         if path.is_dir():
-            config_file = path / CONFIG_NAME
-            if not config_file.is_file():
-                raise FileNotFoundError(f"{path} is not a HarmoniFuse model folder: {CONFIG_NAME} is missing")
-            model = cls.build(_model_config(load_yaml(config_file), overrides))
-            weights = path / WEIGHTS_NAME
-            if weights.is_file():
-                model.load_trained(weights)
+            config_file, weights = path / CONFIG_NAME, path / WEIGHTS_NAME
+            for needed in (config_file, weights):  # never answer with untrained parts by accident
+                if not needed.is_file():
+                    raise FileNotFoundError(f"{path} is not a complete HarmoniFuse model folder: {needed.name} is "
+                                            f"missing; copy the whole folder again ({CONFIG_NAME} and {WEIGHTS_NAME})")
+            model = cls.build(_folder_config(config_file, overrides))
+            model.load_trained(weights)
             return model
         if path.is_file():
             return cls.build(_model_config(load_yaml(path), overrides))
-        raise FileNotFoundError(f"no model folder or config file at {path}")
+        raise FileNotFoundError(f"no model folder or config file at {path}; check the path (a model folder "
+                                f"holds {CONFIG_NAME} and {WEIGHTS_NAME})")
 
     # -- trained state ------------------------------------------------------------------------------
 
@@ -143,29 +151,46 @@ class HarmoniFuse(nn.Module):
         return {name: p.detach() for name, p in self.named_parameters() if p.requires_grad}
 
     def load_trained(self, path: str | os.PathLike) -> None:
-        state = load_file(str(path))
+        """Load trained weights (checksum-verified when they carry one); raises WeightsError."""
+        from .weights import WeightsError, load_weights
+
+        state = load_weights(path)
         expected = set(self.trained_state_dict())
         missing, unexpected = expected - set(state), set(state) - expected
+        other = "use the config.yaml saved with these weights, or weights trained with this config"
         if missing or unexpected:
-            raise ValueError(f"{path} does not match this model's configuration: missing {sorted(missing)[:5]}, "
-                             f"unexpected {sorted(unexpected)[:5]}")
+            raise WeightsError(path, f"does not match this model's configuration: missing {sorted(missing)[:5]}, "
+                                     f"unexpected {sorted(unexpected)[:5]}", other)
         own = dict(self.named_parameters())
+        for name, tensor in state.items():
+            if own[name].shape != tensor.shape:
+                raise WeightsError(path, f"'{name}' has shape {tuple(tensor.shape)}, this model expects "
+                                         f"{tuple(own[name].shape)}: the weights were trained with another base "
+                                         "model or other sizes", other)
         with torch.no_grad():
             for name, tensor in state.items():
-                if own[name].shape != tensor.shape:
-                    raise ValueError(f"{path}: '{name}' has shape {tuple(tensor.shape)}, "
-                                     f"the model expects {tuple(own[name].shape)}")
                 own[name].copy_(tensor)
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """Write config.yaml and the trained weights (safetensors) atomically into ``directory``."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
+        from .atomic import atomic_write, atomic_write_text
+
+        from .weights import save_weights
+
         state = {k: v.contiguous().cpu() for k, v in self.trained_state_dict().items()}
-        _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-        text = yaml.safe_dump(dataclasses.asdict(self.config), sort_keys=False)
-        _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+        atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_weights(state, tmp))
+        atomic_write_text(directory / CONFIG_NAME, _config_text(self.config))
         return directory
+
+    def save_config(self, directory: str | os.PathLike) -> Path:
+        """Rewrite only config.yaml of a saved model folder (e.g. after calibration); the weights stay."""
+        from .atomic import atomic_write_text
+
+        path = Path(directory) / CONFIG_NAME
+        atomic_write_text(path, _config_text(self.config))
+        return path
 
     # -- the forward path -----------------------------------------------------------------------------
 
@@ -330,22 +355,78 @@ class HarmoniFuse(nn.Module):
         self.llm.model.to(dtype)
         return self
 
-    def load_waveforms(self, audio: Sequence[AudioInput]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Paths or arrays -> (B, S) padded 16 kHz waveforms and (B,) lengths on the model's device."""
-        from .audio import SAMPLE_RATE, load_audio, to_mono_16k
-        from .data.batch import pad_waveforms
+    def load_arrays(self, audio: Sequence[AudioInput]) -> list[np.ndarray]:
+        """Paths or arrays -> 16 kHz mono float32 waveforms (S_i,), validated (see harmonifuse/audio.py).
 
+        With voice activity detection on, silent audio is let through: it is answered as no speech."""
+        from .audio import SAMPLE_RATE, load_audio, to_mono_16k
+
+        limits = {"max_seconds": self.config.encoder.max_seconds}
+        if self.vad is not None:
+            limits["silence_threshold"] = 0.0
         waves = []
         for item in audio:
             if isinstance(item, (str, os.PathLike)):
-                waves.append(load_audio(item, max_seconds=self.config.encoder.max_seconds))
+                waves.append(load_audio(item, **limits))
             elif isinstance(item, tuple):
                 samples, rate = item
-                waves.append(to_mono_16k(np.asarray(samples), rate, max_seconds=self.config.encoder.max_seconds))
+                waves.append(to_mono_16k(np.asarray(samples), rate, **limits))
             else:
-                waves.append(to_mono_16k(np.asarray(item), SAMPLE_RATE, max_seconds=self.config.encoder.max_seconds))
+                waves.append(to_mono_16k(np.asarray(item), SAMPLE_RATE, **limits))
+        return waves
+
+    def load_waveforms(self, audio: Sequence[AudioInput]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Paths or arrays -> (B, S) padded 16 kHz waveforms and (B,) lengths on the model's device."""
+        return self._pad(self.load_arrays(audio))
+
+    def _pad(self, waves: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        from .data.batch import pad_waveforms
+
         batch, lengths = pad_waveforms(waves)
         return batch.to(self.llm.device), lengths.to(self.llm.device)
+
+    def ctc_log_probs(self, speech: SpeechEmbeddings) -> tuple[torch.Tensor, int]:
+        """The CTC head's log-posteriors over the LLM vocabulary (and a learned blank): (B, N, C), blank class."""
+        logits, blank = self.ctc.logits(speech.ctc_input, self.llm.model.get_input_embeddings().weight,
+                                        self.llm.ctc_blank_id)
+        return (logits * self.ctc.scale.float()).log_softmax(-1), blank
+
+    def _transcribe_speech(self, speech: SpeechEmbeddings, prompts: list[str]) -> list[dict]:
+        """Transcripts with their confidence, decoded as ``model.decoding`` says.
+
+        ``transcript_confidence`` = sqrt(LLM token probability x CTC agreement): the LLM's
+        geometric-mean probability per token, and how much of its answer the CTC head, which only
+        writes what it hears, wrote too (1 - character error rate between the two, clipped at 0).
+        """
+        from .evaluation.metrics import text_agreement
+
+        d = self.config.decoding
+        log_probs, blank = self.ctc_log_probs(speech)
+        greedy = greedy_ctc_from_logits(log_probs, speech.lengths, blank)
+        use_ctc = d.ctc_weight > 0
+        hyps = self.llm.decode(speech.embeddings, speech.lengths, prompts, beam_size=d.beam_size,
+                               ctc_weight=d.ctc_weight, llm_candidates=d.llm_candidates,
+                               ctc_log_probs=log_probs if use_ctc else None, ctc_lengths=speech.lengths,
+                               blank=blank, ctc_tokens=greedy if use_ctc else None)
+        results = []
+        for hyp, ctc_ids in zip(hyps, greedy):
+            text = self.llm.detokenize(hyp.tokens)
+            agreement = text_agreement(self.llm.detokenize(ctc_ids), text)
+            results.append({"transcript": text,
+                            "transcript_confidence": round(float(np.sqrt(hyp.llm_confidence * agreement)), 4)})
+        return results
+
+    def _classify_speech(self, speech: SpeechEmbeddings, prompts: list[str]) -> list[dict]:
+        """Closed-set emotion: every label's answer likelihood, temperature-calibrated, as probabilities."""
+        labels = self.config.tasks.emotion_labels
+        scores = self.llm.score_labels(speech.embeddings, speech.lengths, prompts, labels)
+        probs = (scores.float() / self.config.calibration.ser_temperature).softmax(-1)
+        results = []
+        for row in probs.tolist():
+            best = int(np.argmax(row))
+            results.append({"emotion": labels[best], "emotion_confidence": round(row[best], 6),
+                            "emotion_probs": dict(zip(labels, (round(p, 6) for p in row)))})
+        return results
 
     @torch.no_grad()
     def analyze_hidden(self, hidden_states: torch.Tensor, frame_lengths: torch.Tensor,
@@ -353,41 +434,121 @@ class HarmoniFuse(nn.Module):
         """Every task from one set of encoder hidden states (L+1, B, T, D)."""
         B = hidden_states.shape[1]
         results: list[dict] = [{} for _ in range(B)]
+        answer = {"asr": self._transcribe_speech, "ser": self._classify_speech}
         for task in tasks:
             task_prompts = [(prompts or {}).get(task, self.config.tasks.prompts[task])] * B
             speech = self.speech_embeddings(hidden_states, frame_lengths, [task] * B, task_prompts)
-            if task == "ser":
-                labels = self.config.tasks.emotion_labels
-                probs = self.llm.score_labels(speech.embeddings, speech.lengths, task_prompts, labels).softmax(-1)
-                for r, row in zip(results, probs.tolist()):
-                    r["emotion"] = labels[int(np.argmax(row))]
-                    r["emotion_probs"] = dict(zip(labels, (round(p, 6) for p in row)))
+            if task in answer:
+                for r, out in zip(results, answer[task](speech, task_prompts)):
+                    r.update(out)
             else:
                 texts = self.llm.generate(speech.embeddings, speech.lengths, task_prompts)
-                key = "transcript" if task == "asr" else task
                 for r, text in zip(results, texts):
-                    r[key] = text
+                    r[task] = text
         return results
+
+    def no_speech_answer(self, tasks: Sequence[str]) -> dict:
+        """What a recording without speech is answered: no transcript, no emotion."""
+        answer: dict = {"no_speech": True}
+        if "asr" in tasks:
+            answer.update(transcript="", transcript_confidence=1.0)
+        if "ser" in tasks:
+            answer.update(emotion=None, emotion_confidence=None, emotion_probs=None)
+        return answer
+
+    def has_speech(self, waves: list[np.ndarray]) -> list[bool]:
+        """Per waveform, whether the voice activity detector finds speech (all True when it is off)."""
+        return self.vad.has_speech(waves) if self.vad is not None else [True] * len(waves)
 
     @torch.no_grad()
     def analyze(self, audio: AudioInput | Sequence[AudioInput], tasks: Sequence[str] = ("asr", "ser"),
-                prompts: dict[str, str] | None = None) -> dict | list[dict]:
+                prompts: dict[str, str] | None = None, *, batch_size: int = 8, progress: bool = False) -> dict | list[dict]:
         """Run the encoder once and answer every task from its hidden states.
 
         ``audio``: a path, a 16 kHz mono array, an ``(array, sample_rate)`` pair, or a list of them.
-        Returns ``{"transcript", "emotion", "emotion_probs"}`` per input (a list for a list).
+        Returns per input ``{"no_speech", "transcript", "transcript_confidence", "emotion",
+        "emotion_confidence", "emotion_probs"}`` (a list for a list). Audio in which the voice
+        activity detector finds no speech is answered ``no_speech: true``, with an empty transcript
+        and no emotion, instead of being passed to the LLM.
+
+        A recording longer than ``model.encoder.max_seconds`` is read in blocks, cut at pauses
+        (harmonifuse/segments.py) and answered segment by segment, ``batch_size`` segments at a
+        time; its answer adds ``segments`` ``[{start, end, transcript, emotion, ...}]`` (seconds)
+        and ``duration``, joins the transcripts and weights the emotion by segment duration.
         """
+        from .audio import SAMPLE_RATE
+
         single = not isinstance(audio, list)
         items = [audio] if single else list(audio)
         was_training = self.training
         self.eval()
         try:
-            waves, lengths = self.load_waveforms(items)
-            encoded = self.encode(waves, lengths)
-            results = self.analyze_hidden(encoded.hidden_states, encoded.lengths, tasks, prompts)
+            results: list[dict | None] = [None] * len(items)
+            sources = {i: source for i, source in enumerate(map(self._long_source, items)) if source is not None}
+            for i, source in sources.items():
+                results[i] = self._analyze_long(source, tasks, prompts, batch_size=batch_size, progress=progress)
+            short = [i for i in range(len(items)) if i not in sources]
+            if short:
+                waves = self.load_arrays([items[i] for i in short])
+                speech = self.has_speech(waves)
+                for i in short:
+                    results[i] = self.no_speech_answer(tasks)
+                kept = [i for i, flag in zip(short, speech) if flag]
+                if kept:
+                    encoded = self.encode(*self._pad([waves[short.index(i)] for i in kept]))
+                    for i, result in zip(kept, self.analyze_hidden(encoded.hidden_states, encoded.lengths, tasks,
+                                                                   prompts)):
+                        results[i] = {"no_speech": False, **result}
+                for i, wave in zip(short, waves):
+                    results[i]["duration"] = round(len(wave) / SAMPLE_RATE, 3)
         finally:
             self.train(was_training)
         return results[0] if single else results
+
+    def _long_source(self, item: AudioInput):
+        """An AudioSource when ``item`` is longer than the encoder's window, else None (also for input
+        that cannot be read: the short path reports it with its usual message)."""
+        from .audio import SAMPLE_RATE
+        from .segments import AudioSource
+
+        limit = self.config.encoder.max_seconds
+        try:
+            if isinstance(item, (str, os.PathLike)):
+                if not os.path.isfile(item):
+                    return None
+                source = AudioSource(item)
+            elif isinstance(item, tuple):
+                samples, rate = item
+                source = AudioSource(samples=np.asarray(samples), rate=rate)
+            else:
+                source = AudioSource(samples=np.asarray(item), rate=SAMPLE_RATE)
+        except Exception:  # noqa: BLE001 - unreadable input takes the short path, which names the problem
+            return None
+        return source if source.frames > 0 and source.duration > limit else None
+
+    def _analyze_long(self, source, tasks: Sequence[str], prompts: dict[str, str] | None, *, batch_size: int,
+                      progress: bool) -> dict:
+        """A long recording: its speech segments in batches, combined (see :meth:`analyze`)."""
+        from tqdm import tqdm
+
+        from .segments import combine, speech_probabilities, split_at_pauses
+
+        vad = self.vad or SileroVAD()  # segmentation needs the detector even when no-speech answers are off
+        with tqdm(total=round(source.duration, 1), unit="s", desc=f"{Path(source.name).name}: finding speech",
+                  disable=not progress, leave=False) as bar:
+            probs = speech_probabilities(source, vad, progress=bar)
+        segments = split_at_pauses(probs, duration=source.duration, threshold=vad.threshold,
+                                   max_seconds=self.config.encoder.max_seconds - 0.5)  # resampling rounds up
+        answers: list[dict] = []
+        with tqdm(total=len(segments), unit="segment", desc=f"{Path(source.name).name}: answering",
+                  disable=not progress, leave=False) as bar:
+            for start in range(0, len(segments), batch_size):
+                chunk = segments[start:start + batch_size]
+                answers += self.analyze([source.read(s) for s in chunk], tasks, prompts)
+                bar.update(len(chunk))
+        if not segments:
+            return {**self.no_speech_answer(tasks), "segments": [], "duration": round(source.duration, 3)}
+        return {**combine(answers, segments, self.config.tasks.emotion_labels), "duration": round(source.duration, 3)}
 
     def transcribe(self, audio: AudioInput | Sequence[AudioInput]) -> str | list[str]:
         out = self.analyze(audio, tasks=("asr",))
@@ -401,6 +562,34 @@ class HarmoniFuse(nn.Module):
         return [(r["emotion"], r["emotion_probs"]) for r in out]
 
 
+def _config_text(config: ModelConfig) -> str:
+    from . import __version__
+
+    return f"# written by harmonifuse {__version__}\n" + yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)
+
+
+def _folder_config(config_file: Path, overrides: list[str] | None) -> ModelConfig:
+    """A model folder's config.yaml; a field this version does not know is named with the version
+    that wrote the file (a model saved by a newer HarmoniFuse)."""
+    import re
+
+    from . import __version__
+    from .config import ConfigError
+
+    data = load_yaml(config_file)
+    try:
+        _model_config(data, None)
+    except ConfigError as error:
+        written = re.match(r"# written by harmonifuse (\S+)", config_file.read_text(errors="replace"))
+        hint = ""
+        if "is unknown" in str(error):
+            by = f"HarmoniFuse {written.group(1)}" if written else "another HarmoniFuse version"
+            hint = (f"; the model was saved by {by} and this is {__version__}: upgrade (pip install -U harmonifuse) "
+                    "to use it")
+        raise ConfigError(f"{config_file}: {error}{hint}") from None
+    return _model_config(data, overrides)
+
+
 def _model_config(data: dict, overrides: list[str] | None) -> ModelConfig:
     """A model folder's config.yaml, or the ``model:`` section of a full training config."""
     from .config import apply_overrides
@@ -409,14 +598,3 @@ def _model_config(data: dict, overrides: list[str] | None) -> ModelConfig:
         data = data["model"]
     return from_dict(ModelConfig, apply_overrides(data, overrides or []), prefix="model")
 
-
-def _atomic_write(target: Path, write) -> None:
-    """Write via a temporary file in the same folder, then rename: a crash never leaves half a file."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -2,7 +2,6 @@
 import json
 import math
 import subprocess
-import sys
 import types
 
 import pytest
@@ -12,7 +11,7 @@ from safetensors.torch import load_file
 from harmonifuse.config import ConfigError
 from harmonifuse.ctc import EmbeddingCTC, embedding_ctc_loss
 from harmonifuse.training.run import load_run_config, train
-from test_training import ENV, _cli, _final_weights, kill_and_resume
+from test_training import ENV, TORCHRUN_2, _cli, _final_weights, kill_and_resume
 from tiny import tiny_harmonifuse, write_tiny_run_config
 
 CTC_SETTINGS = {"ctc_weight": 0.3, "ctc_learn_scale": True, "ctc_learned_blank": True, "ctc_scale": 4.0,
@@ -293,9 +292,8 @@ def test_alignment_under_ddp_equals_one_process_with_the_global_batch(tmp_path):
                                         train={"max_steps": 2, "save_every": 2, "eval_every": 1000})
     single = load_run_config(config_path, [f"train.output_dir={tmp_path / 'single'}", "data.batch_size=4"])
     train(single, progress=False)
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29563",
-               "-m", "harmonifuse.cli", "train", str(config_path), f"train.output_dir={tmp_path / 'ddp'}",
-               "data.batch_size=2", "align.batch_size=2", "-q"]
+    command = [*TORCHRUN_2, "-m", "harmonifuse.cli", "train", str(config_path),
+               f"train.output_dir={tmp_path / 'ddp'}", "data.batch_size=2", "align.batch_size=2", "-q"]
     result = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     a, b = _final_weights(tmp_path / "single"), _final_weights(tmp_path / "ddp")

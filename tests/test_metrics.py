@@ -70,10 +70,11 @@ def test_evaluation_scores_each_speaker_and_writes_their_table(monkeypatch):
 
     asr = [utt(0, "a", "one two"), utt(1, "b", "three four five"), utt(2, "a", "six")]
     ser = [utt(3, "a", emotion="sad"), utt(4, "b", emotion="happy"), utt(5, "b", emotion="sad")]
-    answers = {"asr": [{"transcript": "one two"}, {"transcript": "three for"}, {"transcript": "happy six"}],
-               "ser": [{"emotion": e, "emotion_probs": {}} for e in ("sad", "happy", "happy")]}
+    answers = {"asr": [{"transcript": t, "transcript_confidence": 0.5} for t in ("one two", "three for", "happy six")],
+               "ser": [{"emotion": e, "emotion_confidence": c, "emotion_probs": {}}
+                       for e, c in (("sad", 0.9), ("happy", 0.6), ("happy", 0.8))]}
     monkeypatch.setattr(evaluation, "predict", lambda model, utterances, task, **_: answers[task][:len(utterances)])
-    model = SimpleNamespace(config=SimpleNamespace(tasks=SimpleNamespace(emotion_labels=["happy", "sad"])))
+    model = SimpleNamespace(config=SimpleNamespace(tasks=SimpleNamespace(emotion_labels=["happy", "sad"])), vad=None)
     result = evaluation.evaluate(model, {"asr": asr, "ser": ser}, progress=False)
     metrics, per_speaker = result["metrics"], result["metrics"]["per_speaker"]
     assert metrics["wer"] == pytest.approx(3 / 6)
@@ -81,6 +82,8 @@ def test_evaluation_scores_each_speaker_and_writes_their_table(monkeypatch):
     assert per_speaker["a"]["wer"] == pytest.approx(1 / 3) and per_speaker["b"]["wer"] == pytest.approx(2 / 3)
     # "happy six" answers the ASR prompt with an emotion label: 1 of 3 answers, 1 of speaker a's 2
     assert metrics["label_answers"] == pytest.approx(1 / 3)
+    # right at 0.9 and 0.6, wrong at 0.8: each its own bin
+    assert metrics["ser_ece"] == pytest.approx((0.1 + 0.4 + 0.8) / 3) and metrics["asr_confidence"] == 0.5
     assert per_speaker["a"]["label_answers"] == 0.5 and per_speaker["b"]["label_answers"] == 0.0
     assert per_speaker["a"]["wa"] == 1.0 and per_speaker["b"]["wa"] == 0.5
     assert per_speaker["b"]["ua"] == 0.5 and "confusion" not in per_speaker["b"]
@@ -91,3 +94,10 @@ def test_evaluation_scores_each_speaker_and_writes_their_table(monkeypatch):
 
     one_speaker = evaluation.evaluate(model, {"asr": asr[:1]}, progress=False)["metrics"]
     assert "per_speaker" not in one_speaker
+
+
+def test_numbers_in_digits_compare_equal_to_numbers_in_words():
+    assert normalize_text("Ten of clubs.") == normalize_text("10 of clubs") == "ten of clubs"
+    assert normalize_text("1,250 and 21") == "one thousand two hundred fifty and twenty one"
+    assert asr_metrics(["eight of spades four of clubs"], ["8 of spades, 4 of clubs"])["wer"] == 0.0
+    assert normalize_text("mp3 and 10th") == "mp3 and 10th"  # only whole numbers are spelt out

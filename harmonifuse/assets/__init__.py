@@ -19,9 +19,10 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+from ..atomic import atomic_directory, leftovers
 
 logger = logging.getLogger(__name__)
 
@@ -104,9 +105,10 @@ def cached_build(name: str, build: Callable[[Path], None]) -> Path:
     """Return ``cache_dir()/name``, first running ``build(tmp)`` to create it if needed.
 
     ``build`` writes into a fresh temporary folder beside the target; the completion marker is
-    written after it returns and the folder is then renamed into place, so the target is either
-    absent or complete. A folder without the marker (interrupted, or from an older converter) is
-    never taken as done and is rebuilt.
+    written after it returns and the folder is then renamed into place
+    (:func:`harmonifuse.atomic.atomic_directory`, which also gives its files the user's normal
+    permissions), so the target is either absent or complete. A folder without the marker
+    (interrupted, or from an older converter) is never taken as done and is rebuilt.
     """
     root = cache_dir()
     target = root / name
@@ -117,41 +119,19 @@ def cached_build(name: str, build: Callable[[Path], None]) -> Path:
         if _is_complete(target):  # another process finished while we waited for the lock
             return target
         if locked:  # leftovers of interrupted builds: while we hold the lock no live builder owns them
-            for stale in root.glob(f".{name}.tmp-*"):
+            for stale in [*leftovers(root, name), *root.glob(f".{name}.tmp-*")]:  # (older versions' names)
                 shutil.rmtree(stale, ignore_errors=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
-        try:
+
+        def build_and_mark(tmp: Path) -> None:
             logger.info("building %s in %s (first use; later uses reuse it)", name, target)
             build(tmp)
             marker = json.dumps({"name": name, "format": CACHE_FORMAT})
             (tmp / DONE_MARKER).write_text(marker, encoding="utf-8")
-            _make_readable(tmp)
-            _move_into_place(tmp, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+
+        # An incomplete or outdated folder in the way is replaced; a complete one came from a
+        # builder that does not share our lock and is kept.
+        atomic_directory(target, build_and_mark, keep_existing=_is_complete)
     return target
-
-
-def _make_readable(folder: Path) -> None:
-    """mkdtemp (and safetensors) create owner-only files; a model cache should be readable by
-    others, like the Hugging Face cache."""
-    folder.chmod(0o755)
-    for path in folder.rglob("*"):
-        path.chmod(0o755 if path.is_dir() else 0o644)
-
-
-def _move_into_place(tmp: Path, target: Path) -> None:
-    try:
-        os.rename(tmp, target)  # atomic; fails if target exists and is not empty
-        return
-    except OSError:
-        if _is_complete(target):  # a builder that does not share our lock got there first
-            return
-    # An incomplete or outdated folder is in the way: move it aside, then retry.
-    aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-old-", dir=target.parent))
-    os.rename(target, aside / target.name)
-    shutil.rmtree(aside, ignore_errors=True)
-    os.rename(tmp, target)
 
 
 def _build_whisper(out_dir: Path) -> None:

@@ -14,11 +14,17 @@ prefetch ahead of the caller, so the sampler's own counter runs ahead).
 Bad samples. Under ``on_error="skip"`` an unloadable item comes back as ``{"id", "task",
 "error"}``; collate drops it and lists it in ``SpeechBatch.skipped``, and the loader tallies
 skips per task *in the main process* (``loader.skipped``), so counts survive worker processes.
+
+Waveform augmentation. Given a :class:`~harmonifuse.data.augmentation.WaveAugment`, the loader
+numbers each plan with its (epoch, step within the epoch) and the fetcher augments the batch's
+waveform items with it (cached hidden states are left alone), keyed by utterance id: the draws
+repeat on resume and do not depend on the worker.
 """
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from torch.utils.data import DataLoader, Dataset
 
@@ -27,6 +33,9 @@ from .batch import SpeechBatch, collate
 from .feature_cache import FeatureCache
 from .manifest import TASK_LABEL_FIELDS, Utterance
 from .sampler import BatchInterleavedSampler, BatchPlan
+
+if TYPE_CHECKING:
+    from .augmentation import WaveAugment
 
 __all__ = ["SpeechTaskDataset", "MultiTaskLoader"]
 
@@ -91,14 +100,49 @@ class SpeechTaskDataset(Dataset):
         return item
 
 
+@dataclass(frozen=True)
+class _NumberedPlan:
+    """A sampler plan with the (epoch, step within the epoch) it was drawn for."""
+
+    plan: BatchPlan
+    epoch: int
+    step: int
+
+
+class _NumberedPlans:
+    """The sampler's plans, each numbered (a DataLoader sampler: iterable with a length)."""
+
+    def __init__(self, sampler: BatchInterleavedSampler) -> None:
+        self.sampler = sampler
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[_NumberedPlan]:
+        epoch, start = self.sampler.epoch, self.sampler.resume_step  # read before iteration resets it
+        for offset, plan in enumerate(self.sampler):
+            yield _NumberedPlan(plan, epoch, start + offset)
+
+
 class _PlanFetcher(Dataset):
     """Map-style view for DataLoader: ``fetcher[plan]`` is the collated batch (runs in workers)."""
 
-    def __init__(self, datasets: Mapping[str, SpeechTaskDataset]) -> None:
+    def __init__(self, datasets: Mapping[str, SpeechTaskDataset], augment: WaveAugment | None = None,
+                 stage: str = "main") -> None:
         self.datasets = dict(datasets)
+        self.augment = augment
+        self.stage = stage
 
-    def __getitem__(self, plan: BatchPlan) -> SpeechBatch:
-        return collate([self.datasets[task][index] for task, index in plan.items], task=plan.task)
+    def __getitem__(self, plan: BatchPlan | _NumberedPlan) -> SpeechBatch:
+        numbered = plan if isinstance(plan, _NumberedPlan) else None
+        plan = numbered.plan if numbered else plan
+        items = [self.datasets[task][index] for task, index in plan.items]
+        if numbered is not None and self.augment is not None:
+            for item in items:
+                if "waveform" in item:
+                    item["waveform"] = self.augment(item["waveform"], item_id=item["id"], step=numbered.step,
+                                                    epoch=numbered.epoch, stage=self.stage)
+        return collate(items, task=plan.task)
 
 
 def _identity(batch: SpeechBatch) -> SpeechBatch:  # module level: picklable for workers
@@ -116,11 +160,15 @@ class MultiTaskLoader:
         pin_memory: pin batches for faster host-to-GPU copies.
         skip_empty: drop batches whose every item was skipped. Default: only when
             ``world_size == 1``, since under DDP every rank must run every step.
+        augment: waveform augmentation for the batches' waveform items (None: none).
+        stage: the training stage these batches feed ("main", "align"): part of the augmentation
+            seed, so two stages at the same step draw differently.
     """
 
     def __init__(self, datasets: Mapping[str, SpeechTaskDataset], sampler: BatchInterleavedSampler, *,
                  num_workers: int = 0, prefetch_factor: int = 2, pin_memory: bool = False,
-                 skip_empty: bool | None = None, multiprocessing_context: str | None = None) -> None:
+                 skip_empty: bool | None = None, multiprocessing_context: str | None = None,
+                 augment: WaveAugment | None = None, stage: str = "main") -> None:
         for task in sampler.tasks:
             if task not in datasets:
                 raise ValueError(f"sampler task {task!r} has no dataset; datasets: {sorted(datasets)}")
@@ -134,6 +182,8 @@ class MultiTaskLoader:
         self.pin_memory = pin_memory
         self.skip_empty = sampler.world_size == 1 if skip_empty is None else skip_empty
         self.multiprocessing_context = multiprocessing_context
+        self.augment = augment if augment else None  # a WaveAugment with every p = 0 is none
+        self.stage = stage
         self.skipped: dict[str, list[str]] = {task: [] for task in sampler.tasks}
         self._epoch = sampler.epoch
         self._step = 0  # batches delivered to the caller in the current epoch
@@ -159,13 +209,14 @@ class MultiTaskLoader:
         return {task: len(ids) for task, ids in self.skipped.items()}
 
     def _batches(self) -> Iterator[SpeechBatch]:
-        fetcher = _PlanFetcher(self.datasets)
+        fetcher = _PlanFetcher(self.datasets, self.augment, self.stage)
+        plans = self.sampler if self.augment is None else _NumberedPlans(self.sampler)
         if self.num_workers == 0:
-            for plan in self.sampler:
+            for plan in plans:
                 batch = fetcher[plan]
                 yield batch.pin_memory() if self.pin_memory else batch
             return
-        loader = DataLoader(fetcher, sampler=self.sampler, batch_size=None, collate_fn=_identity,
+        loader = DataLoader(fetcher, sampler=plans, batch_size=None, collate_fn=_identity,
                             num_workers=self.num_workers, prefetch_factor=self.prefetch_factor,
                             pin_memory=self.pin_memory, multiprocessing_context=self.multiprocessing_context)
         yield from loader

@@ -9,7 +9,9 @@ Layout::
 
     root/<encoder identity slug>-<sha256(identity)[:12]>/
         meta.json                   identity, L+1, D, frame rate (for humans; not trusted)
-        ab/abcdef....npy            (L+1, T, D) float16, one file per distinct audio content
+        ab/abcdef....npy            (L+1, T, D) float16, one file per distinct audio content,
+                                    then a 16-byte trailer: b"HFcrc32\\0", the CRC-32 of the array's
+                                    bytes (little-endian), 4 zero bytes (np.load ignores it)
 
 Keys. A file's key is ``sha256(load parameters + the audio file's bytes)``, so editing or
 replacing the audio changes the key (a miss, then a recompute); the folder is chosen by
@@ -17,9 +19,12 @@ replacing the audio changes the key (a miss, then a recompute); the folder is ch
 Stale files are never read and can be deleted with the folder. Hashing a file is cheap next to
 decoding it; the key is memoised per (path, size, mtime) within a process.
 
-Writes are atomic (temp file in the same folder, then ``os.replace``), so concurrent workers
+Writes are atomic (:mod:`harmonifuse.atomic`: a temp file in the same folder, then a rename), so concurrent workers
 and interrupted builds never leave a half-written file under a real key; a file that still
-fails to load or has the wrong shape is treated as a miss and rewritten.
+fails to load, has the wrong shape or size (truncated), or whose bytes no longer match their
+checksum (damaged on disk) is treated as a miss, with a warning, and rewritten. Files are
+size-checked at every lookup and checksummed when read (:meth:`FeatureCache.get`); files written
+before the trailer existed are accepted on their size alone.
 """
 from __future__ import annotations
 
@@ -28,7 +33,7 @@ import json
 import logging
 import os
 import re
-import uuid
+import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, Union
@@ -36,6 +41,7 @@ from typing import Any, Protocol, Union
 import numpy as np
 import torch
 
+from ..atomic import atomic_write, atomic_write_text
 from ..encoders.base import SpeechEncoder
 
 __all__ = ["FeatureCache"]
@@ -45,6 +51,8 @@ log = logging.getLogger(__name__)
 _KEY_VERSION = b"harmonifuse-feature-cache-v1"
 _FP16_MAX = 65504.0
 _CHUNK = 1 << 20
+_TRAILER_MAGIC = b"HFcrc32\0"
+_TRAILER_SIZE = 16
 
 
 class _HasAudio(Protocol):
@@ -148,7 +156,7 @@ class FeatureCache:
             AudioError: the audio file is missing, or (on a miss) cannot be loaded.
         """
         key = self.key(source, waveform)
-        stored = self._read(self.path_for(key))
+        stored = self._read(self.path_for(key), verify=True)
         if stored is not None:
             self.hits += 1
             return torch.from_numpy(np.array(stored))  # copy out of the memmap (writable, closes it)
@@ -231,8 +239,9 @@ class FeatureCache:
         return load_audio(path, sample_rate=self.sample_rate, **self.load_kwargs)
 
     # ------------------------------------------------------------------ storage
-    def _read(self, path: Path) -> np.ndarray | None:
-        """The stored (L+1, T, D) memmap, or None if absent, unreadable or the wrong shape."""
+    def _read(self, path: Path, verify: bool = False) -> np.ndarray | None:
+        """The stored (L+1, T, D) memmap, or None if absent, unreadable, the wrong shape or size, or
+        (``verify``: its bytes checked) damaged."""
         try:
             array = np.load(path, mmap_mode="r", allow_pickle=False)
         except FileNotFoundError:
@@ -245,20 +254,25 @@ class FeatureCache:
             log.warning("feature cache: %s has shape %s %s, expected (%d, T, %d) float16; recomputing",
                         path, array.shape, array.dtype, *expected)
             return None
+        problem = _check_trailer(path, array, verify)
+        if problem:
+            log.warning("feature cache: %s %s; recomputing", path, problem)
+            return None
         return array
 
     def _write(self, key: str, features: np.ndarray) -> None:
         path = self.path_for(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         self._write_meta()
-        temp = path.parent / f".{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-        try:
-            with open(temp, "xb") as handle:
-                np.save(handle, np.ascontiguousarray(features, dtype=np.float16), allow_pickle=False)
-            os.replace(temp, path)
-        except BaseException:
-            temp.unlink(missing_ok=True)
-            raise
+        array = np.ascontiguousarray(features, dtype=np.float16)
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as handle:  # a handle: np.save would append ".npy" to a path
+                np.save(handle, array, allow_pickle=False)
+                handle.write(_TRAILER_MAGIC + (zlib.crc32(array.data) & 0xFFFFFFFF).to_bytes(4, "little")
+                             + bytes(4))
+
+        atomic_write(path, write)
 
     def _write_meta(self) -> None:
         meta = self.folder / "meta.json"
@@ -267,6 +281,25 @@ class FeatureCache:
         info = {"identity": self.encoder.identity, "num_hidden_states": self.encoder.num_hidden_states,
                 "hidden_size": self.encoder.hidden_size, "frame_rate": self.encoder.frame_rate,
                 "sample_rate": self.sample_rate, "dtype": "float16"}
-        temp = self.folder / f".meta.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-        temp.write_text(json.dumps(info, indent=2) + "\n")
-        os.replace(temp, meta)
+        atomic_write_text(meta, json.dumps(info, indent=2) + "\n")
+
+
+def _check_trailer(path: Path, array: np.memmap, verify: bool) -> str | None:
+    """What is wrong with a stored file's size or checksum trailer, or None when it is whole."""
+    data_end = array.offset + array.nbytes
+    try:
+        size = os.path.getsize(path)
+        if size == data_end:  # written before checksums: its size is all there is to check
+            return None
+        if size != data_end + _TRAILER_SIZE:
+            return f"has {size} bytes, expected {data_end + _TRAILER_SIZE} (truncated or damaged)"
+        with open(path, "rb") as handle:
+            handle.seek(data_end)
+            trailer = handle.read(_TRAILER_SIZE)
+    except OSError as error:
+        return f"cannot be read ({error})"
+    if trailer[:8] != _TRAILER_MAGIC:
+        return "has a damaged checksum trailer"
+    if verify and (zlib.crc32(np.ascontiguousarray(array).data) & 0xFFFFFFFF) != int.from_bytes(trailer[8:12], "little"):
+        return "does not match its checksum (damaged on disk)"
+    return None

@@ -19,11 +19,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from ..atomic import atomic_write_text
 
 __all__ = [
     "EMOTIONS_4",
@@ -125,8 +126,14 @@ def read_manifest(
     issues: list[ManifestIssue] = []
     utterances: list[Utterance] = []
     first_line_of: dict[str, int] = {}
-    with open(file, encoding="utf-8") as handle:
-        for number, raw in enumerate(handle, start=1):
+    with open(file, "rb") as handle:
+        for number, raw_bytes in enumerate(handle, start=1):
+            try:
+                raw = raw_bytes.decode("utf-8")
+            except UnicodeDecodeError as error:
+                issues.append(ManifestIssue(file, number, None, f"not UTF-8 text (byte {error.start})",
+                                            "write the manifest as UTF-8 JSON lines"))
+                continue
             if not raw.strip():
                 continue
             utterance = _parse_line(raw, file, number, base, allowed, check_audio, issues)
@@ -219,7 +226,7 @@ def write_manifest(
     *,
     relative_to_manifest: bool = True,
 ) -> None:
-    """Write ``utterances`` as JSONL, atomically (a temp file in the same folder, then os.replace).
+    """Write ``utterances`` as JSONL, atomically (:func:`harmonifuse.atomic.atomic_write_text`).
 
     With ``relative_to_manifest``, audio paths *inside* the manifest's folder are written relative
     to it, so the folder can be moved as a whole; paths outside it stay absolute (a ``../..`` path
@@ -247,17 +254,7 @@ def write_manifest(
     if issues:
         raise ManifestError(issues)
     folder.mkdir(parents=True, exist_ok=True)
-    # Not mkstemp: its 0600 mode would survive os.replace; "x" mode honours the umask.
-    temp = folder / f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        with open(temp, "x", encoding="utf-8") as out:
-            out.write("".join(line + "\n" for line in lines))
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temp, target)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
+    atomic_write_text(target, "".join(line + "\n" for line in lines))
 
 
 def _portable_path(audio: str, folder: Path, relative: bool) -> str:

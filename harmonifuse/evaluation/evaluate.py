@@ -9,7 +9,7 @@ from tqdm import tqdm
 
 from ..data.batch import pad_hidden_states
 from ..data.manifest import Utterance
-from .metrics import asr_metrics, ser_metrics
+from .metrics import asr_metrics, expected_calibration_error, ser_metrics
 
 
 def hidden_states_for(model, utterances: Sequence[Utterance], cache) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,6 +91,40 @@ def evaluate_ctc(model, manifests: Mapping[str, Sequence[Utterance]], *, batch_s
     return {"metrics": metrics}
 
 
+def detect_speech(model, utterances: Sequence[Utterance], *, batch_size: int = 32) -> list[bool]:
+    """Per utterance, whether the model's voice activity detector hears speech (all True without one)."""
+    if getattr(model, "vad", None) is None:
+        return [True] * len(utterances)
+    flags: list[bool] = []
+    for start in range(0, len(utterances), batch_size):
+        chunk = utterances[start:start + batch_size]
+        flags += model.has_speech(model.load_arrays([u.audio for u in chunk]))
+    return flags
+
+
+def nonspeech_metrics(model, *, seconds: float = 3.0) -> dict:
+    """How the model answers the built-in non-speech clips (harmonifuse/data/nonspeech.py):
+    ``nonspeech_detected``, the share answered as no speech (or refused as silent audio), and each
+    clip's answer."""
+    from ..data.nonspeech import nonspeech_clips
+
+    from ..audio import AudioError
+
+    clips = nonspeech_clips(seconds)
+    answers = []
+    names = list(clips)
+    for name in names:  # one by one: without a voice activity detector silence is refused, not answered
+        try:
+            answers.append(model.analyze(clips[name]))
+        except AudioError as error:
+            answers.append({"no_speech": True, "refused": error.problem})
+    detected = [bool(a.get("no_speech")) for a in answers]
+    return {"nonspeech_detected": float(np.mean(detected)), "n_nonspeech": len(names),
+            "clips": [{"clip": n, "no_speech": d, "transcript": a.get("transcript"), "emotion": a.get("emotion"),
+                       "emotion_confidence": a.get("emotion_confidence")}
+                      for n, d, a in zip(names, detected, answers)]}
+
+
 def _per_speaker(utterances: Sequence[Utterance], score) -> dict[str, dict]:
     """``score(indices)`` for each speaker's utterances, by speaker name."""
     indices: dict[str, list[int]] = {}
@@ -118,23 +152,33 @@ def evaluate(model, manifests: Mapping[str, Sequence[Utterance]], *, batch_size:
             continue
         out = predict(model, utterances, task, batch_size=batch_size, cache=cache,
                       prompt=(prompts or {}).get(task), progress=progress)
+        speech = detect_speech(model, utterances, batch_size=4 * batch_size)
+        out = [r if has else model.no_speech_answer((task,)) for r, has in zip(out, speech)]
+        if getattr(model, "vad", None) is not None:
+            metrics[f"{task}_flagged_no_speech"] = 1.0 - float(np.mean(speech))
         if task == "asr":
             refs = [u.text for u in utterances]
             hyps = [r["transcript"] for r in out]
             metrics.update(asr_metrics(refs, hyps, labels))
+            metrics["asr_confidence"] = float(np.mean([r["transcript_confidence"] for r in out]))
             scores = _per_speaker(utterances, lambda idx: asr_metrics([refs[i] for i in idx],
                                                                       [hyps[i] for i in idx], labels))
-            predictions[task] = [{"id": u.id, "speaker": u.speaker, "reference": ref, "hypothesis": hyp}
-                                 for u, ref, hyp in zip(utterances, refs, hyps)]
+            predictions[task] = [{"id": u.id, "speaker": u.speaker, "reference": ref, "hypothesis": hyp,
+                                  "confidence": r["transcript_confidence"], "no_speech": not has}
+                                 for u, ref, hyp, r, has in zip(utterances, refs, hyps, out, speech)]
         elif task == "ser":
             refs = [u.emotion for u in utterances]
-            preds = [r["emotion"] for r in out]
+            preds = [r["emotion"] or "no_speech" for r in out]
             metrics.update(ser_metrics(refs, preds, labels))
+            confidence = [r["emotion_confidence"] or 0.0 for r in out]
+            metrics["ser_confidence"] = float(np.mean(confidence))
+            metrics["ser_ece"] = expected_calibration_error(confidence, [p == r for p, r in zip(preds, refs)])
             scores = _per_speaker(utterances, lambda idx: {
                 k: v for k, v in ser_metrics([refs[i] for i in idx], [preds[i] for i in idx], labels).items()
                 if k not in ("confusion", "labels")})
             predictions[task] = [{"id": u.id, "speaker": u.speaker, "reference": ref, "prediction": r["emotion"],
-                                  "probs": r["emotion_probs"]} for u, ref, r in zip(utterances, refs, out)]
+                                  "confidence": r["emotion_confidence"], "probs": r["emotion_probs"]}
+                                 for u, ref, r in zip(utterances, refs, out)]
         else:
             raise ValueError(f"no metric for task {task!r}")
         for speaker, values in scores.items():

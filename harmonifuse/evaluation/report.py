@@ -6,11 +6,12 @@ from pathlib import Path
 from typing import Sequence
 
 from ..data.manifest import read_manifest
-from .evaluate import evaluate, hidden_states_for
+from .evaluate import evaluate, hidden_states_for, nonspeech_metrics
 from .metrics import mean_std
 from .plots import plot_confusion, plot_task_profiles, plot_training_curves
 
-SCALARS = ("wer", "cer", "wer_raw", "label_answers", "wa", "ua", "macro_f1")
+SCALARS = ("wer", "cer", "wer_raw", "label_answers", "asr_confidence", "asr_flagged_no_speech", "wa", "ua",
+           "macro_f1", "ser_confidence", "ser_ece", "ser_flagged_no_speech", "nonspeech_detected")
 
 
 def split_by_task(utterances) -> dict[str, list]:
@@ -34,8 +35,9 @@ def markdown_table(rows: dict[str, dict], title: str, first_column: str = "manif
 
 def run_evaluation(model, manifests: Sequence[Path], out_dir: Path | None = None, *, batch_size: int = 8,
                    folds: bool = False, cache=None, log_file: Path | None = None, progress: bool = True,
-                   prompts: dict[str, str] | None = None) -> dict:
-    """Evaluate each manifest (or their union); with ``folds``, also mean and std over manifests."""
+                   prompts: dict[str, str] | None = None, nonspeech: bool = False) -> dict:
+    """Evaluate each manifest (or their union); with ``folds``, also mean and std over manifests;
+    with ``nonspeech``, also the built-in non-speech clips (``nonspeech_detected``)."""
     labels = model.config.tasks.emotion_labels
     loaded = {Path(m).name: read_manifest(m, labels=labels) for m in manifests}
     groups = loaded if folds or len(loaded) == 1 else {"all": [u for us in loaded.values() for u in us]}
@@ -50,6 +52,12 @@ def run_evaluation(model, manifests: Sequence[Path], out_dir: Path | None = None
             values = [m[key] for m in per_group.values() if key in m]
             if values:
                 summary[key], summary[f"{key}_std"] = mean_std(values)
+    if nonspeech:
+        clips = nonspeech_metrics(model)
+        summary["nonspeech_detected"], summary["n_nonspeech"] = clips["nonspeech_detected"], clips["n_nonspeech"]
+        predictions["nonspeech"] = clips["clips"]
+        if len(per_group) == 1:
+            per_group[next(iter(per_group))]["nonspeech_detected"] = clips["nonspeech_detected"]
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)

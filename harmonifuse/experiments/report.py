@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import matplotlib
@@ -11,6 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from ..atomic import atomic_write_text  # noqa: E402
 from ..evaluation.metrics import mean_std  # noqa: E402
 from .spec import ExperimentSpec, run_result_path  # noqa: E402
 
@@ -177,8 +177,5 @@ def write_report(spec: ExperimentSpec, results_dir: Path, source: str = "") -> P
     results = load_results(spec, results_dir)
     plot_metrics(spec, results, results_dir / "metrics_per_arm.png")
     plot_layer_weights(spec, results, results_dir / "layer_weights.png")
-    table = results_dir / "table.md"
-    tmp = table.with_name(f".table.md.{os.getpid()}")  # several runners may share one experiment
-    tmp.write_text(table_markdown(spec, results, source))
-    os.replace(tmp, table)
-    return table
+    # several runners may share one experiment
+    return atomic_write_text(results_dir / "table.md", table_markdown(spec, results, source))

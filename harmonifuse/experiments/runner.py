@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Callable, Sequence
 import torch
 from tqdm import tqdm
 
+from ..atomic import atomic_write_text
 from ..data.manifest import Utterance
 from ..evaluation.evaluate import evaluate, evaluate_ctc, hidden_states_for
 from ..training.config import RunConfig
@@ -91,9 +91,7 @@ def score_run(config: RunConfig, model_dir: Path, evaluation: EvaluationSpec, *,
 
 def _write_json(path: Path, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(payload, indent=2))
 
 
 class ExperimentRunner:

@@ -3,21 +3,25 @@
 A checkpoint is a folder ``checkpoints/step_000250/`` holding the trained weights
 (``trained.safetensors``), the optimiser, scheduler, data-loader and RNG states (``state.pt``, read
 back with ``torch.load(weights_only=True)``) and a ``done`` marker. It is written under a temporary
-name and renamed into place, so a folder without the marker never exists under a real name.
+name and renamed into place (:func:`harmonifuse.atomic.atomic_directory`), so a folder without the
+marker never exists under a real name.
 The best model so far is exported beside them as a ready-to-use model folder (``best/``).
 """
 from __future__ import annotations
 
 import json
+import logging
 import random
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from ..atomic import DiskFullError, atomic_directory, leftovers, temp_path
+from ..weights import WeightsError, load_weights, save_weights
+
+log = logging.getLogger(__name__)
 
 DONE = "done.json"
 
@@ -57,29 +61,57 @@ class CheckpointManager:
 
     def save(self, step: int, trained: dict[str, torch.Tensor], state: dict[str, Any]) -> Path:
         self.root.mkdir(parents=True, exist_ok=True)
-        final = self.root / f"step_{step:07d}"
-        tmp = self.root / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-        try:
-            save_file({k: v.detach().contiguous().cpu() for k, v in trained.items()}, str(tmp / "trained.safetensors"))
+        def write(tmp: Path) -> None:
+            save_weights(trained, tmp / "trained.safetensors")  # with a checksum of the tensors
             torch.save(state, tmp / "state.pt")
             (tmp / DONE).write_text(json.dumps({"step": step}))
-            if final.exists():
-                shutil.rmtree(final)
-            tmp.rename(final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+
+        previous = self.latest()
+        try:
+            final = atomic_directory(self.root / f"step_{step:07d}", write)
+        except DiskFullError as error:
+            raise DiskFullError(error.target, error, f"checkpoint {step} was not saved; " + (
+                f"the previous one, {previous.name}, is intact and `harmonifuse train CONFIG --resume` continues "
+                "from it" if previous else "there is no earlier one")) from error.__cause__
         self._prune()
         return final
 
     def load(self, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        trained = load_file(str(path / "trained.safetensors"))
-        state = torch.load(path / "state.pt", weights_only=True, map_location="cpu")
+        """Weights and state of one checkpoint; CheckpointError if a file is missing or damaged."""
+        try:
+            trained = load_weights(path / "trained.safetensors")
+        except WeightsError as error:
+            raise CheckpointError(path, error.problem) from error
+        try:
+            state = torch.load(path / "state.pt", weights_only=True, map_location="cpu")
+        except Exception as error:  # noqa: BLE001 - a missing, truncated or corrupt pickle archive
+            raise CheckpointError(path, f"state.pt is unreadable ({error})") from error
         return trained, state
+
+    def load_latest(self) -> tuple[Path, dict[str, torch.Tensor], dict[str, Any]] | None:
+        """The newest checkpoint that loads, skipping (with a warning) damaged ones; None if none exist."""
+        damaged = []
+        for path in reversed(self.complete()):
+            try:
+                return (path, *self.load(path))
+            except CheckpointError as error:
+                log.warning("%s; trying the one before it", error)
+                damaged.append(str(error))
+        if damaged:
+            raise CheckpointError(self.root, "no checkpoint can be read: " + "; ".join(damaged))
+        return None
 
     def _prune(self) -> None:
         for old in self.complete()[: -self.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-        for stale in self.root.glob(".tmp-*"):  # left by a kill during a save
+            aside = temp_path(old)  # out of the way at once: a kill mid-removal leaves no half checkpoint
+            old.rename(aside)
+            shutil.rmtree(aside, ignore_errors=True)
+        for stale in [*leftovers(self.root), *self.root.glob(".tmp-*")]:  # left by a kill during a save
             shutil.rmtree(stale, ignore_errors=True)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be resumed from; names it and what is wrong."""
+
+    def __init__(self, path: Path, problem: str) -> None:
+        super().__init__(f"checkpoint {path} is damaged: {problem}")

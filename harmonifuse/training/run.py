@@ -1,6 +1,7 @@
 """``harmonifuse train CONFIG [key=value ...] [--resume]``: build everything from a config and train."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 
@@ -10,6 +11,7 @@ import torch
 from ..config import load_config
 from .config import RunConfig
 from .data import build_run_data
+from .lock import output_dir_lock
 from .trainer import Trainer, init_distributed
 
 log = logging.getLogger(__name__)
@@ -26,10 +28,20 @@ def load_run_config(path: str | None, overrides: list[str] | None = None) -> Run
 
 
 def train(config: RunConfig, *, resume: bool = False, progress: bool = True, model=None) -> dict:
-    """Train ``config`` (optionally continuing its output folder's newest checkpoint); returns a summary."""
+    """Train ``config`` (optionally continuing its output folder's newest checkpoint); returns a summary.
+
+    Raises:
+        RunLockedError: another process is training into ``train.output_dir``.
+    """
+    rank, world_size = init_distributed()
+    # rank 0 alone: the other ranks of a DDP run share its folder (and write nothing into it)
+    with output_dir_lock(config.train.output_dir) if rank == 0 else contextlib.nullcontext():
+        return _train(config, rank, world_size, resume=resume, progress=progress, model=model)
+
+
+def _train(config: RunConfig, rank: int, world_size: int, *, resume: bool, progress: bool, model) -> dict:
     from ..model import HarmoniFuse
 
-    rank, world_size = init_distributed()
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     seed_everything(config.train.seed)
@@ -40,6 +52,10 @@ def train(config: RunConfig, *, resume: bool = False, progress: bool = True, mod
                           align_batch_size=config.align.batch_size if config.align.max_steps else 0,
                           align_tasks=config.model.projector.ctc_tasks)
     trainer = Trainer(config, model, data, rank=rank, world_size=world_size, progress=progress)
-    if resume:
-        trainer.resume()
-    return trainer.fit()
+    try:
+        if resume:
+            trainer.resume()
+        return trainer.fit()
+    finally:  # also when the run fails (a full disk, say): no log file left open
+        with contextlib.suppress(OSError):
+            trainer.logger.close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import logging
 import math
@@ -23,6 +24,7 @@ import torch.distributed as dist
 import yaml
 from tqdm import tqdm
 
+from ..atomic import DiskFullError, atomic_write_text
 from ..data.prompts import PromptChoice
 from ..evaluation.evaluate import evaluate, evaluate_ctc
 from .checkpoint import CheckpointManager, rng_state, set_rng_state
@@ -137,10 +139,35 @@ class RunLogger:
             except ImportError:  # tensorboard is optional for logging
                 self.tb = None
 
+    def trim(self, drop) -> None:
+        """Cut the log (in place) at its first record for which ``drop(record)`` is true, or at its first
+        incomplete line (a kill mid-write): a resumed run logs again what came after its checkpoint."""
+        if not self.enabled:
+            return
+        self.file.flush()
+        path = Path(self.file.name)
+        offset = 0
+        with open(path, "rb") as handle:
+            for line in handle:
+                try:
+                    if not line.endswith(b"\n") or drop(json.loads(line)):
+                        break
+                except ValueError:
+                    break
+                offset += len(line)
+        if offset < path.stat().st_size:
+            os.truncate(path, offset)  # the file is open for appending: the next record lands here
+
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps(record) + "\n")
+        try:
+            self.file.write(json.dumps(record) + "\n")
+        except OSError as error:
+            if error.errno != errno.ENOSPC:
+                raise
+            raise DiskFullError(self.file.name, error, "the log lost its last record; the checkpoints are "
+                                "intact and `--resume` continues from the newest") from error
         if self.tb is not None:
             step = record["step"]
             for key, value in record.items():
@@ -151,10 +178,12 @@ class RunLogger:
                         self.tb.add_scalar(f"{record.get('kind', 'train')}/{key}/{i}", v, step)
 
     def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-        if self.tb is not None:
-            self.tb.close()
+        """Close the log files (again: a no-op)."""
+        file, tb, self.file, self.tb = self.file, self.tb, None, None
+        if file is not None:
+            file.close()
+        if tb is not None:
+            tb.close()
 
 
 # -- the trainer --------------------------------------------------------------------------------------
@@ -232,10 +261,11 @@ class Trainer:
 
     def resume(self) -> bool:
         """Continue from the newest complete checkpoint in the output folder, if any."""
-        latest = self.checkpoints.latest()
-        if latest is None:
+        found = self.checkpoints.load_latest()  # skips a damaged newest checkpoint, with a warning
+        if found is None:
+            self.logger.trim(lambda record: True)  # a run killed before its first checkpoint starts again
             return False
-        trained, state = self.checkpoints.load(latest)
+        latest, trained, state = found
         own = dict(self.model.named_parameters())
         with torch.no_grad():
             for name, tensor in trained.items():
@@ -256,6 +286,9 @@ class Trainer:
             self.align_scheduler.load_state_dict(align["scheduler"])
             self.data.align_loader.load_state_dict(align["loader"])
             self.align_step, self.align_seconds, self.align_done = align["step"], align["seconds"], align["done"]
+        # what the killed run logged after this checkpoint is done again: log it once, as a run never killed would
+        self.logger.trim(lambda r: r.get("step", 0) > (self.align_step if r.get("kind", "").startswith("align")
+                                                       else self.step))
         log.warning("resumed from %s (step %d)", latest, self.step)
         return True
 
@@ -310,7 +343,7 @@ class Trainer:
         tc, oc = self.config.train, self.config.optim
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / "config.yaml").write_text(yaml.safe_dump(asdict(self.config), sort_keys=False))
+            atomic_write_text(self.output_dir / "config.yaml", yaml.safe_dump(asdict(self.config), sort_keys=False))
         previous = {s: signal.signal(s, self._handle_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         self.model.train()
         if not self.align_done and not self.fit_align():
@@ -397,7 +430,7 @@ class Trainer:
                    "precision": "bf16 autocast" if self.autocast_dtype is not None else "float32",
                    "hardware": describe_hardware(self.device)}
         if self.is_main:
-            (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            atomic_write_text(self.output_dir / "summary.json", json.dumps(summary, indent=2))
         self.logger.close()
         return summary
 

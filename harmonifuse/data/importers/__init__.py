@@ -12,7 +12,7 @@ import importlib
 from collections.abc import Callable
 from pathlib import Path
 
-from harmonifuse.data.importers import cremad, iemocap, kaldi, librispeech, ravdess
+from harmonifuse.data.importers import cremad, iemocap, kaldi, librispeech, pocketsphinx, ravdess
 from harmonifuse.data.importers._common import CorpusLayoutError
 from harmonifuse.data.importers.kaldi import KaldiFormatError
 
@@ -32,6 +32,7 @@ IMPORTERS: dict[str, Importer] = {
     "cremad": cremad.prepare,
     "ravdess": ravdess.prepare,
     "kaldi": kaldi.prepare,
+    "pocketsphinx": pocketsphinx.prepare,
 }
 IMPORTERS["synthetic"] = _synthetic
 
