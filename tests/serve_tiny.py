@@ -53,6 +53,16 @@ class GatedModel:
         return self.model.analyze(audio, **options)
 
 
+def multipart_chunks(total: int, size: int = 256 * 1024, fill: bytes = b"\x00"):
+    """A multipart/form-data body with one ``file`` field of ``total`` bytes, yielded in chunks
+    (httpx streams it without a Content-Length)."""
+    boundary = b"----harmonifuse"
+    yield b"--" + boundary + b'\r\nContent-Disposition: form-data; name="file"; filename="big.wav"\r\n\r\n'
+    for _ in range(total // size):
+        yield fill * size
+    yield b"\r\n--" + boundary + b"--\r\n"
+
+
 def free_socket() -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -5,7 +5,7 @@ import soundfile as sf
 
 from harmonifuse.segments import (WINDOW_SECONDS, AudioSource, Segment, _cut_to_fit, _merge_short, combine,
                                   split_at_pauses)
-from tiny import tiny_harmonifuse
+from tiny import LoudIsSpeechVAD, tiny_harmonifuse
 
 
 def _probs(spans, seconds):
@@ -83,30 +83,11 @@ def _speechlike(seconds, rng):
     return (rng.standard_normal(int(seconds * 16000)) * 0.2).astype(np.float32)
 
 
-class _StubVAD:
-    """Speech wherever the signal is loud: the tests need no real voice for the tiny model."""
-
-    threshold = 0.5
-    min_speech_seconds = 0.25
-
-    def speech_probabilities(self, waveforms):
-        out = []
-        for w in waveforms:
-            n = max(1, -(-len(w) // 512))
-            padded = np.zeros(n * 512, dtype=np.float32)
-            padded[: len(w)] = w
-            out.append((np.abs(padded.reshape(n, 512)).mean(1) > 0.05).astype(np.float32) * 0.98 + 0.01)
-        return out
-
-    def has_speech(self, waveforms):
-        return [float((p > 0.5).sum()) * 0.032 >= 0.25 for p in self.speech_probabilities(waveforms)]
-
-
 def test_a_recording_longer_than_the_window_is_answered_segment_by_segment(tmp_path):
     from harmonifuse import formats
 
     model = tiny_harmonifuse(seed=0).eval()
-    model.vad = _StubVAD()
+    model.vad = LoudIsSpeechVAD()
     model.config.encoder.max_seconds = 4.0
     rng = np.random.default_rng(1)
     silence = np.zeros(16000, dtype=np.float32)

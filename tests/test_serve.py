@@ -17,8 +17,8 @@ import soundfile as sf
 
 from harmonifuse.serve.app import ServeSettings, create_app
 from harmonifuse.serve.server import BindRefused, check_bind, is_loopback
-from serve_tiny import GatedModel, running, wav_bytes
-from tiny import tiny_harmonifuse
+from serve_tiny import GatedModel, multipart_chunks, running, wav_bytes
+from tiny import LoudIsSpeechVAD, tiny_harmonifuse
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "sk-test-key"
@@ -126,24 +126,6 @@ def test_transcriptions_in_every_response_format(url, model, tmp_path, response_
         assert [c.text for c in cues] == [text.strip()] and cues[0].end == "00:00:01.000"
 
 
-class _LoudIsSpeech:
-    """A voice activity detector for the tiny model's noise input: speech wherever the signal is loud."""
-
-    threshold, min_speech_seconds = 0.5, 0.25
-
-    def speech_probabilities(self, waveforms):
-        out = []
-        for w in waveforms:
-            n = max(1, -(-len(w) // 512))
-            padded = np.zeros(n * 512, dtype=np.float32)
-            padded[: len(w)] = w
-            out.append((np.abs(padded.reshape(n, 512)).mean(1) > 0.05).astype(np.float32) * 0.98 + 0.01)
-        return out
-
-    def has_speech(self, waveforms):
-        return [float((p > 0.5).sum()) * 0.032 >= 0.25 for p in self.speech_probabilities(waveforms)]
-
-
 def test_a_long_recording_is_answered_with_segments_in_every_format(tmp_path):
     """Over the encoder's window (4 s here), the upload goes to the model as a file, cut at pauses;
     verbose_json, srt and vtt carry its segments and times."""
@@ -151,7 +133,7 @@ def test_a_long_recording_is_answered_with_segments_in_every_format(tmp_path):
     import webvtt
 
     long_model = tiny_harmonifuse(seed=0).eval()
-    long_model.vad = _LoudIsSpeech()
+    long_model.vad = LoudIsSpeechVAD()
     long_model.config.encoder.max_seconds = 4.0
     rng = np.random.default_rng(1)
     silence = np.zeros(16000, dtype=np.float32)
@@ -243,14 +225,6 @@ def test_unknown_model_route_and_method_are_404_and_405(url):
     assert_error(httpx.get(url + "/v1/audio/transcriptions"), 405, "method_not_allowed")
 
 
-def _chunks(total: int, size: int = 256 * 1024):
-    boundary = b"----harmonifuse"
-    yield b"--" + boundary + b'\r\nContent-Disposition: form-data; name="file"; filename="big.wav"\r\n\r\n'
-    for _ in range(total // size):
-        yield b"\x00" * size
-    yield b"\r\n--" + boundary + b"--\r\n"
-
-
 def test_uploads_over_the_limit_are_413_with_or_without_a_length(model):
     limit_mb = 0.5
     app = create_app(model, settings=settings(max_upload_mb=limit_mb))
@@ -258,7 +232,7 @@ def test_uploads_over_the_limit_are_413_with_or_without_a_length(model):
         big = b"\x00" * int(5 * limit_mb * 1024 * 1024)
         announced = post(base, content=big)  # Content-Length: refused before the body is read
         assert "--max-upload-mb" in assert_error(announced, 413, "file_too_large", "file")
-        streamed = httpx.post(base + "/v1/audio/transcriptions", content=_chunks(len(big)), timeout=60,
+        streamed = httpx.post(base + "/v1/audio/transcriptions", content=multipart_chunks(len(big)), timeout=60,
                               headers={"Content-Type": "multipart/form-data; boundary=----harmonifuse"})
         assert "0.5 MB" in assert_error(streamed, 413, "file_too_large", "file")
         assert post(base).status_code == 200  # and the server goes on

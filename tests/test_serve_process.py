@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from serve_tiny import free_socket, wav_bytes
+from serve_tiny import free_socket, multipart_chunks, wav_bytes
 
 psutil = pytest.importorskip("psutil")
 SCRIPT = Path(__file__).resolve().parent / "serve_tiny.py"
@@ -72,14 +72,6 @@ def test_sigterm_answers_the_requests_in_flight_refuses_later_ones_and_exits_0()
     assert "Traceback" not in output, output
 
 
-def _chunked(total: int, size: int = 256 * 1024):
-    boundary = b"----harmonifuse"
-    yield b"--" + boundary + b'\r\nContent-Disposition: form-data; name="file"; filename="big.wav"\r\n\r\n'
-    for _ in range(total // size):
-        yield b"\x01" * size
-    yield b"\r\n--" + boundary + b"--\r\n"
-
-
 def test_an_upload_of_ten_times_the_limit_is_413_and_never_held_in_memory():
     limit_mb = 8
     process, base = start("--max-upload-mb", str(limit_mb))
@@ -87,8 +79,8 @@ def test_an_upload_of_ten_times_the_limit_is_413_and_never_held_in_memory():
     headers = {"Content-Type": "multipart/form-data; boundary=----harmonifuse"}
     try:
         assert analyze(base).status_code == 200  # warm: imports, first inference, first refusal
-        assert httpx.post(base + "/v1/audio/analyze", content=_chunked(2 * limit_mb * 2**20), headers=headers,
-                          timeout=120).status_code == 413
+        body = multipart_chunks(2 * limit_mb * 2**20, fill=b"\x01")
+        assert httpx.post(base + "/v1/audio/analyze", content=body, headers=headers, timeout=120).status_code == 413
         before = server.memory_info().rss
         peak, stop = [before], threading.Event()
 
@@ -100,7 +92,8 @@ def test_an_upload_of_ten_times_the_limit_is_413_and_never_held_in_memory():
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
         try:
-            streamed = httpx.post(base + "/v1/audio/analyze", content=_chunked(10 * limit_mb * 2**20),
+            huge = multipart_chunks(10 * limit_mb * 2**20, fill=b"\x01")
+            streamed = httpx.post(base + "/v1/audio/analyze", content=huge,
                                   headers=headers, timeout=120)  # no Content-Length: counted as it arrives
             announced = httpx.post(base + "/v1/audio/analyze", timeout=120,
                                    files={"file": ("big.wav", os.urandom(10 * limit_mb * 2**20))})
