@@ -80,6 +80,7 @@ class HarmoniFuse(nn.Module):
         self.augment = augment if augment is not None else FeatureMasking()
         self.vad = vad
         """Answers ``no_speech`` for audio without speech instead of transcribing it (None: off)."""
+        self._segmenter = SileroVAD()  # cuts long recordings when no-speech answers are off (weights load on use)
         self.task_names = config.tasks.task_names
 
     # -- construction -------------------------------------------------------------------------------
@@ -533,7 +534,7 @@ class HarmoniFuse(nn.Module):
 
         from .segments import combine, speech_probabilities, split_at_pauses
 
-        vad = self.vad or SileroVAD()  # segmentation needs the detector even when no-speech answers are off
+        vad = self.vad if self.vad is not None else self._segmenter
         with tqdm(total=round(source.duration, 1), unit="s", desc=f"{Path(source.name).name}: finding speech",
                   disable=not progress, leave=False) as bar:
             probs = speech_probabilities(source, vad, progress=bar)
