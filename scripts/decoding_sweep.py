@@ -15,7 +15,6 @@ import sys
 import time
 from pathlib import Path
 
-import jiwer
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAPHRASE = "Write down what is said."
@@ -37,10 +36,9 @@ def _splits(args) -> dict[str, tuple[list, str | None]]:
 
 
 def _per_utterance_wer(predictions: list[dict]) -> list[float]:
-    from harmonifuse.evaluation.metrics import normalize_text
+    from harmonifuse.evaluation.metrics import asr_metrics
 
-    return [jiwer.wer(normalize_text(p["reference"]), normalize_text(p["hypothesis"]) or "<empty>")
-            for p in predictions]
+    return [asr_metrics([p["reference"]], [p["hypothesis"]])["wer"] for p in predictions]
 
 
 def main(argv: list[str] | None = None) -> int:
