@@ -374,9 +374,40 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
+def _merge(base: dict, top: dict) -> dict:
+    """``top`` over ``base``: mappings merge key by key, anything else (lists too) is replaced."""
+    merged = copy.deepcopy(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def load_yaml_extends(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
+    """A YAML file with its ``extends: other.yaml`` chain resolved (relative to the file naming it):
+    a recipe that builds on a frozen one holds only what it changes."""
+    path = Path(path)
+    data = load_yaml(path)
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str) or not parent:
+        raise ConfigError(f"config field 'extends' of {path} must name one YAML file, got {parent!r}")
+    parent_path = (path.parent / parent).resolve()
+    if parent_path in _seen or parent_path == path.resolve():
+        raise ConfigError(f"config field 'extends' of {path}: {parent} extends itself through "
+                          f"{' -> '.join(p.name for p in _seen)}; break the cycle")
+    if not parent_path.is_file():
+        raise ConfigError(f"config field 'extends' of {path}: {parent_path} does not exist; the path is "
+                          "relative to the file that names it")
+    return _merge(load_yaml_extends(parent_path, _seen + (path.resolve(),)), data)
+
+
 def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | None = None) -> Any:
-    """Load dataclass ``cls`` from a YAML file (optional) and dotted overrides."""
-    data = load_yaml(path) if path is not None else {}
+    """Load dataclass ``cls`` from a YAML file (optional; its ``extends`` chain resolved) and dotted overrides."""
+    data = load_yaml_extends(path) if path is not None else {}
     data = apply_overrides(data, overrides or [])
     try:
         return from_dict(cls, data)

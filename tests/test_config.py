@@ -84,3 +84,43 @@ def test_mapping_override_replaces_the_mapping(tmp_path):
     assert config.data.fraction == {"asr": 0.25} and config.data.batch_size == 4
     with pytest.raises(ConfigError, match="'data.batch_size' is not a mapping"):
         load_config(RunConfig, path, ["data.batch_size.x=1"])
+
+
+def test_a_recipe_extends_a_frozen_one_and_changes_only_what_it_names(tmp_path):
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "base.yaml").write_text(
+        "model:\n  fusion: {mode: task, temperature: 2.0}\n  llm: {lora_targets: [q_proj, v_proj]}\n"
+        "train:\n  max_steps: 10\n  eval_every: 5\n")
+    (tmp_path / "recipes" / "middle.yaml").write_text("extends: base.yaml\ntrain: {max_steps: 20}\n")
+    top = tmp_path / "top.yaml"
+    top.write_text("extends: recipes/middle.yaml\nmodel:\n  fusion: {mode: prompt}\n  llm: {lora_targets: [o_proj]}\n")
+    config = load_config(RunConfig, top, ["train.eval_every=7"])
+    assert (config.model.fusion.mode, config.model.fusion.temperature) == ("prompt", 2.0)  # mappings merge
+    assert config.model.llm.lora_targets == ["o_proj"]  # lists are replaced
+    assert (config.train.max_steps, config.train.eval_every) == (20, 7)
+
+
+def test_extends_names_a_missing_parent_or_a_cycle(tmp_path):
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text("extends: b.yaml\n")
+    b.write_text("extends: a.yaml\n")
+    with pytest.raises(ConfigError, match="extends itself"):
+        load_config(RunConfig, a)
+    a.write_text("extends: gone.yaml\n")
+    with pytest.raises(ConfigError, match=r"'extends' of .*a\.yaml: .*gone\.yaml does not exist"):
+        load_config(RunConfig, a)
+
+
+def test_the_shipped_recipes_load_and_the_fine_tune_builds_on_the_frozen_one():
+    recipes = DEMO_RECIPE.parent / "recipes"
+    wide = load_config(RunConfig, recipes / "wide-voices.yaml")
+    demo = load_config(RunConfig, DEMO_RECIPE)
+    assert to_dict(wide.model) == to_dict(demo.model)
+    real = load_config(RunConfig, recipes / "real-audio.yaml", ["train.init_from=harmonifuse-demo"])
+    assert real.data.augment.enabled and real.data.synthetic_voices == "neural"
+    assert to_dict(real.model) == to_dict(wide.model) and real.align.max_steps == 0
+
+
+def test_init_from_must_name_a_model_folder(tmp_path):
+    with pytest.raises(ConfigError, match=r"'train.init_from'.*is no model folder"):
+        load_config(RunConfig, None, [f"train.init_from={tmp_path}"])

@@ -299,3 +299,29 @@ def test_a_higher_fusion_lr_scale_moves_static_layer_weights_further(tmp_path):
         weights = load_file(str(tmp_path / str(scale) / "run" / "best" / "trained.safetensors"))
         moved[scale] = float(weights["fusion.weighting.logits"].abs().max())
     assert moved[20.0] > 5 * moved[1.0] > 0
+
+
+def test_a_warm_start_begins_from_the_named_model_and_resume_still_wins(trained_run, tmp_path):
+    root, _ = trained_run
+    source = load_file(str(root / "run" / "best" / "trained.safetensors"))
+    # rates so small that one step leaves every weight where the warm start put it
+    tiny_rates = ["optim.lr=1e-12", "optim.lora_lr=1e-12", "optim.encoder_lr=1e-12", "optim.warmup_steps=0",
+                  "align.max_steps=0", "train.max_steps=1", "train.save_every=1", "train.eval_every=1000"]
+    config_path = write_tiny_run_config(tmp_path, train={"max_steps": 1})
+    warm = load_run_config(config_path, [*tiny_rates, f"train.output_dir={tmp_path / 'warm'}",
+                                         f"train.init_from={root / 'run' / 'best'}"])
+    cold = load_run_config(config_path, [*tiny_rates, f"train.output_dir={tmp_path / 'cold'}"])
+    train(warm, progress=False)
+    train(cold, progress=False)
+    warm_weights, cold_weights = _final_weights(tmp_path / "warm"), _final_weights(tmp_path / "cold")
+    assert warm_weights.keys() == source.keys()
+    for name in source:
+        assert torch.allclose(warm_weights[name], source[name], atol=1e-6), name
+    assert any(not torch.allclose(cold_weights[n], source[n], atol=1e-3) for n in source)
+    # --resume takes the run's own checkpoint, not the warm start
+    resumed = load_run_config(config_path, [*tiny_rates[:-3], "train.max_steps=2", "train.save_every=1",
+                                            "train.eval_every=1000", f"train.output_dir={tmp_path / 'cold'}",
+                                            f"train.init_from={root / 'run' / 'best'}"])
+    train(resumed, resume=True, progress=False)
+    for name in source:
+        assert torch.allclose(_final_weights(tmp_path / "cold")[name], cold_weights[name], atol=1e-6), name

@@ -14,6 +14,15 @@ MODEL_ENV = "HARMONIFUSE_MODEL"
 DEMO_MODEL = Path(__file__).resolve().parent / "harmonifuse-demo"
 
 
+def find_model_folder(name_or_path: str | os.PathLike) -> Path | None:
+    """A trained model folder by path, or the shipped model by its name ("harmonifuse-demo"); None if neither."""
+    path = Path(name_or_path).expanduser()
+    for candidate in (path, DEMO_MODEL if os.fspath(name_or_path) == DEMO_MODEL.name else None):
+        if candidate is not None and (candidate / "config.yaml").is_file() and (candidate / "trained.safetensors").is_file():
+            return candidate
+    return None
+
+
 def default_model() -> str | None:
     """$HARMONIFUSE_MODEL, else the model shipped in the package when present, else None."""
     if os.environ.get(MODEL_ENV):

@@ -277,8 +277,19 @@ class TrainConfig:
     num_workers: int = 0
     threads: int = 0
     """torch intra-op threads (0: torch's default)."""
+    init_from: str = ""
+    """Warm start: a trained model folder (or "harmonifuse-demo", the shipped model) whose trained
+    weights replace the fresh ones before the first step; its config must match ``model`` in every
+    size. Empty: train from the pretrained encoder and LLM alone. ``--resume`` still wins."""
 
     def validate(self, prefix: str) -> None:
+        if self.init_from:
+            from ..pretrained import find_model_folder
+
+            found = find_model_folder(self.init_from)
+            _check(found is not None, f"{prefix}.init_from",
+                   f"{self.init_from!r} is no model folder (one holding config.yaml and trained.safetensors) "
+                   "and not the shipped model's name 'harmonifuse-demo'; point it at a folder such as runs/demo/best")
         _check(self.max_steps >= 0, f"{prefix}.max_steps", "must be >= 0 (0: the alignment stage alone)")
         _check(self.eval_every >= 1, f"{prefix}.eval_every", "must be >= 1")
         _check(self.save_every >= 1, f"{prefix}.save_every", "must be >= 1")

@@ -46,6 +46,13 @@ def _train(config: RunConfig, rank: int, world_size: int, *, resume: bool, progr
         torch.set_num_threads(config.train.threads)
     seed_everything(config.train.seed)
     model = model if model is not None else HarmoniFuse.build(config.model)
+    if config.train.init_from:
+        from ..model import WEIGHTS_NAME
+        from ..pretrained import find_model_folder
+
+        folder = find_model_folder(config.train.init_from)
+        model.load_trained(folder / WEIGHTS_NAME)  # a checkpoint of this run (--resume) replaces them below
+        log.info("warm start from %s", folder)
     data = build_run_data(config.data, model.encoder, config.model.tasks.emotion_labels, seed=config.train.seed,
                           rank=rank, world_size=world_size, progress=progress,
                           num_workers=config.train.num_workers,
