@@ -16,7 +16,7 @@ import torch
 
 from harmonifuse.audio import load_audio
 from harmonifuse.data.batch import pad_waveforms
-from harmonifuse.encoders import build_encoder
+from harmonifuse.modules.encoders import build_encoder
 
 REPO = Path(__file__).resolve().parents[1]
 

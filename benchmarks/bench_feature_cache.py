@@ -36,11 +36,11 @@ from harmonifuse.data.dataset import MultiTaskLoader, SpeechTaskDataset  # noqa:
 from harmonifuse.data.feature_cache import FeatureCache  # noqa: E402
 from harmonifuse.data.manifest import Utterance  # noqa: E402
 from harmonifuse.data.sampler import BatchInterleavedSampler  # noqa: E402
-from harmonifuse.encoders.base import SpeechEncoder  # noqa: E402
+from harmonifuse.modules.encoders.base import SpeechEncoder  # noqa: E402
 
 
 def whisper_tiny() -> SpeechEncoder:
-    from harmonifuse.encoders import build_encoder
+    from harmonifuse.modules.encoders import build_encoder
 
     return build_encoder("whisper-tiny.en")
 
@@ -48,7 +48,7 @@ def whisper_tiny() -> SpeechEncoder:
 def wavlm_base() -> SpeechEncoder:
     from transformers import WavLMConfig
 
-    from harmonifuse.encoders.ssl import SSLSpeechEncoder
+    from harmonifuse.modules.encoders.ssl import SSLSpeechEncoder
 
     torch.manual_seed(0)
     return SSLSpeechEncoder.from_config(WavLMConfig(), name="wavlm-base-random")  # 12 x 768, 94M params

@@ -86,7 +86,7 @@ DEFAULT_VARIANTS = ("cached-bf16", "cached-bf16-sdpa", "cached-bf16-castpercall"
 
 def full_logits_loss(llm, inputs):
     """SpeechLLM.forward as first written: (B, T, V) logits, the loss masked to the answer tokens."""
-    from harmonifuse.llm import IGNORE_INDEX
+    from harmonifuse.modules.llm import IGNORE_INDEX
 
     logits = llm.model(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
                        position_ids=inputs.position_ids).logits[:, :-1].float()
@@ -110,11 +110,11 @@ def worker(variant: str, steps: int, batch_size: int) -> dict:
     from harmonifuse.data.batch import collate
     from harmonifuse.data.dataset import SpeechTaskDataset
     from harmonifuse.data.manifest import read_manifest
-    from harmonifuse.llm import answer_positions
     from harmonifuse.model import HarmoniFuse
-    from harmonifuse.training.data import feature_cache_for
+    from harmonifuse.modules.llm import answer_positions
+    from harmonifuse.training.loaders import feature_cache_for
+    from harmonifuse.training.optim import parameter_groups
     from harmonifuse.training.run import load_run_config
-    from harmonifuse.training.trainer import parameter_groups
 
     features, precision, overrides, store_bf16, full_logits, align = VARIANTS[variant]
     overrides = overrides + FEATURE_OVERRIDES[features]

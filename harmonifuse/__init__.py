@@ -8,11 +8,11 @@ __all__ = ["HarmoniFuse", "ModelConfig", "__version__"]
 def __getattr__(name: str):
     # lazy: `import harmonifuse` (and the CLI's --help) must not pay for torch and transformers
     if name == "HarmoniFuse":
-        from .model import HarmoniFuse
+        from harmonifuse.model import HarmoniFuse
 
         return HarmoniFuse
     if name == "ModelConfig":
-        from .config import ModelConfig
+        from harmonifuse.config import ModelConfig
 
         return ModelConfig
     raise AttributeError(f"module 'harmonifuse' has no attribute {name!r}")

@@ -12,9 +12,9 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from .config import ConfigError
-from .pretrained import DEMO_MODEL, MODEL_ENV, default_model, resolve_model  # noqa: F401 (re-exported)
-from .training.config import SYNTHETIC_SIZES, SYNTHETIC_VOICE_SETS
+from harmonifuse.config import ConfigError
+from harmonifuse.config.run import SYNTHETIC_SIZES, SYNTHETIC_VOICE_SETS
+from harmonifuse.pretrained import DEMO_MODEL, MODEL_ENV, default_model, resolve_model  # noqa: F401 (re-exported)
 
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif"}
 REPO_ROOT = Path(__file__).resolve().parents[1]  # a source checkout's root; never needed to find the model
@@ -39,13 +39,13 @@ def expand_audio_paths(items: list[str]) -> list[Path]:
 def load_model(model_dir: str | None, *, bf16: bool = False, overrides: list[str] | None = None):
     import torch
 
-    from .config import ModelConfig
-    from .model import HarmoniFuse
+    from harmonifuse.config import ModelConfig
+    from harmonifuse.model import HarmoniFuse
 
     if model_dir is None:
         print(f"note: no trained model found (pass --model FOLDER or set {MODEL_ENV}); using an UNTRAINED "
               "HarmoniFuse on the default pretrained parts: its answers are not meaningful", file=sys.stderr)
-        from .config import apply_overrides, from_dict
+        from harmonifuse.config import apply_overrides, from_dict
 
         model = HarmoniFuse.from_pretrained(from_dict(ModelConfig, apply_overrides({}, overrides or []), "model"))
     else:
@@ -87,8 +87,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 def header_duration(path: Path) -> float:
     """Seconds from the file's header (0 when unusable: decoding reports the error later)."""
-    from .audio import AudioError
-    from .data.importers._common import audio_duration
+    from harmonifuse.audio import AudioError
+    from harmonifuse.data.importers._common import audio_duration
 
     try:
         return audio_duration(path)
@@ -112,7 +112,7 @@ def _analyze_batch(model, batch: list[Path], tasks: list[str], progress: bool = 
                    debug: bool = False) -> list[dict]:
     """Answers for a batch; when one file fails, each file alone, so the good ones are still answered
     and every bad one gets its own error (an unexpected one too, unless ``debug`` wants the traceback)."""
-    from .audio import AudioError
+    from harmonifuse.audio import AudioError
 
     try:
         return model.analyze([str(p) for p in batch], tasks=tasks, progress=progress)
@@ -140,14 +140,14 @@ def _analyze_batch(model, batch: list[Path], tasks: list[str], progress: bool = 
 
 def _emit(path: Path, result: dict, form: str, output_dir: str | None) -> None:
     """Print one file's answer as ``form``; subtitles go to OUTPUT_DIR/<name>.srt|.vtt when given."""
-    from . import formats
+    from harmonifuse import formats
 
     if form in ("json", "text") or "error" in result:
         _print_result(path, result, form == "json")
         return
     text = formats.to_srt(result) if form == "srt" else formats.to_vtt(result)
     if output_dir:
-        from .atomic import atomic_write_text
+        from harmonifuse.atomic import atomic_write_text
 
         target = Path(output_dir) / f"{path.stem}.{form}"
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -177,7 +177,7 @@ def _print_result(path: Path, result: dict, as_json: bool) -> None:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from .data.importers import IMPORTERS
+    from harmonifuse.data.importers import IMPORTERS
 
     if args.corpus not in IMPORTERS:
         raise SystemExit(f"error: unknown corpus {args.corpus!r}; choose from {sorted(IMPORTERS)}")
@@ -199,7 +199,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .training.run import load_run_config, train
+    from harmonifuse.training.run import load_run_config, train
 
     config = load_run_config(args.config, args.overrides)
     summary = train(config, resume=args.resume, progress=not args.quiet)
@@ -220,7 +220,7 @@ def parse_prompts(items: list[str]) -> dict[str, str]:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .evaluation.report import run_evaluation
+    from harmonifuse.evaluation.model_report import run_evaluation
 
     prompts = parse_prompts(args.prompt or [])
     model = load_model(resolve_model(args.model), bf16=args.bf16, overrides=args.set)
@@ -236,7 +236,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({k: v for k, v in summary.items() if k not in ("confusion", "per_manifest", "per_speaker")}))
     else:
-        from .evaluation.report import SCALARS
+        from harmonifuse.evaluation.model_report import SCALARS
 
         for key in SCALARS:
             if key in summary:
@@ -248,8 +248,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from .data.manifest import read_manifest
-    from .evaluation.calibration import calibrate
+    from harmonifuse.data.manifest import read_manifest
+    from harmonifuse.evaluation.calibration import calibrate
 
     model_dir = resolve_model(args.model)
     model = load_model(model_dir)
@@ -263,8 +263,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
-    from .experiments.runner import ExperimentInterrupted, ExperimentRunner
-    from .experiments.spec import load_experiment
+    from harmonifuse.experiments.runner import ExperimentInterrupted, ExperimentRunner
+    from harmonifuse.experiments.spec import load_experiment
 
     spec, base = load_experiment(args.spec)
     runner = ExperimentRunner(spec, base, source=args.spec, progress=not args.quiet)
@@ -284,7 +284,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .serve.command import serve
+    from harmonifuse.serve.command import serve
 
     return serve(args)
 
@@ -369,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", help="comma separated seeds (default: the file's)")
     p.add_argument("--report-only", action="store_true", help="redraw table and plots from finished runs")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    from .serve.command import add_arguments as add_serve_arguments
+    from harmonifuse.serve.command import add_arguments as add_serve_arguments
 
     add_serve_arguments(sub.add_parser("serve", help="an OpenAI-compatible HTTP service and a browser page"))
     for command in sub.choices.values():  # accepted before or after the command

@@ -17,12 +17,13 @@ import sys
 import time
 from pathlib import Path
 
-from .cli import REPO_ROOT, default_model, load_model
+from harmonifuse.atomic import atomic_write_text
+from harmonifuse.cli import REPO_ROOT, default_model, load_model
 
 
 def _prepare_real(out: Path) -> Path | None:
     """The real-speech manifest (written once), or None without pocketsphinx-testdata."""
-    from .data.importers import pocketsphinx
+    from harmonifuse.data.importers import pocketsphinx
 
     manifest = out / pocketsphinx.MANIFEST
     if manifest.is_file():
@@ -34,7 +35,7 @@ def _prepare_real(out: Path) -> Path | None:
 
 
 def _show_real(model, manifest: Path) -> None:
-    from .data.manifest import read_manifest
+    from harmonifuse.data.manifest import read_manifest
 
     utterances = read_manifest(manifest)
     for utt, result in zip(utterances, model.analyze([u.audio for u in utterances], tasks=("asr",))):
@@ -56,13 +57,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     start = time.time()
 
-    from .data.manifest import read_manifest
-    from .evaluation.evaluate import nonspeech_metrics
-    from .evaluation.report import SCALARS, markdown_table, run_evaluation
+    from harmonifuse.data.manifest import read_manifest
+    from harmonifuse.evaluation.evaluate import nonspeech_metrics
+    from harmonifuse.evaluation.model_report import SCALARS, markdown_table, run_evaluation
 
     corpus = Path(args.corpus)
     if not (corpus / "asr_test.jsonl").is_file():
-        from .data.synthetic import prepare
+        from harmonifuse.data.synthetic import prepare
 
         print(f"== building the built-in synthetic corpus in {corpus} (once, a few minutes)")
         prepare(corpus)
@@ -98,8 +99,8 @@ def main(argv: list[str] | None = None) -> int:
 
     manifests = [corpus / "asr_test.jsonl", corpus / "ser_test.jsonl"]
     if args.limit:
-        from .data.manifest import write_manifest
-        from .training.data import spread_sample
+        from harmonifuse.data.manifest import write_manifest
+        from harmonifuse.training.loaders import spread_sample
 
         print(f"\n== evaluation on the test split ({args.limit} utterances per task, a fixed spread-out subset;"
               " --limit 0 for all)")
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     for key in SCALARS:
         if any(key in r for r in rows.values()):
             print(f"| {key} | " + " | ".join(f"{r[key]:.4f}" if key in r else "" for r in rows.values()) + " |")
-    (Path(args.out) / "nonspeech.json").write_text(json.dumps(clips, indent=1))
+    atomic_write_text(Path(args.out) / "nonspeech.json", json.dumps(clips, indent=1))
     if "per_speaker" in summary:
         print("\n" + markdown_table(summary["per_speaker"], "Per test voice", "speaker"))
     print(f"\nreport and plots: {Path(args.out) / 'summary.md'}   ({(time.time() - start) / 60:.1f} min)")

@@ -10,24 +10,25 @@ import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import Any, Literal, Sequence, Union
 
 import numpy as np
 import torch
 import yaml
 from torch import nn
 
-from .augment import FeatureMasking
-from .ctc import EmbeddingCTC, greedy_ctc_from_logits
-from .config import ModelConfig, from_dict, load_yaml
-from .encoders import EncoderOutput, SpeechEncoder, build_encoder
-from .fusion import LayerFusion, build_fusion
-from .gate import build_gate
-from .lengths import lengths_to_mask
-from .llm import IGNORE_INDEX, SpeechLLM
-from .projector import FrameStackProjector
-from .prompt import PROMPT_ENCODERS
-from .vad import SileroVAD
+from harmonifuse.config import ModelConfig, from_dict, load_yaml
+from harmonifuse.lengths import lengths_to_mask
+from harmonifuse.modules.ctc import EmbeddingCTC, greedy_ctc_from_logits
+from harmonifuse.modules.encoders import EncoderOutput, SpeechEncoder, build_encoder
+from harmonifuse.modules.feature_masking import FeatureMasking
+from harmonifuse.modules.fusion import LayerFusion, build_fusion
+from harmonifuse.modules.gate import build_gate
+from harmonifuse.modules.llm import IGNORE_INDEX, SpeechLLM
+from harmonifuse.modules.projector import FrameStackProjector
+from harmonifuse.modules.prompt_vectors import PROMPT_ENCODERS
+from harmonifuse.modules.vad import SileroVAD
+from harmonifuse.tasks import TASK_NAMES, get_task, tasks_answered_by
 
 AudioInput = Union[str, os.PathLike, np.ndarray, tuple]
 CONFIG_NAME = "config.yaml"
@@ -88,7 +89,7 @@ class HarmoniFuse(nn.Module):
     @classmethod
     def build(cls, config: ModelConfig) -> "HarmoniFuse":
         """Load the pretrained encoder and LLM named by ``config`` and add fresh HarmoniFuse parts."""
-        from .assets import resolve_source
+        from harmonifuse.assets import resolve_source
 
         encoder = build_encoder(config.encoder.source, pad_to_30s=config.encoder.pad_to_30s,
                                 trainable=config.encoder.trainable)
@@ -128,7 +129,7 @@ class HarmoniFuse(nn.Module):
         None: $HARMONIFUSE_MODEL, else the model shipped in the package."""
         if isinstance(source, ModelConfig):
             return cls.build(source)
-        from .pretrained import resolve_model
+        from harmonifuse.pretrained import resolve_model
 
         path = Path(resolve_model(source))
         if path.is_dir():
@@ -153,7 +154,7 @@ class HarmoniFuse(nn.Module):
 
     def load_trained(self, path: str | os.PathLike) -> None:
         """Load trained weights (checksum-verified when they carry one); raises WeightsError."""
-        from .weights import WeightsError, load_weights
+        from harmonifuse.weights import WeightsError, load_weights
 
         state = load_weights(path)
         expected = set(self.trained_state_dict())
@@ -176,9 +177,8 @@ class HarmoniFuse(nn.Module):
         """Write config.yaml and the trained weights (safetensors) atomically into ``directory``."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        from .atomic import atomic_write, atomic_write_text
-
-        from .weights import save_weights
+        from harmonifuse.atomic import atomic_write, atomic_write_text
+        from harmonifuse.weights import save_weights
 
         state = {k: v.contiguous().cpu() for k, v in self.trained_state_dict().items()}
         atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_weights(state, tmp))
@@ -187,7 +187,7 @@ class HarmoniFuse(nn.Module):
 
     def save_config(self, directory: str | os.PathLike) -> Path:
         """Rewrite only config.yaml of a saved model folder (e.g. after calibration); the weights stay."""
-        from .atomic import atomic_write_text
+        from harmonifuse.atomic import atomic_write_text
 
         path = Path(directory) / CONFIG_NAME
         atomic_write_text(path, _config_text(self.config))
@@ -262,9 +262,14 @@ class HarmoniFuse(nn.Module):
         prompts = [prompt or self.config.tasks.prompts[task]] * B
         return self.speech_embeddings(hidden_states, frame_lengths, [task] * B, prompts, for_llm=False)
 
-    def forward(self, batch: Any, prompts: Sequence[str] | None = None) -> ModelOutput:
+    def forward(self, batch: Any, prompts: Sequence[str] | None = None, *,
+                objective: Literal["answer", "align"] = "answer") -> ModelOutput:
         """Loss on the answer tokens of a batch (cached hidden states or waveforms), each item
-        answering ``prompts``, else the batch's own ``prompts``, else its task's prompt."""
+        answering ``prompts``, else the batch's own ``prompts``, else its task's prompt; with
+        ``objective="align"``, the alignment stage's loss instead (``alignment_loss``). Both go
+        through ``forward`` so that DDP's gradient hooks see both stages' steps."""
+        if objective == "align":
+            return self.alignment_loss(batch)
         hidden, frame_lengths = self._hidden(batch)
         prompts = prompts if prompts is not None else getattr(batch, "prompts", None)
         prompts = list(prompts) if prompts is not None else self.prompts_for(batch.tasks)
@@ -305,7 +310,7 @@ class HarmoniFuse(nn.Module):
 
         What the alignment stage has taught the projector; far cheaper than decoding with the LLM.
         """
-        speech = self._ctc_speech(hidden_states, frame_lengths, "asr", prompt)
+        speech = self._ctc_speech(hidden_states, frame_lengths, tasks_answered_by("transcript")[0], prompt)
         ids = self.ctc.decode(speech.ctc_input, speech.lengths, self.llm.model.get_input_embeddings().weight,
                               blank=self.llm.ctc_blank_id)
         return [self.llm.tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids]
@@ -318,7 +323,7 @@ class HarmoniFuse(nn.Module):
         Each label word is scored by its CTC likelihood (a softmax over the labels' negative CTC
         losses), as the LLM's label scoring does with its answer likelihood.
         """
-        speech = self._ctc_speech(hidden_states, frame_lengths, "ser", prompt)
+        speech = self._ctc_speech(hidden_states, frame_lengths, tasks_answered_by("label")[0], prompt)
         labels = list(self.config.tasks.emotion_labels)
         nll = self.ctc.candidate_nll(speech.ctc_input, speech.lengths, [self.llm.tokenize(x) for x in labels],
                                      self.llm.model.get_input_embeddings().weight, blank=self.llm.ctc_blank_id)
@@ -360,7 +365,7 @@ class HarmoniFuse(nn.Module):
         """Paths or arrays -> 16 kHz mono float32 waveforms (S_i,), validated (see harmonifuse/audio.py).
 
         With voice activity detection on, silent audio is let through: it is answered as no speech."""
-        from .audio import SAMPLE_RATE, load_audio, to_mono_16k
+        from harmonifuse.audio import SAMPLE_RATE, load_audio, to_mono_16k
 
         limits = {"max_seconds": self.config.encoder.max_seconds}
         if self.vad is not None:
@@ -381,7 +386,7 @@ class HarmoniFuse(nn.Module):
         return self._pad(self.load_arrays(audio))
 
     def _pad(self, waves: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-        from .data.batch import pad_waveforms
+        from harmonifuse.data.batch import pad_waveforms
 
         batch, lengths = pad_waveforms(waves)
         return batch.to(self.llm.device), lengths.to(self.llm.device)
@@ -399,7 +404,7 @@ class HarmoniFuse(nn.Module):
         geometric-mean probability per token, and how much of its answer the CTC head, which only
         writes what it hears, wrote too (1 - character error rate between the two, clipped at 0).
         """
-        from .evaluation.metrics import text_agreement
+        from harmonifuse.evaluation.metrics import text_agreement
 
         d = self.config.decoding
         log_probs, blank = self.ctc_log_probs(speech)
@@ -431,29 +436,25 @@ class HarmoniFuse(nn.Module):
 
     @torch.no_grad()
     def analyze_hidden(self, hidden_states: torch.Tensor, frame_lengths: torch.Tensor,
-                       tasks: Sequence[str] = ("asr", "ser"), prompts: dict[str, str] | None = None) -> list[dict]:
+                       tasks: Sequence[str] = TASK_NAMES, prompts: dict[str, str] | None = None) -> list[dict]:
         """Every task from one set of encoder hidden states (L+1, B, T, D)."""
         B = hidden_states.shape[1]
         results: list[dict] = [{} for _ in range(B)]
-        answer = {"asr": self._transcribe_speech, "ser": self._classify_speech}
+        answer = {"transcript": self._transcribe_speech, "label": self._classify_speech}
         for task in tasks:
             task_prompts = [(prompts or {}).get(task, self.config.tasks.prompts[task])] * B
             speech = self.speech_embeddings(hidden_states, frame_lengths, [task] * B, task_prompts)
-            if task in answer:
-                for r, out in zip(results, answer[task](speech, task_prompts)):
-                    r.update(out)
-            else:
-                texts = self.llm.generate(speech.embeddings, speech.lengths, task_prompts)
-                for r, text in zip(results, texts):
-                    r[task] = text
+            for r, out in zip(results, answer[get_task(task).answer](speech, task_prompts)):
+                r.update(out)
         return results
 
     def no_speech_answer(self, tasks: Sequence[str]) -> dict:
         """What a recording without speech is answered: no transcript, no emotion."""
         answer: dict = {"no_speech": True}
-        if "asr" in tasks:
+        kinds = {get_task(task).answer for task in tasks}
+        if "transcript" in kinds:
             answer.update(transcript="", transcript_confidence=1.0)
-        if "ser" in tasks:
+        if "label" in kinds:
             answer.update(emotion=None, emotion_confidence=None, emotion_probs=None)
         return answer
 
@@ -462,7 +463,7 @@ class HarmoniFuse(nn.Module):
         return self.vad.has_speech(waves) if self.vad is not None else [True] * len(waves)
 
     @torch.no_grad()
-    def analyze(self, audio: AudioInput | Sequence[AudioInput], tasks: Sequence[str] = ("asr", "ser"),
+    def analyze(self, audio: AudioInput | Sequence[AudioInput], tasks: Sequence[str] = TASK_NAMES,
                 prompts: dict[str, str] | None = None, *, batch_size: int = 8, progress: bool = False) -> dict | list[dict]:
         """Run the encoder once and answer every task from its hidden states.
 
@@ -477,7 +478,7 @@ class HarmoniFuse(nn.Module):
         time; its answer adds ``segments`` ``[{start, end, transcript, emotion, ...}]`` (seconds)
         and ``duration``, joins the transcripts and weights the emotion by segment duration.
         """
-        from .audio import SAMPLE_RATE
+        from harmonifuse.audio import SAMPLE_RATE
 
         single = not isinstance(audio, list)
         items = [audio] if single else list(audio)
@@ -509,8 +510,8 @@ class HarmoniFuse(nn.Module):
     def _long_source(self, item: AudioInput):
         """An AudioSource when ``item`` is longer than the encoder's window, else None (also for input
         that cannot be read: the short path reports it with its usual message)."""
-        from .audio import SAMPLE_RATE
-        from .segments import AudioSource
+        from harmonifuse.audio import SAMPLE_RATE
+        from harmonifuse.segments import AudioSource
 
         limit = self.config.encoder.max_seconds
         try:
@@ -532,7 +533,7 @@ class HarmoniFuse(nn.Module):
         """A long recording: its speech segments in batches, combined (see :meth:`analyze`)."""
         from tqdm import tqdm
 
-        from .segments import combine, speech_probabilities, split_at_pauses
+        from harmonifuse.segments import combine, speech_probabilities, split_at_pauses
 
         vad = self.vad if self.vad is not None else self._segmenter
         with tqdm(total=round(source.duration, 1), unit="s", desc=f"{Path(source.name).name}: finding speech",
@@ -564,7 +565,7 @@ class HarmoniFuse(nn.Module):
 
 
 def _config_text(config: ModelConfig) -> str:
-    from . import __version__
+    from harmonifuse import __version__
 
     return f"# written by harmonifuse {__version__}\n" + yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)
 
@@ -574,8 +575,8 @@ def _folder_config(config_file: Path, overrides: list[str] | None) -> ModelConfi
     that wrote the file (a model saved by a newer HarmoniFuse)."""
     import re
 
-    from . import __version__
-    from .config import ConfigError
+    from harmonifuse import __version__
+    from harmonifuse.config import ConfigError
 
     data = load_yaml(config_file)
     try:
@@ -593,7 +594,7 @@ def _folder_config(config_file: Path, overrides: list[str] | None) -> ModelConfi
 
 def _model_config(data: dict, overrides: list[str] | None) -> ModelConfig:
     """A model folder's config.yaml, or the ``model:`` section of a full training config."""
-    from .config import apply_overrides
+    from harmonifuse.config import apply_overrides
 
     if isinstance(data.get("model"), dict):
         data = data["model"]

@@ -23,8 +23,8 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-from .audio import SAMPLE_RATE, AudioError, to_mono_16k
-from .vad import WINDOW
+from harmonifuse.audio import SAMPLE_RATE, AudioError, to_mono_16k
+from harmonifuse.modules.vad import WINDOW
 
 WINDOW_SECONDS = WINDOW / SAMPLE_RATE
 

@@ -35,7 +35,7 @@ if str(ROOT) not in sys.path:  # run from anywhere, without an installed package
 
 def root_config() -> type:
     """The dataclass a run's YAML file is loaded into (its ``model`` field is the model config)."""
-    from harmonifuse.training.config import RunConfig
+    from harmonifuse.config.run import RunConfig
 
     return RunConfig
 
@@ -168,6 +168,11 @@ def render() -> str:
         "a mapping value such as `data.train={asr: a.jsonl}` replaces the whole mapping). Unknown",
         "keys and ill-typed values are rejected with the dotted name. A saved model's `config.yaml`",
         "holds the `model` section alone, without the `model.` prefix.",
+        "",
+        "A run config may build on another with a top-level `extends: other.yaml` (relative to the",
+        "file naming it): mappings merge key by key, anything else (lists too) is replaced. The",
+        "frozen recipes in `configs/recipes/` are built on this way and never edited, so an",
+        "experiment or recipe that names one keeps its meaning when `configs/demo.yaml` moves on.",
         "",
         "Types: `a | b | c` is a choice of exactly these values. The meaning is the field's",
         "docstring in the source; an empty cell means the field has none yet.",

@@ -15,14 +15,13 @@ import sys
 import time
 from pathlib import Path
 
-
 ROOT = Path(__file__).resolve().parents[1]
 PARAPHRASE = "Write down what is said."
 
 
 def _splits(args) -> dict[str, tuple[list, str | None]]:
     from harmonifuse.data.manifest import read_manifest
-    from harmonifuse.training.data import spread_sample
+    from harmonifuse.training.loaders import spread_sample
 
     corpus = Path(args.corpus)
     test = read_manifest(corpus / "asr_test.jsonl")

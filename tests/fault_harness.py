@@ -45,7 +45,7 @@ import torch
 import harmonifuse.atomic as atomic
 import harmonifuse.data.feature_cache as feature_cache
 import harmonifuse.training.checkpoint as checkpoint
-import harmonifuse.training.trainer as trainer
+import harmonifuse.training.logger as run_logger
 from harmonifuse import cli
 from harmonifuse.weights import load_weights
 
@@ -154,7 +154,7 @@ def install(point: str, occurrence: int) -> None:
                 self.file.flush()
                 die()
             self.file.write(line)
-        trainer.RunLogger.write = write
+        run_logger.RunLogger.write = write
     else:
         raise ValueError(point)
 

@@ -93,9 +93,10 @@ def running(app):
 
 
 def main() -> int:
+    from tiny import tiny_harmonifuse
+
     from harmonifuse.serve.app import ServeSettings, create_app
     from harmonifuse.serve.server import run
-    from tiny import tiny_harmonifuse
 
     p = argparse.ArgumentParser()
     p.add_argument("--port", type=int, required=True)

@@ -7,12 +7,12 @@ import types
 import pytest
 import torch
 from safetensors.torch import load_file
-
-from harmonifuse.config import ConfigError
-from harmonifuse.ctc import EmbeddingCTC, embedding_ctc_loss
-from harmonifuse.training.run import load_run_config, train
 from test_training import ENV, TORCHRUN_2, _cli, _final_weights, kill_and_resume
 from tiny import tiny_harmonifuse, write_tiny_run_config
+
+from harmonifuse.config import ConfigError
+from harmonifuse.modules.ctc import EmbeddingCTC, embedding_ctc_loss
+from harmonifuse.training.run import load_run_config, train
 
 CTC_SETTINGS = {"ctc_weight": 0.3, "ctc_learn_scale": True, "ctc_learned_blank": True, "ctc_scale": 4.0,
                 "match_embedding_norm": True}

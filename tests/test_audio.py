@@ -5,8 +5,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from harmonifuse.audio import (SAMPLE_RATE, AudioError, BadSamplePolicy, SkipCounter, load_audio,
-                               to_mono_16k)
+from harmonifuse.audio import SAMPLE_RATE, AudioError, BadSamplePolicy, SkipCounter, load_audio, to_mono_16k
 
 
 def sine(freq: float, seconds: float, rate: int, amplitude: float = 0.5) -> np.ndarray:

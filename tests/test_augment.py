@@ -3,10 +3,10 @@ import types
 
 import pytest
 import torch
-
-from harmonifuse.augment import FeatureMasking
-from harmonifuse.config import ConfigError, ModelConfig, from_dict
 from tiny import tiny_harmonifuse
+
+from harmonifuse.config import ConfigError, ModelConfig, from_dict
+from harmonifuse.modules.feature_masking import FeatureMasking
 
 
 def _states(T=50, D=32, B=3):

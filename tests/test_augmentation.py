@@ -9,12 +9,12 @@ import pytest
 import soundfile as sf
 
 from harmonifuse.config import ConfigError, load_config
+from harmonifuse.config.run import WAVE_AUGMENT_ORDER, RunConfig, WaveAugmentConfig
 from harmonifuse.data import augmentation as aug
 from harmonifuse.data.dataset import MultiTaskLoader, SpeechTaskDataset
 from harmonifuse.data.manifest import Utterance
 from harmonifuse.data.sampler import BatchInterleavedSampler
-from harmonifuse.training.config import WAVE_AUGMENT_ORDER, RunConfig, WaveAugmentConfig
-from harmonifuse.training.data import build_run_data, build_wave_augment
+from harmonifuse.training.loaders import build_run_data, build_wave_augment
 
 SR = 16_000
 

@@ -16,20 +16,21 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
+import make_bad_inputs
 import pytest
 import torch
+from tiny import tiny_harmonifuse, tiny_wavlm_config, write_tiny_assets
 from transformers import WavLMConfig
 
-import make_bad_inputs
 from harmonifuse import cli
 from harmonifuse.audio import AudioError
 from harmonifuse.config import ConfigError, ModelConfig, from_dict
-from harmonifuse.data.manifest import EMOTIONS_4, ManifestError, read_manifest
-from harmonifuse.encoders.ssl import SSLSpeechEncoder
+from harmonifuse.data.manifest import ManifestError, read_manifest
 from harmonifuse.model import HarmoniFuse
+from harmonifuse.modules.encoders.ssl import SSLSpeechEncoder
+from harmonifuse.tasks import EMOTION_LABELS
 from harmonifuse.training.run import load_run_config
 from harmonifuse.weights import WeightsError
-from tiny import tiny_harmonifuse, tiny_wavlm_config, write_tiny_assets
 
 TESTS = Path(__file__).parent
 ENV = {**os.environ, "PYTHONPATH": str(TESTS), "OMP_NUM_THREADS": "1"}
@@ -91,7 +92,7 @@ def check_answer(result: dict, kind) -> None:
     assert "transcript" in result and "emotion" in result
     if SPEECH:
         assert result["no_speech"] is False, kind.name
-        assert result["emotion"] in EMOTIONS_4 and set(result["emotion_probs"]) == set(EMOTIONS_4)
+        assert result["emotion"] in EMOTION_LABELS and set(result["emotion_probs"]) == set(EMOTION_LABELS)
     if kind.name == "long_recording":
         assert result["duration"] == pytest.approx(40.0, abs=0.01)
         if SPEECH:
@@ -234,7 +235,7 @@ def _cli(capsys, *args) -> tuple[int, str]:
 def test_manifest_kind_through_the_api_and_the_cli(corpus, name, capsys):
     kind = corpus["kinds"][name]
     with pytest.raises(ManifestError) as info:
-        read_manifest(kind.path, labels=EMOTIONS_4)
+        read_manifest(kind.path, labels=EMOTION_LABELS)
     check_message(str(info.value), kind)
     code, err = _cli(capsys, "evaluate", "--model", str(corpus["root"] / "model"), "--manifest", kind.path, "-q")
     assert code == 2 and "\nerror: " in "\n" + err

@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from harmonifuse.fusion import build_fusion
-from harmonifuse.gate import build_gate
 from harmonifuse.lengths import lengths_to_mask
-from harmonifuse.projector import FrameStackProjector
+from harmonifuse.modules.fusion import build_fusion
+from harmonifuse.modules.gate import build_gate
+from harmonifuse.modules.projector import FrameStackProjector
 
 
 def _inputs():

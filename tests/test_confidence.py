@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from tiny import tiny_harmonifuse
 
 from harmonifuse.data.nonspeech import nonspeech_clips
 from harmonifuse.evaluation.calibration import calibration_report, fit_temperature
 from harmonifuse.evaluation.metrics import expected_calibration_error, text_agreement
-from tiny import tiny_harmonifuse
 
 POCKETSPHINX = Path("/usr/share/pocketsphinx/test/data")
 REAL_SPEECH = POCKETSPHINX / "librivox" / "sense_and_sensibility_01_austen_64kb-0880.wav"
@@ -52,7 +52,7 @@ def test_the_nonspeech_set_is_seeded_and_holds_at_least_twenty_kinds():
 
 
 def test_the_detector_finds_no_speech_in_the_nonspeech_set_and_speech_in_a_real_recording():
-    from harmonifuse.vad import SileroVAD
+    from harmonifuse.modules.vad import SileroVAD
 
     vad = SileroVAD()
     flags = vad.has_speech(list(nonspeech_clips(seconds=2.0).values()))

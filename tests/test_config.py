@@ -5,7 +5,7 @@ import pytest
 
 from harmonifuse.cli import DEMO_MODEL
 from harmonifuse.config import ConfigError, ModelConfig, load_config, parse_overrides, to_dict
-from harmonifuse.training.config import RunConfig
+from harmonifuse.config.run import RunConfig
 
 DEMO_RECIPE = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
@@ -115,10 +115,12 @@ def test_the_shipped_recipes_load_and_the_fine_tune_builds_on_the_frozen_one():
     recipes = DEMO_RECIPE.parent / "recipes"
     wide = load_config(RunConfig, recipes / "wide-voices.yaml")
     demo = load_config(RunConfig, DEMO_RECIPE)
-    assert to_dict(wide.model) == to_dict(demo.model)
+    trained_with = load_config(RunConfig, DEMO_MODEL / "train_config.yaml")
+    assert to_dict(wide.model) == to_dict(trained_with.model) and wide.data == trained_with.data
     real = load_config(RunConfig, recipes / "real-audio.yaml", ["train.init_from=harmonifuse-demo"])
     assert real.data.augment.enabled and real.data.synthetic_voices == "neural"
-    assert to_dict(real.model) == to_dict(wide.model) and real.align.max_steps == 0
+    assert real.model.decoding.beam_size == 4 and real.align.max_steps == 0
+    assert to_dict(real.model) == to_dict(demo.model)  # the default recipe describes the model it ends in
 
 
 def test_init_from_must_name_a_model_folder(tmp_path):

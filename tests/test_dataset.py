@@ -13,7 +13,7 @@ from harmonifuse.data.dataset import MultiTaskLoader, SpeechTaskDataset
 from harmonifuse.data.feature_cache import FeatureCache
 from harmonifuse.data.manifest import Utterance
 from harmonifuse.data.sampler import BatchInterleavedSampler
-from harmonifuse.encoders.base import EncoderOutput, SpeechEncoder
+from harmonifuse.modules.encoders.base import EncoderOutput, SpeechEncoder
 
 EMOTIONS = ["neutral", "happy", "sad", "angry"]
 

@@ -5,9 +5,9 @@ import math
 
 import pytest
 import torch
+from tiny import tiny_harmonifuse
 
 from harmonifuse.decoding import NEG, CTCPrefixScorer, beam_search
-from tiny import tiny_harmonifuse
 
 # two frames over {blank, a, b}
 PROBS = torch.tensor([[0.5, 0.3, 0.2], [0.4, 0.4, 0.2]])

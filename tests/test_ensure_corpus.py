@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
+from harmonifuse.config.run import DataConfig
 from harmonifuse.data import synthetic
-from harmonifuse.training.config import DataConfig
-from harmonifuse.training.data import ensure_corpus
+from harmonifuse.training.loaders import ensure_corpus
 
 
 @pytest.fixture

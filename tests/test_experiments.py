@@ -3,12 +3,12 @@ import json
 
 import pytest
 import yaml
+from tiny import write_tiny_run_config
 
 from harmonifuse.cli import main
 from harmonifuse.config import ConfigError
 from harmonifuse.experiments.runner import ExperimentInterrupted, ExperimentRunner
 from harmonifuse.experiments.spec import arm_config, load_experiment
-from tiny import write_tiny_run_config
 
 
 def write_spec(tmp_path, **changes):
@@ -114,7 +114,7 @@ def test_a_ctc_scored_experiment_compares_front_ends_trained_by_the_alignment_st
 
 
 def test_runs_from_different_machines_are_listed_apart(tmp_path):
-    from harmonifuse.experiments.report import _hardware_lines, table_markdown
+    from harmonifuse.experiments.tables import _hardware_lines, table_markdown
 
     cpu = {"hardware": "CPU X, AVX2, 2 threads", "precision": "float32"}
     run = {"steps": 4, "eval_minutes": 0.1, "metrics": {"ua": 0.5}}
@@ -205,18 +205,18 @@ def test_shipped_experiments_resolve_every_arm(name):
         assert configs["harmonifuse-10"].data.fraction == {"asr": 0.1}
 
 
-def test_the_shipped_recipe_experiment_trains_demo_yaml_as_it_ships():
+def test_the_shipped_recipe_experiment_trains_the_frozen_recipe_the_shipped_model_started_from():
     from pathlib import Path
 
     from harmonifuse.config import load_config
-    from harmonifuse.training.config import RunConfig
+    from harmonifuse.config.run import RunConfig
 
     root = Path(__file__).parents[1] / "configs"
     spec, base = load_experiment(root / "experiments" / "shipped.yaml")
     assert len(spec.seeds) >= 3 and spec.keep_checkpoints and spec.evaluation.limit == 0
     for seed in spec.seeds:
         out = f"train.output_dir=runs/experiments/shipped/harmonifuse/seed{seed}"
-        shipped = load_config(RunConfig, root / "demo.yaml", [f"train.seed={seed}", out])
+        shipped = load_config(RunConfig, root / "recipes" / "wide-voices.yaml", [f"train.seed={seed}", out])
         arms = {arm.name: arm_config(spec, base, arm, seed) for arm in spec.arms}
         assert arms["harmonifuse"] == shipped
         naive = arms["naive"]
@@ -231,7 +231,7 @@ def test_the_frontend_experiment_trains_every_arm_by_the_alignment_stage_alone()
     from pathlib import Path
 
     from harmonifuse.config import load_config
-    from harmonifuse.training.config import RunConfig
+    from harmonifuse.config.run import RunConfig
 
     root = Path(__file__).parents[1] / "configs"
     spec, base = load_experiment(root / "experiments" / "frontend.yaml")
@@ -245,7 +245,7 @@ def test_the_frontend_experiment_trains_every_arm_by_the_alignment_stage_alone()
         # the alignment stage trains on exactly the arm's tasks
         assert sorted(c.model.projector.ctc_tasks) == sorted(c.data.train), name
     # the HarmoniFuse arm is demo.yaml's model and data; only the shared stage budget differs
-    shipped = load_config(RunConfig, root / "demo.yaml", ["model.encoder.trainable=false"])
+    shipped = load_config(RunConfig, root / "recipes" / "wide-voices.yaml", ["model.encoder.trainable=false"])
     assert configs["harmonifuse"].model == shipped.model and configs["harmonifuse"].data.train == shipped.data.train
     assert configs["naive"].model.fusion.mode == "static" and configs["naive"].model.gate.mode == "none"
     assert configs["task-fusion"].model.fusion.mode == "task" and configs["mixed-batches"].data.schedule == "mixed"

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from tiny import tiny_encoder, tiny_harmonifuse, write_tiny_run_config
 
 from harmonifuse import atomic, cli
 from harmonifuse.atomic import DiskFullError
@@ -30,7 +31,6 @@ from harmonifuse.training.checkpoint import CheckpointManager
 from harmonifuse.training.lock import RunLockedError, output_dir_lock
 from harmonifuse.training.run import load_run_config, train
 from harmonifuse.weights import load_weights
-from tiny import tiny_encoder, tiny_harmonifuse, write_tiny_run_config
 
 TESTS = Path(__file__).parent
 ENV = {**os.environ, "PYTHONPATH": str(TESTS), "OMP_NUM_THREADS": "1"}
@@ -341,7 +341,7 @@ def test_the_lock_is_held_only_while_training(tmp_path):
 def test_a_resumed_run_cuts_its_log_back_to_the_checkpoint(tmp_path):
     """What a killed run logged after its checkpoint (and a line cut off mid-write) is dropped, so the
     resumed run logs every step once, as a run never killed does."""
-    from harmonifuse.training.trainer import RunLogger
+    from harmonifuse.training.logger import RunLogger
 
     logger = RunLogger(tmp_path, True)
     for step in range(1, 6):

@@ -10,7 +10,7 @@ from torch import nn
 from harmonifuse.audio import AudioError, load_audio
 from harmonifuse.data.feature_cache import FeatureCache
 from harmonifuse.data.manifest import Utterance
-from harmonifuse.encoders.base import EncoderOutput, SpeechEncoder
+from harmonifuse.modules.encoders.base import EncoderOutput, SpeechEncoder
 
 STRIDE = 320  # 50 frames/s at 16 kHz
 

@@ -9,9 +9,19 @@ import pytest
 import soundfile as sf
 
 from harmonifuse.audio import AudioError
-from harmonifuse.data.importers import (IMPORTERS, CorpusLayoutError, KaldiFormatError, cremad,
-                                        get_importer, iemocap, kaldi, librispeech, ravdess)
-from harmonifuse.data.manifest import EMOTIONS_4, read_manifest
+from harmonifuse.data.importers import (
+    IMPORTERS,
+    CorpusLayoutError,
+    KaldiFormatError,
+    cremad,
+    get_importer,
+    iemocap,
+    kaldi,
+    librispeech,
+    ravdess,
+)
+from harmonifuse.data.manifest import read_manifest
+from harmonifuse.tasks import EMOTION_LABELS
 
 RATE = 16_000
 
@@ -45,7 +55,7 @@ def test_cli_prepare_synthetic_tiny(tmp_path, capsys):
 
 def test_cli_prepare_synthetic_offers_exactly_the_corpus_options(tmp_path, capsys):
     from harmonifuse.cli import main
-    from harmonifuse.training.config import SYNTHETIC_SIZES, SYNTHETIC_VOICE_SETS
+    from harmonifuse.config.run import SYNTHETIC_SIZES, SYNTHETIC_VOICE_SETS
     from harmonifuse.data import synthetic
 
     assert set(SYNTHETIC_SIZES) == set(synthetic.SIZES)
@@ -142,10 +152,10 @@ def test_iemocap_four_classes_and_folds(tmp_path):
     utt = everything["Ses02F_impro01_M000"]
     assert (utt.emotion, utt.speaker, utt.session, utt.text) == (
         "happy", "Ses02_M", "Session2", "Line 1 of session 2.")  # exc merged into happy
-    assert sorted({u.emotion for u in everything.values()}) == sorted(EMOTIONS_4)
+    assert sorted({u.emotion for u in everything.values()}) == sorted(EMOTION_LABELS)
     for k in range(1, 6):
-        test = read_manifest(manifests[f"fold{k}_test"], labels=EMOTIONS_4)
-        train = read_manifest(manifests[f"fold{k}_train"], labels=EMOTIONS_4)
+        test = read_manifest(manifests[f"fold{k}_test"], labels=EMOTION_LABELS)
+        train = read_manifest(manifests[f"fold{k}_train"], labels=EMOTION_LABELS)
         assert {u.session for u in test} == {f"Session{k}"} and len(test) == 5
         assert f"Session{k}" not in {u.session for u in train} and len(train) == 20
 

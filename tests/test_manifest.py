@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from harmonifuse.data.manifest import (EMOTIONS_4, ManifestError, Utterance, read_manifest,
-                                       write_manifest)
+from harmonifuse.data.manifest import ManifestError, Utterance, read_manifest, write_manifest
+from harmonifuse.tasks import EMOTION_LABELS
 
 
 def touch(path: Path) -> Path:
@@ -38,7 +38,7 @@ def test_round_trip_and_relative_paths(tmp_path):
     assert records[1]["audio"] == str(outside)  # outside: stays absolute
     assert "emotion" not in records[0]  # None fields are omitted
     assert list(records[0]) == ["id", "audio", "duration", "corpus", "speaker", "session", "text"]
-    assert read_manifest(manifest, labels=EMOTIONS_4) == utts
+    assert read_manifest(manifest, labels=EMOTION_LABELS) == utts
     assert [p.name for p in manifest.parent.iterdir() if p.is_file()] == ["m.jsonl"]  # no temp left
 
 
@@ -86,7 +86,7 @@ def test_every_problem_is_reported_with_file_line_and_field(tmp_path):
     manifest = tmp_path / "bad.jsonl"
     manifest.write_text("\n".join(lines) + "\n")
     with pytest.raises(ManifestError) as caught:
-        read_manifest(manifest, labels=EMOTIONS_4)
+        read_manifest(manifest, labels=EMOTION_LABELS)
     found = [(i.line, i.field) for i in caught.value.issues]
     assert found == [(2, None), (3, "speaker"), (4, "speaker"), (5, "audio"), (6, "emotion"),
                      (7, "id"), (8, "duration"), (9, "duration"), (10, "text"), (11, "text"),

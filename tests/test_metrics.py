@@ -63,7 +63,7 @@ def test_evaluation_scores_each_speaker_and_writes_their_table(monkeypatch):
 
     from harmonifuse.data.manifest import Utterance
     from harmonifuse.evaluation import evaluate as evaluation
-    from harmonifuse.evaluation.report import markdown_table
+    from harmonifuse.evaluation.model_report import markdown_table
 
     def utt(i, speaker, text=None, emotion=None):
         return Utterance(f"u{i}", f"/a/{i}.wav", 1.0, "c", speaker, text=text, emotion=emotion)

@@ -4,10 +4,10 @@ import types
 import numpy as np
 import pytest
 import torch
-
-from harmonifuse.llm import IGNORE_INDEX
-from harmonifuse.model import HarmoniFuse
 from tiny import tiny_harmonifuse, tiny_llama
+
+from harmonifuse.model import HarmoniFuse
+from harmonifuse.modules.llm import IGNORE_INDEX
 
 
 @pytest.fixture(scope="module")
@@ -240,7 +240,7 @@ def test_matched_embedding_norm_puts_speech_at_the_scale_of_the_llm_token_embedd
 
 
 def test_auxiliary_ctc_adds_to_the_loss_of_asr_items_in_training_only():
-    from harmonifuse.ctc import embedding_ctc_loss
+    from harmonifuse.modules.ctc import embedding_ctc_loss
 
     model = tiny_harmonifuse(seed=0, projector={"ctc_weight": 0.5}).train()
     enc = _hidden(model, seed=1)
@@ -261,8 +261,9 @@ def test_auxiliary_ctc_adds_to_the_loss_of_asr_items_in_training_only():
 
 
 def test_a_trainable_ssl_encoder_returns_every_hidden_state_in_training_despite_layerdrop():
-    from harmonifuse.encoders.ssl import SSLSpeechEncoder
     from tiny import tiny_wavlm_config
+
+    from harmonifuse.modules.encoders.ssl import SSLSpeechEncoder
 
     config = tiny_wavlm_config()
     config.layerdrop = 1.0  # transformers would skip every layer after the first in training

@@ -4,13 +4,13 @@ import types
 
 import pytest
 import torch
+from tiny import tiny_harmonifuse, write_tiny_run_config
 
 from harmonifuse.data.batch import SpeechBatch
-from harmonifuse.data.prompts import PromptChoice
+from harmonifuse.data.prompt_choice import PromptChoice
 from harmonifuse.evaluation.evaluate import evaluate
 from harmonifuse.model import HarmoniFuse
 from harmonifuse.training.run import load_run_config, train
-from tiny import tiny_harmonifuse, write_tiny_run_config
 
 PROMPTS = {"asr": "Transcribe the audio.", "ser": "What emotion?"}
 EXTRA = {"asr": ["What is said?", "Transcribe the audio.", "Type the words."]}
@@ -77,15 +77,14 @@ def test_both_training_stages_feed_every_phrasing_to_the_model(tmp_path, monkeyp
         tmp_path, train={"max_steps": 6, "eval_every": 1000, "save_every": 1000},
         align={"max_steps": 6, "eval_every": 1000},
         model={"tasks": {"train_prompts": {"asr": ["What is said?", "Type the words."]}}}))
-    seen: dict[str, list] = {"forward": [], "alignment_loss": []}
-    for name in seen:
-        original = getattr(HarmoniFuse, name)
+    seen: dict[str, list] = {"answer": [], "align": []}  # both stages' steps go through forward (DDP's hooks)
+    original = HarmoniFuse.forward
 
-        def recording(self, batch, *args, _name=name, _original=original):
-            seen[_name].append((batch.tasks, batch.prompts))
-            return _original(self, batch, *args)
+    def recording(self, batch, *args, objective="answer", **kwargs):
+        seen[objective].append((batch.tasks, batch.prompts))
+        return original(self, batch, *args, objective=objective, **kwargs)
 
-        monkeypatch.setattr(HarmoniFuse, name, recording)
+    monkeypatch.setattr(HarmoniFuse, "forward", recording)
     train(config, progress=False)
     for stage, calls in seen.items():
         assert len(calls) == 6, stage
@@ -93,7 +92,7 @@ def test_both_training_stages_feed_every_phrasing_to_the_model(tmp_path, monkeyp
         ser = {p for tasks, prompts in calls for t, p in zip(tasks, prompts) if t == "ser"}
         assert asr == {"Transcribe the audio.", "What is said?", "Type the words."}, stage
         # the alignment stage here sees ASR only (model.projector.ctc_tasks)
-        assert ser == ({config.model.tasks.prompts["ser"]} if stage == "forward" else set()), stage
+        assert ser == ({config.model.tasks.prompts["ser"]} if stage == "answer" else set()), stage
 
 
 def test_evaluate_refuses_a_prompt_for_a_task_the_model_does_not_have():

@@ -2,10 +2,17 @@
 import numpy as np
 import pytest
 import soundfile as sf
-
-from harmonifuse.segments import (WINDOW_SECONDS, AudioSource, Segment, _cut_to_fit, _merge_short, combine,
-                                  split_at_pauses)
 from tiny import LoudIsSpeechVAD, tiny_harmonifuse
+
+from harmonifuse.segments import (
+    WINDOW_SECONDS,
+    AudioSource,
+    Segment,
+    _cut_to_fit,
+    _merge_short,
+    combine,
+    split_at_pauses,
+)
 
 
 def _probs(spans, seconds):

@@ -14,11 +14,11 @@ import httpx
 import numpy as np
 import pytest
 import soundfile as sf
+from serve_tiny import GatedModel, multipart_chunks, running, wav_bytes
+from tiny import LoudIsSpeechVAD, tiny_harmonifuse
 
 from harmonifuse.serve.app import ServeSettings, create_app
 from harmonifuse.serve.server import BindRefused, check_bind, is_loopback
-from serve_tiny import GatedModel, multipart_chunks, running, wav_bytes
-from tiny import LoudIsSpeechVAD, tiny_harmonifuse
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "sk-test-key"

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-
-from harmonifuse.serve.app import ServeSettings, create_app
 from serve_tiny import running
 from tiny import tiny_harmonifuse
+
+from harmonifuse.serve.app import ServeSettings, create_app
 
 make_bad_inputs = pytest.importorskip("make_bad_inputs")
 CLIENT_SIDE = {"missing_file", "directory", "permission_denied", "symlink_loop", "broken_symlink"}

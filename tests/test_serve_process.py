@@ -13,7 +13,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from serve_tiny import free_socket, multipart_chunks, wav_bytes
 
 psutil = pytest.importorskip("psutil")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from harmonifuse.data.manifest import EMOTIONS_4, read_manifest
+from harmonifuse.data.manifest import read_manifest
 
 pytestmark = pytest.mark.skipif(
     not (shutil.which("flite") and shutil.which("espeak-ng")
@@ -19,6 +19,7 @@ pytestmark = pytest.mark.skipif(
 
 from harmonifuse.data import synthetic  # noqa: E402
 from harmonifuse.data.sentences import load_sentences  # noqa: E402
+from harmonifuse.tasks import EMOTION_LABELS
 
 NAMES = [f"{task}_{split}" for task in ("asr", "ser") for split in ("train", "dev", "test")]
 
@@ -32,7 +33,7 @@ def tiny(tmp_path_factory) -> Path:
 
 
 def _load(out: Path) -> dict[str, list]:
-    return {name: read_manifest(out / f"{name}.jsonl", labels=EMOTIONS_4) for name in NAMES}
+    return {name: read_manifest(out / f"{name}.jsonl", labels=EMOTION_LABELS) for name in NAMES}
 
 
 def _snapshot(out: Path) -> dict[str, bytes]:
@@ -61,12 +62,12 @@ def test_manifests_schema_and_counts(tiny):
             if name.startswith("asr"):
                 assert u.text and u.emotion is None
             else:
-                assert u.emotion in EMOTIONS_4 and u.text is None
+                assert u.emotion in EMOTION_LABELS and u.text is None
     for line in (tiny / "ser_train.jsonl").read_text().splitlines():
         assert "text" not in json.loads(line)
     # every emotion in every SER split (the tiny preset is balanced: 3/1/1 per emotion)
     for split in ("train", "dev", "test"):
-        assert {u.emotion for u in data[f"ser_{split}"]} == set(EMOTIONS_4)
+        assert {u.emotion for u in data[f"ser_{split}"]} == set(EMOTION_LABELS)
     assert "synthetic" in (tiny / "README.md").read_text().lower()
     assert "Princeton University" in (tiny / "NOTICE").read_text()
 
@@ -260,8 +261,8 @@ def test_emotions_differ_in_loudness_in_the_corpus(tiny):
         return 10 * np.log10(np.mean(e[e >= e.max() * 1e-3]))
 
     plan = {it["id"]: it for it in map(json.loads, (tiny / "synthesis.jsonl").read_text().splitlines())}
-    raw: dict[str, list[float]] = {e: [] for e in EMOTIONS_4}
-    rule_part: dict[str, list[float]] = {e: [] for e in EMOTIONS_4}
+    raw: dict[str, list[float]] = {e: [] for e in EMOTION_LABELS}
+    rule_part: dict[str, list[float]] = {e: [] for e in EMOTION_LABELS}
     for split in ("train", "dev", "test"):
         for u in read_manifest(tiny / f"ser_{split}.jsonl"):
             measured = active_db(u.audio)

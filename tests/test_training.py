@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny import tiny_harmonifuse, write_tiny_run_config
 
 from harmonifuse.training.run import load_run_config, train
-from tiny import tiny_harmonifuse, write_tiny_run_config
 
 TESTS = Path(__file__).parent
 ENV = {**os.environ, "PYTHONPATH": str(TESTS), "OMP_NUM_THREADS": "1"}
@@ -213,7 +213,7 @@ def test_cli_analyze_keeps_good_files_when_one_is_bad(trained_run, tmp_path):
 
 def test_bf16_training_with_frozen_weights_stored_in_bf16_is_bit_identical(tmp_path, monkeypatch):
     """Under bf16 autocast the trainer keeps frozen Linear weights in bf16: same numbers, fewer copies."""
-    from harmonifuse.llm import SpeechLLM
+    from harmonifuse.modules.llm import SpeechLLM
 
     runs = {}
     for name in ("stored", "cast_per_call"):
@@ -247,9 +247,9 @@ def test_attention_kernel_comes_from_the_config(tmp_path):
 
 
 def test_a_missing_built_in_corpus_is_built_with_the_configured_size_and_voices(tmp_path, monkeypatch):
+    from harmonifuse.config.run import DataConfig
     from harmonifuse.data import synthetic
-    from harmonifuse.training.config import DataConfig
-    from harmonifuse.training.data import ensure_corpus
+    from harmonifuse.training.loaders import ensure_corpus
 
     calls = []
 
@@ -272,8 +272,8 @@ def test_a_missing_built_in_corpus_is_built_with_the_configured_size_and_voices(
 
 @pytest.mark.parametrize("mode", ["static", "prompt"])
 def test_fusion_lr_scale_gives_the_layer_weights_their_own_rate_in_both_stages(mode):
-    from harmonifuse.training.config import OptimConfig
-    from harmonifuse.training.trainer import parameter_groups
+    from harmonifuse.config.run import OptimConfig
+    from harmonifuse.training.optim import parameter_groups
 
     model = tiny_harmonifuse(fusion={"mode": mode})
     fusion = {id(p) for p in model.fusion.parameters()}

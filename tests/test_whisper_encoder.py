@@ -17,7 +17,7 @@ MIN_MEAN_COSINE = [0.999, 0.99, 0.98, 0.97, 0.95]
 
 @pytest.fixture(scope="module")
 def encoders():
-    from harmonifuse.encoders import build_encoder
+    from harmonifuse.modules.encoders import build_encoder
 
     return build_encoder("whisper-tiny.en"), build_encoder("whisper-tiny.en", pad_to_30s=True)
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 
 from harmonifuse.config import ModelConfig, from_dict
-from harmonifuse.encoders.ssl import SSLSpeechEncoder
-from harmonifuse.llm import SpeechLLM
+from harmonifuse.modules.encoders.ssl import SSLSpeechEncoder
+from harmonifuse.modules.llm import SpeechLLM
 
 CHATML = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
@@ -156,7 +156,7 @@ def write_tiny_run_config(root, **sections):
 
 class LoudIsSpeechVAD:
     """A voice activity detector for the tiny models' noise input: speech wherever the signal is loud
-    (the real detector finds none in noise). Same interface as harmonifuse.vad.SileroVAD."""
+    (the real detector finds none in noise). Same interface as harmonifuse.modules.vad.SileroVAD."""
 
     threshold, min_speech_seconds = 0.5, 0.25
 

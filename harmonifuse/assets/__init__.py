@@ -22,7 +22,7 @@ import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from ..atomic import atomic_directory, leftovers
+from harmonifuse.atomic import atomic_directory, leftovers
 
 logger = logging.getLogger(__name__)
 
@@ -135,14 +135,14 @@ def cached_build(name: str, build: Callable[[Path], None]) -> Path:
 
 
 def _build_whisper(out_dir: Path) -> None:
-    from .ctranslate2_whisper import convert_whisper
+    from harmonifuse.assets.ctranslate2_whisper import convert_whisper
 
     model_bin = package_file(WHISPER_PACKAGE, "model/model.bin", WHISPER_PIP)
     convert_whisper(model_bin.parent, out_dir)
 
 
 def _build_smollm2(out_dir: Path) -> None:
-    from .smollm2 import convert_smollm2
+    from harmonifuse.assets.smollm2 import convert_smollm2
 
     convert_smollm2(package_file(SMOLLM2_PACKAGE, SMOLLM2_GGUF, SMOLLM2_PIP), out_dir)
 

@@ -21,7 +21,7 @@ Every transform takes and returns a ``(S,)`` float32 waveform at 16 kHz and draw
 generator, seeded from (seed, stage, epoch, step within the epoch, utterance id, transform), so a
 resumed run draws exactly what the interrupted one would have, a data-loader worker or another
 rank holding the same item draws the same, the next step draws anew, and switching one transform
-off leaves the others' draws unchanged (the same scheme as :mod:`harmonifuse.data.prompts`).
+off leaves the others' draws unchanged (the same scheme as :mod:`harmonifuse.data.prompt_choice`).
 
 Where it runs: :class:`~harmonifuse.data.dataset.MultiTaskLoader` applies it to the waveform
 items of training batches (in its worker processes when it has any); cached encoder features
@@ -198,7 +198,7 @@ class Babble:
         source = self.sources[int(rng.integers(len(self.sources)))]
         if isinstance(source, np.ndarray):
             return np.asarray(source, dtype=np.float64)
-        from ..audio import AudioError, load_audio
+        from harmonifuse.audio import AudioError, load_audio
 
         try:
             return load_audio(source, sample_rate=self.sample_rate, max_seconds=self.max_seconds).astype(np.float64)

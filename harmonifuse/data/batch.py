@@ -31,7 +31,7 @@ class SpeechBatch:
         hidden_states: (L+1, B, T, D) float32 (from the float16 cache), zero padded; with
             ``frame_lengths`` (B,) int64.
         skipped: ``(task, id)`` of bad samples dropped from this batch (bad-sample policy "skip").
-        prompts: the training prompt per item, length B (see :mod:`harmonifuse.data.prompts`);
+        prompts: the training prompt per item, length B (see :mod:`harmonifuse.data.prompt_choice`);
             None: each task's ``model.tasks.prompts``.
     """
 

@@ -28,14 +28,15 @@ from typing import TYPE_CHECKING, Any
 
 from torch.utils.data import DataLoader, Dataset
 
-from ..audio import AudioError, BadSamplePolicy, load_audio
-from .batch import SpeechBatch, collate
-from .feature_cache import FeatureCache
-from .manifest import TASK_LABEL_FIELDS, Utterance
-from .sampler import BatchInterleavedSampler, BatchPlan
+from harmonifuse.audio import AudioError, BadSamplePolicy, load_audio
+from harmonifuse.data.batch import SpeechBatch, collate
+from harmonifuse.data.feature_cache import FeatureCache
+from harmonifuse.data.manifest import Utterance
+from harmonifuse.data.sampler import BatchInterleavedSampler, BatchPlan
+from harmonifuse.tasks import get_task
 
 if TYPE_CHECKING:
-    from .augmentation import WaveAugment
+    from harmonifuse.data.augmentation import WaveAugment
 
 __all__ = ["SpeechTaskDataset", "MultiTaskLoader"]
 
@@ -46,7 +47,7 @@ class SpeechTaskDataset(Dataset):
     Args:
         utterances: the task's utterances; those without the task's label are left out
             (counted in ``unlabelled``), so indices refer to ``self.utterances``.
-        task: "asr" or "ser" (any key of ``manifest.TASK_LABEL_FIELDS``).
+        task: "asr" or "ser" (any task of ``harmonifuse.tasks.TASKS``).
         cache: serve cached hidden states from this cache instead of waveforms.
         sample_rate: waveform rate (ignored with a cache, which has its own).
         load_kwargs: extra ``load_audio`` arguments (``max_seconds``, ``min_seconds``, ...).
@@ -57,8 +58,7 @@ class SpeechTaskDataset(Dataset):
     def __init__(self, utterances: Sequence[Utterance], task: str, *, cache: FeatureCache | None = None,
                  sample_rate: int = 16_000, load_kwargs: Mapping[str, Any] | None = None,
                  on_error: str = "skip", max_skips: int | None = None) -> None:
-        if task not in TASK_LABEL_FIELDS:
-            raise ValueError(f"unknown task {task!r}; known tasks: {sorted(TASK_LABEL_FIELDS)}")
+        self._label_field = get_task(task).label_field  # ValueError naming the known tasks
         self.task = task
         self.utterances = [u for u in utterances if u.has_task(task)]
         self.unlabelled = len(utterances) - len(self.utterances)
@@ -66,7 +66,6 @@ class SpeechTaskDataset(Dataset):
         self.sample_rate = sample_rate
         self.load_kwargs = dict(load_kwargs or {})
         self.policy = BadSamplePolicy(on_error, max_skips=max_skips)
-        self._label_field = TASK_LABEL_FIELDS[task]
 
     @property
     def durations(self) -> list[float]:

@@ -41,8 +41,8 @@ from typing import Any, Protocol, Union
 import numpy as np
 import torch
 
-from ..atomic import atomic_write, atomic_write_text
-from ..encoders.base import SpeechEncoder
+from harmonifuse.atomic import atomic_write, atomic_write_text
+from harmonifuse.modules.encoders.base import SpeechEncoder
 
 __all__ = ["FeatureCache"]
 
@@ -127,7 +127,7 @@ class FeatureCache:
                         h.update(chunk)
                 self._key_memo[memo] = h.hexdigest()
         except OSError as error:  # one error type for every unusable sample
-            from ..audio import AudioError
+            from harmonifuse.audio import AudioError
 
             raise AudioError(path, f"cannot read audio file ({error.strerror or error})",
                              "check the path, or remove it from the manifest") from error
@@ -180,7 +180,7 @@ class FeatureCache:
         """
         from tqdm.auto import tqdm
 
-        from ..audio import AudioError, BadSamplePolicy
+        from harmonifuse.audio import AudioError, BadSamplePolicy
 
         policy = BadSamplePolicy(on_error)
         todo: dict[str, _HasAudio] = {}
@@ -234,7 +234,7 @@ class FeatureCache:
         return [hidden[:, i, : int(n)].numpy().copy() for i, n in enumerate(frames)]
 
     def _load(self, path: str | None) -> np.ndarray:
-        from ..audio import load_audio
+        from harmonifuse.audio import load_audio
 
         return load_audio(path, sample_rate=self.sample_rate, **self.load_kwargs)
 

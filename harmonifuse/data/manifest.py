@@ -24,11 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..atomic import atomic_write_text
+from harmonifuse.atomic import atomic_write_text
+from harmonifuse.tasks import get_task
 
 __all__ = [
-    "EMOTIONS_4",
-    "TASK_LABEL_FIELDS",
     "Utterance",
     "ManifestIssue",
     "ManifestError",
@@ -36,10 +35,6 @@ __all__ = [
     "write_manifest",
 ]
 
-EMOTIONS_4 = ("neutral", "happy", "sad", "angry")
-
-# Which label field each task needs: the single place a new task is registered.
-TASK_LABEL_FIELDS = {"asr": "text", "ser": "emotion"}
 
 _REQUIRED_STR = ("id", "audio", "corpus", "speaker")
 _OPTIONAL_STR = ("session", "text", "emotion")
@@ -63,10 +58,7 @@ class Utterance:
 
     def has_task(self, task: str) -> bool:
         """Whether this utterance carries the label ``task`` ("asr" or "ser") trains on."""
-        try:
-            return getattr(self, TASK_LABEL_FIELDS[task]) is not None
-        except KeyError:
-            raise ValueError(f"unknown task {task!r}; known tasks: {sorted(TASK_LABEL_FIELDS)}") from None
+        return getattr(self, get_task(task).label_field) is not None
 
 
 @dataclass(frozen=True)
@@ -107,7 +99,7 @@ def read_manifest(
 
     Args:
         path: the manifest file.
-        labels: the allowed emotion labels (e.g. :data:`EMOTIONS_4`); ``None`` accepts any.
+        labels: the allowed emotion labels (e.g. :data:`EMOTION_LABELS`); ``None`` accepts any.
         check_audio: also check that every audio file exists (a stat per line).
 
     Returns:

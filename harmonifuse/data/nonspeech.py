@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..audio import SAMPLE_RATE
+from harmonifuse.audio import SAMPLE_RATE
 
 
 def _coloured_noise(rng: np.random.Generator, n: int, exponent: float) -> np.ndarray:

@@ -46,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from .schedules import Schedule, build_schedule
+from harmonifuse.data.schedules import Schedule, build_schedule
 
 __all__ = ["BatchPlan", "BatchInterleavedSampler"]
 

@@ -63,10 +63,10 @@ import soundfile as sf
 import soxr
 from tqdm.auto import tqdm
 
-from ..atomic import atomic_write, atomic_write_text, leftovers
-
-from harmonifuse.data.manifest import EMOTIONS_4, Utterance, write_manifest
+from harmonifuse.atomic import atomic_write, atomic_write_text, leftovers
+from harmonifuse.data.manifest import Utterance, write_manifest
 from harmonifuse.data.sentences import WORDNET_NOTICE, Sentence, load_sentences, wordnet_files
+from harmonifuse.tasks import EMOTION_LABELS
 
 __all__ = [
     "ASR_RULE",
@@ -282,7 +282,7 @@ ASR_RULE = ProsodyRule(pitch=(0.90, 1.10), range=(0.75, 1.30), tempo=(0.90, 1.12
 LEVEL_DB = (-5.0, 5.0)
 SNR_DB = (35.0, 50.0)  # a faint white noise floor (re the speech level): no file is digital silence
 REFERENCE_DBFS = -28.0
-assert tuple(EMOTION_RULES) == tuple(EMOTIONS_4)
+assert tuple(EMOTION_RULES) == tuple(EMOTION_LABELS)
 
 
 # --------------------------------------------------------------------------- tools
@@ -588,14 +588,14 @@ def _plan(seed: int, counts: dict[str, int], sentences: list[Sentence],
             # (voice, emotion) pairs: emotion k % 4 and, per emotion, consecutive voices of one
             # permutation (offset per emotion), so every 4 * n_voices block crosses them fully;
             # then a seeded shuffle decides which id gets which pair.
-            shift = max(1, len(voices) // len(EMOTIONS_4))
+            shift = max(1, len(voices) // len(EMOTION_LABELS))
             pairs = []
             for k in range(n):
-                emotion = k % len(EMOTIONS_4)
-                j = k // len(EMOTIONS_4) if task == "ser" else k
+                emotion = k % len(EMOTION_LABELS)
+                j = k // len(EMOTION_LABELS) if task == "ser" else k
                 e_shift = emotion * shift if task == "ser" else 0
                 pairs.append((voices[voice_order[(j + e_shift) % len(voices)]],
-                              EMOTIONS_4[emotion] if task == "ser" else None))
+                              EMOTION_LABELS[emotion] if task == "ser" else None))
             pairs = [pairs[i] for i in setup.permutation(n)]
             for k, (voice, emotion) in enumerate(pairs):
                 rng = np.random.default_rng([seed, t_index, s_index, k])
@@ -655,7 +655,7 @@ def _readme(items: list[dict[str, Any]], frames: dict[str, int], settings: dict[
             extra = (f"{len({it['text'] for it in sel})} distinct sentences" if task == "asr" else
                      ", ".join(f"{e} {n}" for e, n in
                                sorted(Counter(it["emotion"] for it in sel).items(),
-                                      key=lambda kv: EMOTIONS_4.index(kv[0]))))
+                                      key=lambda kv: EMOTION_LABELS.index(kv[0]))))
             lines.append(f"| {task}_{split}.jsonl | {len(sel)} | {hours * 60:.1f} min | "
                          f"{extra} | {', '.join(speakers)} |")
     table = "\n".join(["| manifest | utterances | audio | content | speakers (voices) |",
@@ -695,7 +695,7 @@ Made by `harmonifuse prepare synthetic` (`harmonifuse.data.synthetic.prepare`) w
   at 8 kHz and upsampled; espeak-ng at 22.05 kHz and downsampled; soxr).
 - Manifests: JSONL, one utterance a line: `id`, `audio` (relative to the manifest), `duration`
   (s), `corpus` ("{CORPUS}"), `speaker` (the voice), and `text` (ASR) or `emotion` (SER: one of
-  {", ".join(EMOTIONS_4)}). SER lines carry no text.
+  {", ".join(EMOTION_LABELS)}). SER lines carry no text.
 - `synthesis.jsonl`: every utterance's voice, sentence and drawn prosody values. It reveals the
   SER labels: use it for analysis only, never as model input.
 

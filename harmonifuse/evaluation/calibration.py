@@ -12,9 +12,9 @@ from typing import Sequence
 
 import torch
 
-from ..data.manifest import Utterance
-from .evaluate import map_batches
-from .metrics import expected_calibration_error
+from harmonifuse.data.manifest import Utterance
+from harmonifuse.evaluation.evaluate import map_batches
+from harmonifuse.evaluation.metrics import expected_calibration_error
 
 
 def label_scores(model, utterances: Sequence[Utterance], *, batch_size: int = 8, cache=None,

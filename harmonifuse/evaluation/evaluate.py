@@ -7,9 +7,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..data.batch import pad_hidden_states
-from ..data.manifest import Utterance
-from .metrics import asr_metrics, expected_calibration_error, ser_metrics
+from harmonifuse.data.batch import pad_hidden_states
+from harmonifuse.data.manifest import Utterance
+from harmonifuse.evaluation.metrics import asr_metrics, expected_calibration_error, ser_metrics
+from harmonifuse.tasks import get_task
 
 
 def hidden_states_for(model, utterances: Sequence[Utterance], cache) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,7 +73,7 @@ def ctc_ser_metrics(model, utterances: Sequence[Utterance], *, batch_size: int =
     return ser_metrics([u.emotion for u in utterances], predictions, model.config.tasks.emotion_labels)
 
 
-CTC_SCORERS = {"asr": ctc_asr_metrics, "ser": ctc_ser_metrics}
+CTC_SCORERS = {"transcript": ctc_asr_metrics, "label": ctc_ser_metrics}  # by how a task is answered
 
 
 def evaluate_ctc(model, manifests: Mapping[str, Sequence[Utterance]], *, batch_size: int = 16, cache=None,
@@ -83,10 +84,9 @@ def evaluate_ctc(model, manifests: Mapping[str, Sequence[Utterance]], *, batch_s
         model.task_ids(list(prompts))
     metrics: dict = {}
     for task, utterances in manifests.items():
-        if task not in CTC_SCORERS:
-            raise ValueError(f"no CTC metric for task {task!r}")
+        scorer = CTC_SCORERS[get_task(task).answer]  # ValueError naming the known tasks
         if utterances:
-            metrics.update(CTC_SCORERS[task](model, utterances, batch_size=batch_size, cache=cache,
+            metrics.update(scorer(model, utterances, batch_size=batch_size, cache=cache,
                                              prompt=(prompts or {}).get(task), progress=progress))
     return {"metrics": metrics}
 
@@ -106,9 +106,8 @@ def nonspeech_metrics(model, *, seconds: float = 3.0) -> dict:
     """How the model answers the built-in non-speech clips (harmonifuse/data/nonspeech.py):
     ``nonspeech_detected``, the share answered as no speech (or refused as silent audio), and each
     clip's answer."""
-    from ..data.nonspeech import nonspeech_clips
-
-    from ..audio import AudioError
+    from harmonifuse.audio import AudioError
+    from harmonifuse.data.nonspeech import nonspeech_clips
 
     clips = nonspeech_clips(seconds)
     answers = []
@@ -156,7 +155,8 @@ def evaluate(model, manifests: Mapping[str, Sequence[Utterance]], *, batch_size:
         out = [r if has else model.no_speech_answer((task,)) for r, has in zip(out, speech)]
         if getattr(model, "vad", None) is not None:
             metrics[f"{task}_flagged_no_speech"] = 1.0 - float(np.mean(speech))
-        if task == "asr":
+        kind = get_task(task).answer
+        if kind == "transcript":
             refs = [u.text for u in utterances]
             hyps = [r["transcript"] for r in out]
             metrics.update(asr_metrics(refs, hyps, labels))
@@ -166,7 +166,7 @@ def evaluate(model, manifests: Mapping[str, Sequence[Utterance]], *, batch_size:
             predictions[task] = [{"id": u.id, "speaker": u.speaker, "reference": ref, "hypothesis": hyp,
                                   "confidence": r["transcript_confidence"], "no_speech": not has}
                                  for u, ref, hyp, r, has in zip(utterances, refs, hyps, out, speech)]
-        elif task == "ser":
+        else:  # one label out of model.tasks.emotion_labels
             refs = [u.emotion for u in utterances]
             preds = [r["emotion"] or "no_speech" for r in out]
             metrics.update(ser_metrics(refs, preds, labels))
@@ -179,8 +179,6 @@ def evaluate(model, manifests: Mapping[str, Sequence[Utterance]], *, batch_size:
             predictions[task] = [{"id": u.id, "speaker": u.speaker, "reference": ref, "prediction": r["emotion"],
                                   "confidence": r["emotion_confidence"], "probs": r["emotion_probs"]}
                                  for u, ref, r in zip(utterances, refs, out)]
-        else:
-            raise ValueError(f"no metric for task {task!r}")
         for speaker, values in scores.items():
             per_speaker.setdefault(speaker, {}).update(values)
     if len(per_speaker) > 1:

@@ -15,16 +15,18 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+import yaml
 from tqdm import tqdm
 
-from ..atomic import atomic_write_text
-from ..data.manifest import Utterance
-from ..evaluation.evaluate import evaluate, evaluate_ctc, hidden_states_for
-from ..training.config import RunConfig
-from ..training.data import feature_cache_for, read_split, spread_sample
-from ..training.trainer import choose_precision
-from .report import write_report
-from .spec import ArmSpec, EvaluationSpec, ExperimentSpec, arm_config, run_result_path
+from harmonifuse.atomic import atomic_write_text
+from harmonifuse.config import to_dict
+from harmonifuse.config.run import RunConfig
+from harmonifuse.data.manifest import Utterance
+from harmonifuse.evaluation.evaluate import evaluate, evaluate_ctc, hidden_states_for
+from harmonifuse.experiments.spec import ArmSpec, EvaluationSpec, ExperimentSpec, arm_config, run_result_path
+from harmonifuse.experiments.tables import write_report
+from harmonifuse.training.hardware import choose_precision
+from harmonifuse.training.loaders import feature_cache_for, read_split, spread_sample
 
 log = logging.getLogger(__name__)
 FINISHED = ("max_steps", "max_minutes", "early_stop")
@@ -55,7 +57,7 @@ def evaluation_utterances(config: RunConfig, evaluation: EvaluationSpec) -> dict
 def score_run(config: RunConfig, model_dir: Path, evaluation: EvaluationSpec, *, progress: bool = True) -> dict:
     """Metrics with the training prompts and with the paraphrases (by ``evaluation.scorer``), and
     what each task reads."""
-    from ..model import HarmoniFuse
+    from harmonifuse.model import HarmoniFuse
 
     model = HarmoniFuse.from_pretrained(model_dir)
     model.eval()
@@ -99,7 +101,7 @@ class ExperimentRunner:
 
     def __init__(self, spec: ExperimentSpec, base: Path, *, source: str = "", progress: bool = True,
                  train_fn: Callable[..., dict] | None = None) -> None:
-        from ..training.run import train
+        from harmonifuse.training.run import train
 
         self.spec, self.base, self.source, self.progress = spec, Path(base), source, progress
         self.train_fn = train_fn or train
@@ -107,6 +109,19 @@ class ExperimentRunner:
 
     def result_path(self, arm: ArmSpec, seed: int) -> Path:
         return run_result_path(self.results_dir, arm.name, seed)
+
+    def write_resolved_configs(self) -> list[Path]:
+        """Beside each finished run's result (``seed<k>.json``), the complete config it resolves to
+        (``seed<k>.yaml``): what reruns it, whatever later happens to the recipes."""
+        written = []
+        for arm, seed in self.select():
+            result = self.result_path(arm, seed)
+            target = result.with_suffix(".yaml")
+            if result.is_file() and not target.is_file():
+                config = arm_config(self.spec, self.base, arm, seed)
+                atomic_write_text(target, yaml.safe_dump(to_dict(config), sort_keys=False))
+                written.append(target)
+        return written
 
     def select(self, arms: Sequence[str] | None = None, seeds: Sequence[int] | None = None):
         known = {arm.name: arm for arm in self.spec.arms}
@@ -125,6 +140,7 @@ class ExperimentRunner:
         for arm, seed in tqdm(pending, desc=f"experiment {self.spec.name}", unit="run", disable=not self.progress):
             tqdm.write(f"== {arm.title} (seed {seed})")
             _write_json(self.result_path(arm, seed), self.run_one(arm, seed))
+            self.write_resolved_configs()
             self.report()
         return self.report()
 

@@ -18,8 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from ..config import ConfigError, _check, load_config
-from ..training.config import RunConfig
+from harmonifuse.config import ConfigError, load_config
+from harmonifuse.config.loading import _check
+from harmonifuse.config.run import RunConfig
+from harmonifuse.tasks import TASK_NAMES
 
 ARM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -60,7 +62,8 @@ class EvaluationSpec:
     def validate(self, prefix: str) -> None:
         _check(self.limit >= 0, f"{prefix}.limit", "must be >= 0 (0: the whole split)")
         _check(self.batch_size >= 1, f"{prefix}.batch_size", "must be >= 1")
-        _check(set(self.paraphrases) <= {"asr", "ser"}, f"{prefix}.paraphrases", "maps asr/ser to prompts")
+        _check(set(self.paraphrases) <= set(TASK_NAMES), f"{prefix}.paraphrases",
+               f"maps task names ({', '.join(TASK_NAMES)}) to prompts")
 
 
 @dataclass

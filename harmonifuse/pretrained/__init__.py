@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..config import ConfigError
+from harmonifuse.config import ConfigError
 
 MODEL_ENV = "HARMONIFUSE_MODEL"
 DEMO_MODEL = Path(__file__).resolve().parent / "harmonifuse-demo"

@@ -33,10 +33,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import HTMLResponse, JSONResponse, Response
 
-from . import responses
-from .errors import SERVER, ApiError, error_body, overloaded, unauthorized
-from .upload import MB, Upload, read_upload
-from .worker import Closed, DeadlineExceeded, InferenceWorker, QueueFull
+from harmonifuse.serve import responses
+from harmonifuse.serve.errors import SERVER, ApiError, error_body, overloaded, unauthorized
+from harmonifuse.serve.upload import MB, Upload, read_upload
+from harmonifuse.serve.worker import Closed, DeadlineExceeded, InferenceWorker, QueueFull
 
 log = logging.getLogger("harmonifuse.serve")
 
@@ -112,7 +112,7 @@ def decode(service: Service, upload: Upload) -> tuple[Any, float]:
     encoder's window, which the model reads in blocks) and its duration in seconds."""
     import soundfile as sf
 
-    from ..audio import AudioError
+    from harmonifuse.audio import AudioError
 
     model, settings = service.model, service.settings
     path = str(upload.path)
@@ -317,7 +317,7 @@ async def answer(request: Request, service: Service, kind: str) -> Response:
         except DeadlineExceeded:
             raise _timeout(settings) from None
         except ValueError as error:  # AudioError from the model: the file decoded but cannot be used
-            from ..audio import AudioError
+            from harmonifuse.audio import AudioError
 
             if isinstance(error, AudioError):
                 raise audio_error(error, upload, service.tmpdir) from None

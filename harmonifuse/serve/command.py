@@ -56,8 +56,8 @@ def model_name(model_dir: str) -> str:
 
 
 def serve(args: argparse.Namespace) -> int:
-    from ..pretrained import resolve_model
-    from .server import BindRefused, check_bind
+    from harmonifuse.pretrained import resolve_model
+    from harmonifuse.serve.server import BindRefused, check_bind
 
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     try:
@@ -69,8 +69,8 @@ def serve(args: argparse.Namespace) -> int:
     if not Path(model_dir).exists():
         raise FileNotFoundError(f"no model folder or config file at {model_dir}")
 
-    from .app import ServeSettings, create_app
-    from .server import run
+    from harmonifuse.serve.app import ServeSettings, create_app
+    from harmonifuse.serve.server import run
 
     logging.getLogger("harmonifuse.serve").setLevel(args.log_level.upper())
     if args.threads:
@@ -82,7 +82,7 @@ def serve(args: argparse.Namespace) -> int:
                              max_seconds=args.max_seconds or None, timeout=args.timeout, threads=args.threads)
 
     def loader():
-        from ..cli import load_model
+        from harmonifuse.cli import load_model
 
         model = load_model(model_dir, bf16=args.bf16)
         model.eval()

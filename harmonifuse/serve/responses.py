@@ -15,7 +15,7 @@ import zlib
 
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
-from .. import formats
+from harmonifuse import formats
 
 RESPONSE_FORMATS = ("json", "text", "srt", "verbose_json", "vtt")
 LANGUAGE = "english"

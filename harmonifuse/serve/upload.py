@@ -17,7 +17,7 @@ from pathlib import Path
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
-from .errors import ApiError
+from harmonifuse.serve.errors import ApiError
 
 FIELDS_LIMIT = 64 * 1024  # bytes of form fields other than the file, and of part headers
 MB = 1024 * 1024

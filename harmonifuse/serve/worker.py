@@ -200,7 +200,7 @@ class InferenceWorker:
     def _answer(self, audio: list) -> list:
         """``model.analyze`` on the batch; when one input fails to decode, each one alone, so the
         others are still answered and the failing one gets its own error."""
-        from ..audio import AudioError
+        from harmonifuse.audio import AudioError
 
         try:
             return self.model.analyze(audio, tasks=self.tasks, **self.analyze_options)

@@ -18,8 +18,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from ..atomic import DiskFullError, atomic_directory, leftovers, temp_path
-from ..weights import WeightsError, load_weights, save_weights
+
+from harmonifuse.atomic import DiskFullError, atomic_directory, leftovers, temp_path
+from harmonifuse.weights import WeightsError, load_weights, save_weights
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from ..config import ConfigError
+from harmonifuse.config import ConfigError
 
 try:
     import fcntl

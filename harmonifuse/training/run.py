@@ -8,11 +8,12 @@ import random
 import numpy as np
 import torch
 
-from ..config import load_config
-from .config import RunConfig
-from .data import build_run_data
-from .lock import output_dir_lock
-from .trainer import Trainer, init_distributed
+from harmonifuse.config import load_config
+from harmonifuse.config.run import RunConfig
+from harmonifuse.training.hardware import init_distributed
+from harmonifuse.training.loaders import build_run_data
+from harmonifuse.training.lock import output_dir_lock
+from harmonifuse.training.trainer import Trainer
 
 log = logging.getLogger(__name__)
 
@@ -40,15 +41,15 @@ def train(config: RunConfig, *, resume: bool = False, progress: bool = True, mod
 
 
 def _train(config: RunConfig, rank: int, world_size: int, *, resume: bool, progress: bool, model) -> dict:
-    from ..model import HarmoniFuse
+    from harmonifuse.model import HarmoniFuse
 
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     seed_everything(config.train.seed)
     model = model if model is not None else HarmoniFuse.build(config.model)
     if config.train.init_from:
-        from ..model import WEIGHTS_NAME
-        from ..pretrained import find_model_folder
+        from harmonifuse.model import WEIGHTS_NAME
+        from harmonifuse.pretrained import find_model_folder
 
         folder = find_model_folder(config.train.init_from)
         model.load_trained(folder / WEIGHTS_NAME)  # a checkpoint of this run (--resume) replaces them below

@@ -16,8 +16,14 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from harmonifuse.data.importers._common import (BadAudio, CorpusLayoutError, UtteranceCollector,
-                                                progress, require_dir, write)
+from harmonifuse.data.importers._common import (
+    BadAudio,
+    CorpusLayoutError,
+    UtteranceCollector,
+    progress,
+    require_dir,
+    write,
+)
 
 CORPUS = "cremad"
 EMOTIONS = {"ANG": "angry", "HAP": "happy", "NEU": "neutral", "SAD": "sad",

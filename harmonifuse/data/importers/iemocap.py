@@ -24,8 +24,14 @@ import logging
 import re
 from pathlib import Path
 
-from harmonifuse.data.importers._common import (BadAudio, CorpusLayoutError, UtteranceCollector,
-                                                progress, require_dir, write)
+from harmonifuse.data.importers._common import (
+    BadAudio,
+    CorpusLayoutError,
+    UtteranceCollector,
+    progress,
+    require_dir,
+    write,
+)
 from harmonifuse.data.manifest import Utterance
 
 CORPUS = "iemocap"

@@ -24,8 +24,15 @@ from pathlib import Path
 import soundfile as sf
 
 from harmonifuse.audio import AudioError
-from harmonifuse.data.importers._common import (BadAudio, CorpusLayoutError, UtteranceCollector,
-                                                audio_info, progress, require_dir, write)
+from harmonifuse.data.importers._common import (
+    BadAudio,
+    CorpusLayoutError,
+    UtteranceCollector,
+    audio_info,
+    progress,
+    require_dir,
+    write,
+)
 
 _EXPECTED = ("a Kaldi data directory with 'wav.scp' (<recording> <path>) and 'text' "
              "(<utterance> <transcript>), optionally 'utt2spk' and 'segments'")

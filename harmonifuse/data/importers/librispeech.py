@@ -14,8 +14,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from harmonifuse.data.importers._common import (BadAudio, CorpusLayoutError, UtteranceCollector,
-                                                progress, require_dir, write)
+from harmonifuse.data.importers._common import (
+    BadAudio,
+    CorpusLayoutError,
+    UtteranceCollector,
+    progress,
+    require_dir,
+    write,
+)
 
 CORPUS = "librispeech"
 _EXPECTED = ("<speaker>/<chapter>/<speaker>-<chapter>.trans.txt files next to .flac audio, "

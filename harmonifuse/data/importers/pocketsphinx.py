@@ -18,8 +18,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from harmonifuse.data.importers._common import (BadAudio, CorpusLayoutError, UtteranceCollector, require_dir,
-                                                write)
+from harmonifuse.data.importers._common import BadAudio, CorpusLayoutError, UtteranceCollector, require_dir, write
 from harmonifuse.evaluation.metrics import normalize_text
 
 CORPUS = "pocketsphinx"

@@ -18,9 +18,15 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from harmonifuse.data.importers._common import (BadAudio, CorpusLayoutError, UtteranceCollector,
-                                                progress, require_dir, write)
-from harmonifuse.data.manifest import EMOTIONS_4
+from harmonifuse.data.importers._common import (
+    BadAudio,
+    CorpusLayoutError,
+    UtteranceCollector,
+    progress,
+    require_dir,
+    write,
+)
+from harmonifuse.tasks import EMOTION_LABELS
 
 CORPUS = "ravdess"
 EMOTIONS = {"01": "neutral", "02": "calm", "03": "happy", "04": "sad", "05": "angry",
@@ -44,7 +50,7 @@ def prepare(src: Path, out: Path, *, all_emotions: bool = False, merge_calm: boo
     if not any(match for _, match in parsed):
         raise CorpusLayoutError("RAVDESS", src, _EXPECTED)
     names = dict(EMOTIONS, **({"02": "neutral"} if merge_calm else {}))
-    keep = set(names.values()) if all_emotions else set(EMOTIONS_4)
+    keep = set(names.values()) if all_emotions else set(EMOTION_LABELS)
     channels = {_SPEECH, _SONG} if include_song else {_SPEECH}
 
     collector = UtteranceCollector(on_bad_audio)

@@ -1,0 +1,33 @@
+"""Typed configuration: the loader (YAML, ``extends``, dotted overrides, checks) in ``loading``,
+the model's config in ``model``, a training run's config in ``run``."""
+from harmonifuse.config.loading import (
+    ConfigError,
+    apply_overrides,
+    from_dict,
+    load_config,
+    load_yaml,
+    load_yaml_extends,
+    parse_overrides,
+    to_dict,
+    validate,
+)
+from harmonifuse.config.model import (
+    DEFAULT_PROMPTS,
+    AugmentConfig,
+    CalibrationConfig,
+    DecodingConfig,
+    EncoderConfig,
+    FusionConfig,
+    GateConfig,
+    LLMConfig,
+    ModelConfig,
+    ProjectorConfig,
+    PromptConfig,
+    TasksConfig,
+    VADConfig,
+)
+
+__all__ = ["ConfigError", "apply_overrides", "from_dict", "load_config", "load_yaml", "load_yaml_extends",
+           "parse_overrides", "to_dict", "validate", "DEFAULT_PROMPTS", "AugmentConfig", "CalibrationConfig",
+           "DecodingConfig", "EncoderConfig", "FusionConfig", "GateConfig", "LLMConfig", "ModelConfig",
+           "PromptConfig", "ProjectorConfig", "TasksConfig", "VADConfig"]

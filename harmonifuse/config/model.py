@@ -1,0 +1,212 @@
+"""The model's configuration (``model:`` in a run config, ``config.yaml`` in a model folder)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from harmonifuse.config.loading import _check
+from harmonifuse.tasks import EMOTION_LABELS, TASK_NAMES, TASKS
+
+DEFAULT_PROMPTS = {name: task.default_prompt for name, task in TASKS.items()}
+
+
+@dataclass
+class EncoderConfig:
+    source: str = "whisper-tiny.en"
+    """Built-in name, local folder or hub id of the speech encoder."""
+    trainable: bool = False
+    pad_to_30s: bool = False
+    """Whisper only: run on 30 s of padded audio, as Whisper was trained (slower)."""
+    max_seconds: float = 30.0
+
+    def validate(self, prefix: str) -> None:
+        _check(self.max_seconds > 0, f"{prefix}.max_seconds", "must be > 0")
+
+
+@dataclass
+class FusionConfig:
+    mode: Literal["static", "task", "prompt"] = "prompt"
+    temperature: float = 1.0
+    layer_norm: bool = True
+    """Normalise each hidden state before weighting: layers differ in scale by orders of magnitude."""
+
+    def validate(self, prefix: str) -> None:
+        _check(self.temperature > 0, f"{prefix}.temperature", "must be > 0")
+
+
+@dataclass
+class GateConfig:
+    mode: Literal["none", "channel", "content"] = "content"
+
+
+@dataclass
+class ProjectorConfig:
+    stack: int = 5
+    """Frames stacked into one LLM position (50 Hz -> 10 Hz for Whisper)."""
+    hidden_size: int = 1024
+    context_layers: int = 0
+    """Transformer layers over the projected positions (0: each position sees only its own frames)."""
+    context_heads: int = 8
+    context_kernel: int = 1
+    """Width, in projected positions, of the projector's first layer as a 1-D convolution (odd;
+    1: each position alone)."""
+    ctc_weight: float = 0.0
+    """Weight of an auxiliary CTC loss on the projector output against the LLM's token embeddings
+    (items of ``ctc_tasks``, training only; 0 disables it)."""
+    ctc_tasks: list[str] = field(default_factory=lambda: ["asr"])
+    """Tasks whose answer the embedding-CTC targets, in the alignment stage and as the auxiliary
+    loss: the transcript for ASR, the label word for SER (the SER path then starts aligned too)."""
+    match_embedding_norm: bool = False
+    """Scale every projected position to the RMS of the LLM's token embeddings (fixed, not learned)."""
+    ctc_scale: float = 1.0
+    """Logit scale of the embedding-CTC (its start value when learned)."""
+    ctc_learn_scale: bool = False
+    """Learn the CTC logit scale. With ``match_embedding_norm`` the scale must exceed 1 (unit-scale
+    logits over 49k tokens stay flat); a fixed small one keeps outputs closer to the token embeddings."""
+    ctc_learned_blank: bool = False
+    """CTC blank as a learned vector instead of a special token of the LLM (see harmonifuse/modules/ctc.py)."""
+    token_mixture: bool = False
+    """Feed the LLM each position's expected token embedding under the CTC posterior instead of the
+    projector output itself (the projector output is then what the CTC scores)."""
+
+    def validate(self, prefix: str) -> None:
+        _check(self.stack >= 1, f"{prefix}.stack", "must be >= 1")
+        _check(self.ctc_weight >= 0, f"{prefix}.ctc_weight", "must be >= 0")
+        _check(self.hidden_size >= 1, f"{prefix}.hidden_size", "must be >= 1")
+        _check(self.context_layers >= 0, f"{prefix}.context_layers", "must be >= 0")
+        _check(self.context_heads >= 1, f"{prefix}.context_heads", "must be >= 1")
+        _check(self.context_kernel >= 1 and self.context_kernel % 2 == 1, f"{prefix}.context_kernel",
+               f"must be an odd number >= 1 (a centred window), got {self.context_kernel}")
+        _check(self.ctc_scale > 0, f"{prefix}.ctc_scale", "must be > 0")
+        _check(bool(self.ctc_tasks) and set(self.ctc_tasks) <= set(TASK_NAMES), f"{prefix}.ctc_tasks",
+               f"must list some of {', '.join(TASK_NAMES)}; got {self.ctc_tasks!r}")
+
+
+@dataclass
+class AugmentConfig:
+    """SpecAugment-style masking of the encoder's hidden states in training (see harmonifuse/modules/feature_masking.py)."""
+
+    time_masks: int = 0
+    time_width: int = 10
+    """Frames per time mask at most (Whisper: 50 frames per second)."""
+    channel_masks: int = 0
+    channel_width: int = 16
+
+    def validate(self, prefix: str) -> None:
+        _check(self.time_masks >= 0, f"{prefix}.time_masks", "must be >= 0")
+        _check(self.channel_masks >= 0, f"{prefix}.channel_masks", "must be >= 0")
+        _check(self.time_width >= 1, f"{prefix}.time_width", "must be >= 1")
+        _check(self.channel_width >= 1, f"{prefix}.channel_width", "must be >= 1")
+
+
+@dataclass
+class PromptConfig:
+    vector: Literal["mean_embedding", "hidden_state"] = "mean_embedding"
+
+
+@dataclass
+class LLMConfig:
+    source: str = "smollm2-135m-instruct"
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    chat_template: bool = True
+    """Wrap speech and prompt in the tokenizer's chat template when it has one."""
+    max_new_tokens: int = 96
+    attention: Literal["sdpa", "eager"] = "sdpa"
+    """transformers attention kernel; eager made training steps 1.24x faster on a 2-core CPU at
+    these short sequences (benchmarks/bench_train_step.py)."""
+
+    def validate(self, prefix: str) -> None:
+        _check(self.lora_rank >= 0, f"{prefix}.lora_rank", "must be >= 0 (0 disables LoRA)")
+        _check(0 <= self.lora_dropout < 1, f"{prefix}.lora_dropout", "must be in [0, 1)")
+        _check(self.max_new_tokens >= 1, f"{prefix}.max_new_tokens", "must be >= 1")
+
+
+@dataclass
+class TasksConfig:
+    prompts: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_PROMPTS))
+    """The prompt each task answers by default (evaluation, analyze, dev scoring)."""
+    train_prompts: dict[str, list[str]] = field(default_factory=dict)
+    """Further phrasings per task for training: each training item reads ``prompts[task]`` or one of
+    these, drawn uniformly (see harmonifuse/data/prompt_choice.py)."""
+    emotion_labels: list[str] = field(default_factory=lambda: list(EMOTION_LABELS))
+
+    def validate(self, prefix: str) -> None:
+        _check(set(self.prompts) >= set(TASK_NAMES), f"{prefix}.prompts",
+               "needs a prompt for " + " and ".join(repr(t) for t in TASK_NAMES))
+        _check(all(p.strip() for p in self.prompts.values()), f"{prefix}.prompts", "has an empty prompt")
+        unknown = sorted(set(self.train_prompts) - set(self.prompts))
+        _check(not unknown, f"{prefix}.train_prompts", f"names task(s) {unknown} that have no prompt in "
+               f"{prefix}.prompts ({sorted(self.prompts)})")
+        _check(all(p.strip() for options in self.train_prompts.values() for p in options),
+               f"{prefix}.train_prompts", "has an empty phrasing")
+        _check(len(self.emotion_labels) >= 2, f"{prefix}.emotion_labels", "needs at least two labels")
+        _check(len(set(self.emotion_labels)) == len(self.emotion_labels), f"{prefix}.emotion_labels", "has duplicates")
+
+    @property
+    def task_names(self) -> list[str]:
+        return sorted(self.prompts)
+
+
+@dataclass
+class DecodingConfig:
+    """How ASR answers are decoded: joint CTC/LLM beam search (harmonifuse/decoding.py)."""
+
+    beam_size: int = 1
+    """Hypotheses kept per utterance (1: greedy)."""
+    ctc_weight: float = 0.0
+    """w in score = (1 - w) log p_LLM + w log p_CTC-prefix: how much the projector's CTC head, which
+    only writes what it hears, restrains the LLM's prior (0: the LLM alone)."""
+    llm_candidates: int = 8
+    """The LLM's top tokens scored as extensions of each hypothesis per step; the tokens of the
+    utterance's greedy CTC transcript are always scored too."""
+
+    def validate(self, prefix: str) -> None:
+        _check(self.beam_size >= 1, f"{prefix}.beam_size", "must be >= 1")
+        _check(0.0 <= self.ctc_weight < 1.0, f"{prefix}.ctc_weight", "must be in [0, 1)")
+        _check(self.llm_candidates >= 1, f"{prefix}.llm_candidates", "must be >= 1")
+
+
+@dataclass
+class VADConfig:
+    """Voice activity detection (Silero VAD, its weights inside the silero-vad wheel): audio without
+    speech is answered as no speech instead of being transcribed."""
+
+    enabled: bool = True
+    threshold: float = 0.5
+    """Speech probability above which a 32 ms window counts as speech."""
+    min_speech_seconds: float = 0.25
+    """Less speech than this in a recording: ``no_speech``."""
+
+    def validate(self, prefix: str) -> None:
+        _check(0.0 < self.threshold < 1.0, f"{prefix}.threshold", "must be in (0, 1)")
+        _check(self.min_speech_seconds >= 0, f"{prefix}.min_speech_seconds", "must be >= 0")
+
+
+@dataclass
+class CalibrationConfig:
+    ser_temperature: float = 1.0
+    """Divides the emotion label log-likelihoods before the softmax; fitted on dev by
+    ``harmonifuse calibrate`` (1: uncalibrated)."""
+
+    def validate(self, prefix: str) -> None:
+        _check(self.ser_temperature > 0, f"{prefix}.ser_temperature", "must be > 0")
+
+
+@dataclass
+class ModelConfig:
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    tasks: TasksConfig = field(default_factory=TasksConfig)
+    decoding: DecodingConfig = field(default_factory=DecodingConfig)
+    vad: VADConfig = field(default_factory=VADConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+
+

@@ -1,0 +1,202 @@
+"""From a run's DataConfig to manifests, a feature cache and the batch-interleaved loader."""
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from harmonifuse.assets import cache_dir
+from harmonifuse.atomic import leftovers
+from harmonifuse.config import ConfigError
+from harmonifuse.config.run import WAVE_AUGMENT_ORDER, DataConfig, WaveAugmentConfig
+from harmonifuse.data.augmentation import WaveAugment
+from harmonifuse.data.dataset import MultiTaskLoader, SpeechTaskDataset
+from harmonifuse.data.feature_cache import FeatureCache
+from harmonifuse.data.manifest import Utterance, read_manifest
+from harmonifuse.data.sampler import BatchInterleavedSampler
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunData:
+    loader: MultiTaskLoader
+    dev: dict[str, list[Utterance]]
+    test: dict[str, list[Utterance]]
+    cache: FeatureCache | None
+    align_loader: MultiTaskLoader | None = None
+    """ASR batches for the alignment stage (None without one)."""
+
+
+def spread_sample(utterances: list[Utterance], limit: int) -> list[Utterance]:
+    """A fixed, seeded subset: manifests are often sorted by speaker or label, so never the first N."""
+    if len(utterances) <= limit:
+        return utterances
+    import numpy as np
+
+    keep = np.sort(np.random.default_rng(0).choice(len(utterances), size=limit, replace=False))
+    return [utterances[i] for i in keep]
+
+
+def ensure_corpus(config: DataConfig, *, progress: bool = True) -> Path:
+    """The manifests' folder; synthesises the built-in corpus there when asked and missing.
+
+    Only ever the built-in corpus into its own folder: every configured manifest that is missing
+    must be one the built-in corpus writes (``asr_train.jsonl`` for ``data.train.asr``, ...), and
+    ``data.root`` must be absent, empty or a built-in corpus (whole or interrupted). Anything else,
+    such as a mistyped manifest name in a folder of your own, is a FileNotFoundError naming the
+    missing file and its config field; nothing is synthesised.
+    """
+    root = Path(config.root)
+    missing = {f"data.train.{task}": root / name for task, name in config.train.items()
+               if not (root / name).is_file()}
+    if not missing:
+        return root
+    field, path = next(iter(missing.items()))
+    if not config.build_synthetic:
+        raise FileNotFoundError(f"{field}: training manifest {path} does not exist; run `harmonifuse prepare "
+                                f"...` first, or set data.build_synthetic=true for the built-in corpus")
+    from harmonifuse.data import synthetic
+
+    splits = {"train": config.train, "dev": config.dev, "test": config.test}
+    for split, names in splits.items():
+        for task, name in names.items():
+            if not (root / name).is_file() and name != synthetic.manifest_name(task, split):
+                raise FileNotFoundError(
+                    f"data.{split}.{task}: manifest {root / name} does not exist, and it is not a manifest "
+                    f"of the built-in corpus ({synthetic.manifest_name(task, split)}), so nothing is "
+                    f"synthesised; correct the name, or run `harmonifuse prepare ...` to write it")
+    if not _holds_only_a_synthetic_corpus(root, synthetic.PLAN_FILE):
+        raise FileNotFoundError(
+            f"{field}: manifest {path} does not exist, and data.root={root} holds other files but no "
+            f"built-in corpus ({synthetic.PLAN_FILE}), so the built-in corpus is not synthesised into it; "
+            f"correct data.root or the manifest names, or write the manifests with `harmonifuse prepare ...`")
+    log.warning("building the built-in synthetic corpus in %s (once)", root)
+    synthetic.prepare(root, size=config.synthetic_size, voices=config.synthetic_voices, progress=progress)
+    return root
+
+
+def _holds_only_a_synthetic_corpus(root: Path, plan_file: str) -> bool:
+    """``root`` is absent, empty (but for temp files), or a folder the synthesiser made (its plan
+    file is there; another process may be writing it right now)."""
+    if not root.exists():
+        return True
+    return root.is_dir() and ((root / plan_file).is_file() or set(root.iterdir()) <= set(leftovers(root)))
+
+
+def read_split(root: Path, split: dict[str, str], labels: list[str]) -> dict[str, list[Utterance]]:
+    out = {}
+    for task, name in split.items():
+        path = root / name
+        if path.is_file():
+            out[task] = [u for u in read_manifest(path, labels=labels) if u.has_task(task)]
+    return out
+
+
+def feature_cache_for(encoder, config: DataConfig) -> FeatureCache | None:
+    if encoder.trainable or config.feature_cache == "off":
+        return None
+    root = cache_dir() / "features" if config.feature_cache == "auto" else Path(config.feature_cache)
+    return FeatureCache(encoder, root, load_kwargs={"max_seconds": config.max_seconds})
+
+
+def build_wave_augment(config: WaveAugmentConfig, *, seed: int, babble: Sequence[str] = (),
+                       sample_rate: int = 16_000, max_seconds: float | None = None) -> WaveAugment | None:
+    """The waveform augmentation ``data.augment`` asks for (None when every transform is off).
+
+    Args:
+        babble: audio files babble noise is made of (the training utterances); needed when
+            ``noise.kinds`` has "babble".
+        max_seconds: cut augmented waveforms to this length (speed 0.9 lengthens them).
+    """
+    if not config.enabled:
+        return None
+    from harmonifuse.data import augmentation as aug
+
+    def make(name: str):
+        section = getattr(config, name)
+        if name == "speed":
+            return aug.SpeedPerturb(tuple(section.factors), sample_rate=sample_rate)
+        if name == "reverb":
+            return aug.Reverb(tuple(section.rt60), tuple(section.drr_db), sample_rate=sample_rate)
+        if name == "noise":
+            source = None
+            if "babble" in section.kinds:
+                if not babble:
+                    raise ConfigError("config field 'data.augment.noise.kinds': babble needs training utterances "
+                                      "to be made of, and there are none")
+                source = aug.Babble(list(babble), tuple(section.babble_talkers), sample_rate=sample_rate,
+                                    max_seconds=max_seconds)
+            return aug.AddNoise(tuple(section.snr_db), tuple(section.kinds), source)
+        if name == "band":
+            return aug.BandLimit(tuple(tuple(b) for b in section.bands), sample_rate=sample_rate)
+        if name == "codec":
+            missing = [c for c in section.codecs if c not in aug.available_codecs()]
+            if missing:
+                raise ConfigError(f"config field 'data.augment.codec.codecs': this libsndfile cannot write "
+                                  f"{missing}; it writes {aug.available_codecs()}")
+            return aug.CodecRoundTrip(tuple(section.codecs), tuple(section.compression), sample_rate=sample_rate)
+        return aug.Gain(tuple(section.db), section.clip)
+
+    steps = [(make(name), getattr(config, name).p) for name in WAVE_AUGMENT_ORDER if getattr(config, name).p > 0]
+    return WaveAugment(steps, seed=seed,
+                       max_samples=int(max_seconds * sample_rate) if max_seconds else None)
+
+
+def build_run_data(config: DataConfig, encoder, labels: list[str], *, seed: int, rank: int = 0,
+                   world_size: int = 1, progress: bool = True, num_workers: int = 0,
+                   align_batch_size: int = 0, align_tasks: Sequence[str] = ("asr",)) -> RunData:
+    """Manifests, feature cache and loaders; ``align_batch_size > 0`` adds the alignment stage's
+    loader over ``align_tasks`` (interleaved by the main schedule when there are several)."""
+    if config.augment.enabled and not encoder.trainable and config.feature_cache != "off":
+        raise ConfigError("config field 'data.augment': waveform augmentation is on, but the frozen encoder's "
+                          "features are cached, so training batches hold no waveforms; set "
+                          "model.encoder.trainable: true or data.feature_cache: \"off\" (quoted)")
+    root = ensure_corpus(config, progress=progress and rank == 0)
+    train = read_split(root, config.train, labels)
+    dev = read_split(root, config.dev, labels)
+    test = read_split(root, config.test, labels)
+    dev = {task: spread_sample(utts, config.dev_limit) for task, utts in dev.items()}
+    cache = feature_cache_for(encoder, config)
+    if cache is not None:
+        everything = [u for split in (train, dev) for utts in split.values() for u in utts]
+        if rank == 0:
+            cache.build(everything, progress=progress, on_error="skip")
+        if world_size > 1:  # the other ranks read what rank 0 computed
+            import torch.distributed as dist
+
+            dist.barrier()
+    datasets = {task: SpeechTaskDataset(utts, task, cache=cache, load_kwargs={"max_seconds": config.max_seconds},
+                                        on_error=config.bad_samples) for task, utts in train.items()}
+    babble = sorted({u.audio for utts in train.values() for u in utts})
+    augment = build_wave_augment(config.augment, seed=seed, babble=babble, max_seconds=config.max_seconds)
+    if augment is not None:
+        log.info("waveform augmentation on training batches (%s): %s", ", ".join(config.augment.stages),
+                 ", ".join(f"{t.name} p={p:g}" for t, p in augment.steps))
+
+    def loader_for(tasks: list[str], batch_size: int, schedule: dict, limit: dict, fraction: dict,
+                   stage: str) -> MultiTaskLoader:
+        sampler = BatchInterleavedSampler(
+            {task: datasets[task].durations for task in tasks}, batch_size=batch_size, schedule=schedule, seed=seed,
+            pool_size=config.pool_size or None, rank=rank, world_size=world_size,
+            limit=limit or None, fraction=fraction or None)
+        return MultiTaskLoader({task: datasets[task] for task in tasks}, sampler, num_workers=num_workers,
+                               augment=augment if stage in config.augment.stages else None, stage=stage)
+
+    loader = loader_for(list(datasets), config.batch_size, {"name": config.schedule, **config.schedule_options},
+                        dict(config.limit), dict(config.fraction), "main")
+    align_loader = None
+    if align_batch_size:
+        missing = [t for t in align_tasks if t not in datasets]
+        if missing:
+            raise ValueError(f"the alignment stage (align.max_steps > 0) trains on model.projector.ctc_tasks "
+                             f"{list(align_tasks)}, but data.train has no manifest for {missing}; add one, "
+                             f"drop the task from ctc_tasks, or set align.max_steps=0")
+        schedule = ({"name": config.schedule, **config.schedule_options} if len(align_tasks) > 1
+                    else {"name": "round_robin"})
+        # the same subsets as the main stage, so a limited-data arm stays limited
+        align_loader = loader_for(list(align_tasks), align_batch_size, schedule,
+                                  {t: n for t, n in config.limit.items() if t in align_tasks},
+                                  {t: f for t, f in config.fraction.items() if t in align_tasks}, "align")
+    return RunData(loader, dev, test, cache, align_loader)
