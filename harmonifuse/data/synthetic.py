@@ -184,7 +184,7 @@ VOICES: dict[str, tuple[Voice, ...]] = {
 }
 # The "wide" voice set: the same dev and test voices, 40 training voices instead of 11. Fine-tuned,
 # the encoder fit the 11 standard training voices and lost 0.08 WER to unseen ones (the voice-swap
-# probe in docs/recipes.md). The flite speakers get vocal-tract-scaled copies (the test voice rms
+# probe in docs/training-log.md). The flite speakers get vocal-tract-scaled copies (the test voice rms
 # is heard with resampling-shifted formants), two of them at another pitch (a lower slt, a higher
 # kal16). Extra espeak-ng variants are spread over the English accents; left out: m8 (m7's formant
 # table at other scales, and m7 is a test voice) and the variants Whisper tiny.en transcribed
