@@ -54,9 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", help="comma separated split names to run")
     args = parser.parse_args(argv)
 
+    import yaml
     from scipy.stats import spearmanr
 
+    from harmonifuse.atomic import atomic_write_text
     from harmonifuse.cli import load_model, resolve_model
+    from harmonifuse.config import to_dict
     from harmonifuse.evaluation.evaluate import evaluate
 
     out = Path(args.out)
@@ -65,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     done = json.loads(store.read_text()) if store.is_file() else {}
     model = load_model(resolve_model(args.model))
     model.eval()
+    atomic_write_text(out / "model_config.yaml", "# each row of sweep.json overrides model.decoding (beam_size, ctc_weight)\n"
+                      + yaml.safe_dump(to_dict(model.config), sort_keys=False))
     settings = [("greedy", 1, 0.0)] + [(f"beam {args.beam}, w={w}", args.beam, float(w))
                                        for w in args.weights.split(",")]
     splits = _splits(args)
@@ -86,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
                          "seconds": round(time.time() - start, 1),
                          "examples": [{k: p[k] for k in ("reference", "hypothesis", "confidence")}
                                       for p in predictions[:5]]}
-            store.write_text(json.dumps(done, indent=1))
+            atomic_write_text(store, json.dumps(done, indent=1))
             print(f"{key}: WER {metrics['wer']:.3f}  CER {metrics['cer']:.3f}  confidence {metrics['asr_confidence']:.3f}"
                   f"  rho {rho:.2f}  ({done[key]['seconds']} s)", flush=True)
     _report(done, out)
@@ -95,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _report(done: dict, out: Path) -> None:
     import matplotlib
+
+    from harmonifuse.atomic import atomic_write_text
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -110,7 +117,7 @@ def _report(done: dict, out: Path) -> None:
             cells.append(f"{v['wer']:.3f} (conf. {v['confidence']:.2f}, ρ {v['spearman_confidence_wer']:.2f})"
                          if v else "")
         lines.append(f"| {setting} | " + " | ".join(cells) + " |")
-    (out / "table.md").write_text("WER (mean transcript confidence, Spearman ρ of confidence against the "
+    atomic_write_text(out / "table.md", "WER (mean transcript confidence, Spearman ρ of confidence against the "
                                   "utterance's WER)\n\n" + "\n".join(lines) + "\n")
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for split in splits:
