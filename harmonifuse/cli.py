@@ -21,6 +21,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]  # a source checkout's root; nev
 log = logging.getLogger("harmonifuse")
 DEBUG_HELP = "show the full traceback of an error (default: one line saying what went wrong and what to do)"
 BF16_HELP = "run the LLM in bf16 (faster on CPUs with bf16 matrix units and on GPUs; bf16 rounding)"
+DEVICE_HELP = "auto (default: the GPU when CUDA is available, else the CPU), cpu, cuda or cuda:N"
 
 
 def expand_audio_paths(items: list[str]) -> list[Path]:
@@ -36,8 +37,18 @@ def expand_audio_paths(items: list[str]) -> list[Path]:
     return paths
 
 
-def load_model(model_dir: str | None, *, bf16: bool = False, overrides: list[str] | None = None):
+def load_model(model_dir: str | None, *, bf16: bool = False, overrides: list[str] | None = None,
+               device: str | None = None):
+    """The model in ``model_dir``; ``device`` (a --device value) moves it there (None: stays on the CPU).
+
+    The device is chosen before anything loads, so an unusable one fails at once (DeviceError)."""
     import torch
+
+    where = None
+    if device is not None:
+        from harmonifuse.training.hardware import choose_device, env_local_rank
+
+        where = choose_device(device, env_local_rank())
 
     from harmonifuse.config import ModelConfig
     from harmonifuse.model import HarmoniFuse
@@ -47,9 +58,12 @@ def load_model(model_dir: str | None, *, bf16: bool = False, overrides: list[str
               "HarmoniFuse on the default pretrained parts: its answers are not meaningful", file=sys.stderr)
         from harmonifuse.config import apply_overrides, from_dict
 
-        model = HarmoniFuse.from_pretrained(from_dict(ModelConfig, apply_overrides({}, overrides or []), "model"))
+        model = HarmoniFuse.from_pretrained(from_dict(ModelConfig, apply_overrides({}, overrides or []), "model"),
+                                            device=where)
     else:
-        model = HarmoniFuse.from_pretrained(model_dir, overrides)
+        model = HarmoniFuse.from_pretrained(model_dir, overrides, device=where)
+    if where is not None:
+        model.to(where)
     return model.llm_in(torch.bfloat16) if bf16 else model
 
 
@@ -58,7 +72,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
     paths = expand_audio_paths(args.files)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    model = load_model(resolve_model(args.model), bf16=args.bf16)
+    model = load_model(resolve_model(args.model), bf16=args.bf16, device=args.device)
     model.eval()
     unknown = set(tasks) - set(model.task_names)
     if unknown:
@@ -202,7 +216,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from harmonifuse.training.run import load_run_config, train
 
     config = load_run_config(args.config, args.overrides)
-    summary = train(config, resume=args.resume, progress=not args.quiet)
+    summary = train(config, resume=args.resume, progress=not args.quiet, device=args.device)
     print(json.dumps(summary))
     return 0
 
@@ -223,7 +237,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from harmonifuse.evaluation.model_report import run_evaluation
 
     prompts = parse_prompts(args.prompt or [])
-    model = load_model(resolve_model(args.model), bf16=args.bf16, overrides=args.set)
+    model = load_model(resolve_model(args.model), bf16=args.bf16, overrides=args.set, device=args.device)
     try:
         model.task_ids(list(prompts))
     except ValueError as error:
@@ -283,6 +297,19 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from harmonifuse.plan import PlanError, format_plan, make_plan
+    from harmonifuse.training.run import load_run_config
+
+    config = load_run_config(args.config, args.overrides)
+    try:
+        plan = make_plan(config, gpus=args.gpus, gpu_memory_gb=args.gpu_memory, seconds=args.seconds)
+    except PlanError as error:
+        raise SystemExit(f"error: {error}") from None
+    print(format_plan(plan))
+    return 0 if plan.fits is not False else 4
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from harmonifuse.serve.command import serve
 
@@ -297,6 +324,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "experiment": cmd_experiment,
     "calibrate": cmd_calibrate,
     "serve": cmd_serve,
+    "plan": cmd_plan,
 }
 
 
@@ -324,6 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", help="with --format srt|vtt: write OUTPUT_DIR/<file name>.srt|.vtt per file")
     p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--bf16", action="store_true", help=BF16_HELP)
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     p = sub.add_parser("prepare", help="write manifests for a corpus (or synthesise the built-in one)")
@@ -339,6 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML run config, e.g. configs/demo.yaml")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=100")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.output_dir")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: train.device, auto: the GPU when CUDA is "
+                                     "available, else the CPU); under torchrun each rank takes cuda:$LOCAL_RANK")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
     p = sub.add_parser("evaluate", help="WER/CER and WA/UA/macro-F1 of a model on manifests")
@@ -350,6 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", help="task=prompt to evaluate with another prompt (repeatable)")
     p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--bf16", action="store_true", help=BF16_HELP)
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--json", action="store_true", help="print one JSON object with the metrics")
     p.add_argument("--nonspeech", action="store_true",
                    help="also score the built-in non-speech clips (share answered as no speech)")
@@ -369,6 +401,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", help="comma separated seeds (default: the file's)")
     p.add_argument("--report-only", action="store_true", help="redraw table and plots from finished runs")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p = sub.add_parser("plan", help="parameters, memory per GPU and disk of a run config, and whether it fits "
+                                    "(offline, without loading weights)")
+    p.add_argument("config", help="YAML run config, e.g. configs/recipes/paper-wavlm-large.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. data.batch_size=4")
+    p.add_argument("--gpus", type=int, default=1, help="GPUs (processes) the run uses; 0: a CPU process (default: 1)")
+    p.add_argument("--gpu-memory", type=float, metavar="GB",
+                   help="memory per GPU (per process with --gpus 0), to say whether it fits; exit status 4 if not")
+    p.add_argument("--seconds", type=float,
+                   help="utterance length that sizes a batch (default: the longest training utterance, else "
+                        "data.max_seconds)")
+
     from harmonifuse.serve.command import add_arguments as add_serve_arguments
 
     add_serve_arguments(sub.add_parser("serve", help="an OpenAI-compatible HTTP service and a browser page"))

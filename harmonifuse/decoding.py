@@ -49,21 +49,33 @@ class CTCPrefixScorer:
     """CTC prefix scores, vectorised over rows (utterance x hypothesis) and candidate tokens.
 
     Args:
-        log_probs: (R, T, C) CTC log-posteriors per row.
+        log_probs: (R, T, C) CTC log-posteriors per row: a tensor, or an object that computes the
+            columns asked for (``take(index (R, K)) -> (R, T, K)``, ``shape``, ``device``; e.g.
+            harmonifuse.modules.ctc.CTCPosteriors, for vocabularies too large to hold (R, T, C)).
         lengths: (R,) valid frames per row.
         blank: the blank's class.
     """
 
-    def __init__(self, log_probs: torch.Tensor, lengths: torch.Tensor, blank: int) -> None:
-        self.x = log_probs.float().transpose(0, 1)  # (T, R, C)
-        self.lengths = lengths.to(self.x.device).long().clamp(min=1)
+    def __init__(self, log_probs, lengths: torch.Tensor, blank: int) -> None:
+        R, T, _ = log_probs.shape
+        self.x = log_probs.float().transpose(0, 1) if isinstance(log_probs, torch.Tensor) else None  # (T, R, C)
+        self.lazy = None if self.x is not None else log_probs
+        device = log_probs.device
+        self.lengths = lengths.to(device).long().clamp(min=1)
         self.blank = blank
+        self.x_blank = self._columns(torch.full((R, 1), blank, dtype=torch.long, device=device))[..., 0]  # (T, R)
+        self.valid = torch.arange(T, device=device)[:, None] < self.lengths[None, :]  # (T, R)
+
+    def _columns(self, index: torch.Tensor) -> torch.Tensor:
+        """index (R, K) classes per row -> their log-posteriors (T, R, K)."""
+        if self.x is None:
+            return self.lazy.take(index).float().transpose(0, 1)
         T = self.x.shape[0]
-        self.valid = torch.arange(T, device=self.x.device)[:, None] < self.lengths[None, :]  # (T, R)
+        return self.x.gather(2, index[None].expand(T, *index.shape))
 
     def initial_state(self) -> CTCPrefixState:
         """The empty prefix: only blanks so far (r_b = cumulative blank log-probability)."""
-        blank = self.x[:, :, self.blank]  # (T, R)
+        blank = self.x_blank  # (T, R)
         r = torch.stack([torch.full_like(blank, NEG), blank.cumsum(0)], dim=-1)
         R = blank.shape[1]
         return CTCPrefixState(r, blank.new_zeros(R), torch.full((R,), -1, dtype=torch.long, device=blank.device))
@@ -80,11 +92,11 @@ class CTCPrefixScorer:
         candidates (R, K) token ids -> psi (R, K) log P(g + c is a prefix) (for ``eos``: log P(exactly
         g)), and the extended forward variables r (T, R, K, 2).
         """
-        T, R, _ = self.x.shape
+        T, R = self.valid.shape
         K = candidates.shape[1]
         index = candidates if eos is None else candidates.masked_fill(candidates == eos, 0)  # eos: no CTC class
-        x_c = self.x.gather(2, index[None].expand(T, R, K))  # (T, R, K)
-        x_blank = self.x[:, :, self.blank, None]  # (T, R, 1)
+        x_c = self._columns(index)  # (T, R, K)
+        x_blank = self.x_blank[..., None]  # (T, R, 1)
         rn_g, rb_g = state.r[..., 0], state.r[..., 1]  # (T, R)
         # phi: probability of g ending before frame t with c allowed next; a repeated label needs a blank between
         phi = torch.logaddexp(rn_g, rb_g)[..., None].expand(T, R, K)
@@ -145,8 +157,9 @@ def beam_search(first_logits: torch.Tensor, step: StepFn, *, eos: int, max_new_t
         first_logits: (B, V) the LLM's logits for the first answer token.
         step: the LLM's incremental step (see :data:`StepFn`); rows are utterance-major,
             ``b * beam_size + j``.
-        ctc_log_probs: (B, T, C) CTC log-posteriors and ``ctc_lengths`` (B,), ``blank`` its class;
-            needed when ``ctc_weight > 0``.
+        ctc_log_probs: (B, T, C) CTC log-posteriors (a tensor, or columns on demand: see
+            :class:`CTCPrefixScorer`) and ``ctc_lengths`` (B,), ``blank`` its class; needed when
+            ``ctc_weight > 0``.
         ctc_tokens: per utterance, tokens always scored as candidates (its greedy CTC transcript),
             so that the CTC can propose a word the LLM ranks low.
         max_lengths: per utterance, the most answer tokens before eos is forced (a bound from the

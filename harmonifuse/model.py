@@ -87,7 +87,7 @@ class HarmoniFuse(nn.Module):
     # -- construction -------------------------------------------------------------------------------
 
     @classmethod
-    def build(cls, config: ModelConfig) -> "HarmoniFuse":
+    def build(cls, config: ModelConfig, device: torch.device | str | None = None) -> "HarmoniFuse":
         """Load the pretrained encoder and LLM named by ``config`` and add fresh HarmoniFuse parts."""
         from harmonifuse.assets import resolve_source
 
@@ -97,12 +97,14 @@ class HarmoniFuse(nn.Module):
         llm = SpeechLLM.from_pretrained(resolve_source(c.source), lora_rank=c.lora_rank, lora_alpha=c.lora_alpha,
                                         lora_dropout=c.lora_dropout, lora_targets=c.lora_targets,
                                         chat_template=c.chat_template, max_new_tokens=c.max_new_tokens,
-                                        attention=c.attention)
+                                        attention=c.attention, repetition_penalty=c.repetition_penalty,
+                                        frozen_dtype=c.frozen_dtype, device=device)
         return cls.from_parts(config, encoder, llm)
 
     @classmethod
     def from_parts(cls, config: ModelConfig, encoder: SpeechEncoder, llm: SpeechLLM) -> "HarmoniFuse":
         """Wire fusion, gate, projector and prompt vectors around an encoder and an LLM."""
+        llm.repetition_penalty = config.llm.repetition_penalty  # the config rules an LLM built elsewhere too
         prompt_encoder = PROMPT_ENCODERS[config.prompt.vector](llm)
         num_tasks = len(config.tasks.task_names)
         fusion = build_fusion(config.fusion.mode, encoder.num_hidden_states, encoder.hidden_size,
@@ -115,7 +117,7 @@ class HarmoniFuse(nn.Module):
                                         context_layers=p.context_layers, context_heads=p.context_heads,
                                         context_kernel=p.context_kernel)
         ctc = EmbeddingCTC(p.ctc_scale, learn_scale=p.ctc_learn_scale,
-                           blank_size=llm.hidden_size if p.ctc_learned_blank else None)
+                           blank_size=llm.hidden_size if p.ctc_learned_blank else None, vocab_chunk=p.ctc_vocab_chunk)
         a = config.augment
         augment = FeatureMasking(a.time_masks, a.time_width, a.channel_masks, a.channel_width)
         v = config.vad
@@ -124,11 +126,12 @@ class HarmoniFuse(nn.Module):
 
     @classmethod
     def from_pretrained(cls, source: str | os.PathLike | ModelConfig | None = None,
-                        overrides: list[str] | None = None) -> "HarmoniFuse":
+                        overrides: list[str] | None = None, device: torch.device | str | None = None) -> "HarmoniFuse":
         """A saved model folder, a YAML config file, or a ModelConfig (fresh, untrained parts);
-        None: $HARMONIFUSE_MODEL, else the model shipped in the package."""
+        None: $HARMONIFUSE_MODEL, else the model shipped in the package. ``device``: where it will
+        run (the frozen LLM's dtype follows it); it is not moved there."""
         if isinstance(source, ModelConfig):
-            return cls.build(source)
+            return cls.build(source, device)
         from harmonifuse.pretrained import resolve_model
 
         path = Path(resolve_model(source))
@@ -138,13 +141,23 @@ class HarmoniFuse(nn.Module):
                 if not needed.is_file():
                     raise FileNotFoundError(f"{path} is not a complete HarmoniFuse model folder: {needed.name} is "
                                             f"missing; copy the whole folder again ({CONFIG_NAME} and {WEIGHTS_NAME})")
-            model = cls.build(_folder_config(config_file, overrides))
+            model = cls.build(_folder_config(config_file, overrides), device)
             model.load_trained(weights)
             return model
         if path.is_file():
-            return cls.build(_model_config(load_yaml(path), overrides))
+            return cls.build(_model_config(load_yaml(path), overrides), device)
         raise FileNotFoundError(f"no model folder or config file at {path}; check the path (a model folder "
                                 f"holds {CONFIG_NAME} and {WEIGHTS_NAME})")
+
+    def enable_gradient_checkpointing(self) -> list[str]:
+        """``train.gradient_checkpointing``: recompute activations in the backward pass, per layer, in
+        the LLM and in a trainable encoder. Returns the parts it reached ("llm", "encoder")."""
+        llm = self.llm.model
+        enable = getattr(llm, "activation_checkpointing_enable", None) or llm.gradient_checkpointing_enable
+        enable()  # transformers 5 renamed it; the old name warns
+        if hasattr(llm, "enable_input_require_grads"):  # the frozen embeddings' output must carry a gradient
+            llm.enable_input_require_grads()
+        return ["llm"] + (["encoder"] if self.encoder.gradient_checkpointing_enable() else [])
 
     # -- trained state ------------------------------------------------------------------------------
 
@@ -393,9 +406,7 @@ class HarmoniFuse(nn.Module):
 
     def ctc_log_probs(self, speech: SpeechEmbeddings) -> tuple[torch.Tensor, int]:
         """The CTC head's log-posteriors over the LLM vocabulary (and a learned blank): (B, N, C), blank class."""
-        logits, blank = self.ctc.logits(speech.ctc_input, self.llm.model.get_input_embeddings().weight,
-                                        self.llm.ctc_blank_id)
-        return (logits * self.ctc.scale.float()).log_softmax(-1), blank
+        return self.ctc.log_probs(speech.ctc_input, self.llm.model.get_input_embeddings().weight, self.llm.ctc_blank_id)
 
     def _transcribe_speech(self, speech: SpeechEmbeddings, prompts: list[str]) -> list[dict]:
         """Transcripts with their confidence, decoded as ``model.decoding`` says.
@@ -407,8 +418,13 @@ class HarmoniFuse(nn.Module):
         from harmonifuse.evaluation.metrics import text_agreement
 
         d = self.config.decoding
-        log_probs, blank = self.ctc_log_probs(speech)
-        greedy = greedy_ctc_from_logits(log_probs, speech.lengths, blank)
+        if self.ctc.vocab_chunk:  # never the whole (B, N, V): the beam search asks for the columns it reads
+            table = self.llm.model.get_input_embeddings().weight
+            log_probs, blank = self.ctc.posteriors(speech.ctc_input, table, self.llm.ctc_blank_id)
+            greedy = self.ctc.decode(speech.ctc_input, speech.lengths, table, self.llm.ctc_blank_id)
+        else:
+            log_probs, blank = self.ctc_log_probs(speech)
+            greedy = greedy_ctc_from_logits(log_probs, speech.lengths, blank)
         use_ctc = d.ctc_weight > 0
         hyps = self.llm.decode(speech.embeddings, speech.lengths, prompts, beam_size=d.beam_size,
                                ctc_weight=d.ctc_weight, llm_candidates=d.llm_candidates,

@@ -160,12 +160,21 @@ def test_resume_mid_epoch_is_exact(schedule, k):
 
 def test_resume_refuses_different_settings():
     state = BatchInterleavedSampler(durations(), batch_size=4).state_dict()
-    for changed in (dict(batch_size=5), dict(seed=1), dict(world_size=2, rank=0), dict(schedule="mixed")):
+    for changed in (dict(seed=1), dict(schedule="mixed"), dict(fraction={"asr": 0.5}), dict(shuffle=False)):
         other = BatchInterleavedSampler(durations(), **{"batch_size": 4, **changed})
         with pytest.raises(ValueError, match="different settings"):
             other.load_state_dict(state)
     with pytest.raises(ValueError, match="different settings"):
         BatchInterleavedSampler(durations(seed=1), batch_size=4).load_state_dict(state)
+    # other batch limits and world sizes re-cut the rest of the epoch (tests below), but a state
+    # written before states held the used utterances cannot say what is left
+    old = {k: v for k, v in state.items() if k not in ("progress", "origin")}
+    for changed in (dict(batch_size=5), dict(world_size=2, rank=0), dict(max_duration=30.0)):
+        other = BatchInterleavedSampler(durations(), **{"batch_size": 4, **changed})
+        other.load_state_dict(state)
+        with pytest.raises(ValueError, match="different settings.*predates"):
+            other.load_state_dict(old)
+    BatchInterleavedSampler(durations(), batch_size=4).load_state_dict(old)  # the same settings: exact
 
 
 def test_epochs_reshuffle_and_are_reproducible():
@@ -241,3 +250,135 @@ def test_build_schedule_from_config_values():
         Ratio({"asr": 0, "ser": 1})
     with pytest.raises(ValueError, match="no ratio weight"):
         list(itertools.islice(BatchInterleavedSampler(durations(), batch_size=4, schedule=Ratio({"asr": 1})), 1))
+
+
+def global_steps(d, world: int, *, epoch: int, state=None, take: int | None = None, **kwargs):
+    """All ranks' plans step by step: [(stream, items of the global batch)] (a padded repeat counted
+    once) and the state after them (rank 0's, as a checkpoint holds)."""
+    samplers = [BatchInterleavedSampler(d, rank=r, world_size=world, **kwargs) for r in range(world)]
+    for sampler in samplers:
+        if state is not None:
+            sampler.load_state_dict(state)
+        sampler.set_epoch(epoch)
+    steps = []
+    for plans in zip(*samplers):
+        assert len({p.task for p in plans}) == 1  # every rank takes the same stream at the same step
+        steps.append((plans[0].task, {item for p in plans for item in p.items}))
+        if len(steps) == take:
+            break
+    return steps, samplers[0].state_dict()
+
+
+def assert_each_utterance_once_per_pass(steps, sizes: dict[str, int]):
+    """Per stream, its items in step order fall into passes of all its utterances, each once; every
+    stream finished its first pass (what ends an epoch)."""
+    for stream, n in sizes.items():
+        used = [item for name, items in steps if name == stream for item in sorted(items)]
+        assert len(used) >= n, stream
+        for start in range(0, len(used), n):
+            chunk = used[start:start + n]
+            assert len(set(chunk)) == len(chunk), (stream, start)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES, ids=repr)
+@pytest.mark.parametrize("world", [1, 3])
+def test_resume_on_another_world_size_keeps_the_epoch_and_the_utterances_used(schedule, world):
+    d = durations(n_asr=103, n_ser=37)
+    kwargs = dict(batch_size=3, schedule=schedule, seed=11, pool_size=20)
+    sizes = {"mixed": 140} if isinstance(schedule, Mixed) else {"asr": 103, "ser": 37}
+    uninterrupted, _ = global_steps(d, 2, epoch=2, **kwargs)
+    before, state = global_steps(d, 2, epoch=2, take=9, **kwargs)
+    assert before == uninterrupted[:9] and state["step"] == 9 and state["epoch"] == 2
+    after, end = global_steps(d, world, epoch=2, state=state, **kwargs)
+    steps = before + after
+    assert_each_utterance_once_per_pass(steps, sizes)
+    # what a step consumed before the resume is never consumed again in that pass
+    first_pass = {stream: [item for name, items in steps if name == stream for item in items][:n]
+                  for stream, n in sizes.items()}
+    assert all(sorted(items) == sorted(set(items)) and len(items) == sizes[s] for s, items in first_pass.items())
+    # the schedule goes on where it was: the same stream order as the uninterrupted epoch
+    common = min(len(steps), len(uninterrupted))
+    assert [name for name, _ in steps[:common]] == [name for name, _ in uninterrupted[:common]]
+    # global batches now hold 3 * world utterances at most (3 per rank)
+    assert all(len(items) <= 3 * world for _, items in after) and any(len(items) == 3 * world for _, items in after)
+    assert end["step"] == len(steps) and end["epoch"] == 2
+    # the next epoch is simply that of the new world size
+    resumed = BatchInterleavedSampler(d, rank=0, world_size=world, **kwargs)
+    resumed.load_state_dict(state)
+    resumed.set_epoch(2)
+    assert len(list(resumed)) == len(steps) - 9
+    resumed.set_epoch(3)
+    fresh = BatchInterleavedSampler(d, rank=0, world_size=world, **kwargs)
+    fresh.set_epoch(3)
+    assert as_tuples(list(resumed)) == as_tuples(list(fresh))
+
+
+def test_a_re_cut_epoch_resumes_exactly_and_can_be_re_cut_again():
+    d = durations(n_asr=103, n_ser=37)
+    kwargs = dict(batch_size=2, seed=3, pool_size=None)
+    before, state = global_steps(d, 2, epoch=0, take=7, **kwargs)
+    on_three, _ = global_steps(d, 3, epoch=0, state=state, **kwargs)
+    middle, state3 = global_steps(d, 3, epoch=0, state=state, take=5, **kwargs)
+    assert middle == on_three[:5] and state3["origin"]["start"] == 7
+    # the same settings again: exactly the batches the re-cut run would have taken next
+    rest, _ = global_steps(d, 3, epoch=0, state=state3, **kwargs)
+    assert middle + rest == on_three
+    # and on one process (with a larger batch): still each utterance once per pass
+    rest_on_one, _ = global_steps(d, 1, epoch=0, state=state3, batch_size=5, seed=3, pool_size=None)
+    assert_each_utterance_once_per_pass(before + middle + rest_on_one, {"asr": 103, "ser": 37})
+    # a state saved at the end of the epoch resumes into an empty rest
+    _, at_end = global_steps(d, 2, epoch=0, **kwargs)
+    assert global_steps(d, 1, epoch=0, state=at_end, **kwargs)[0] == []
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_a_duration_budget_bounds_every_ranks_batch_and_a_longer_utterance_goes_alone(world):
+    rng = np.random.default_rng(4)
+    d = {"asr": np.concatenate([rng.uniform(1.0, 20.0, 150), [45.0, 60.0]]), "ser": rng.uniform(1.0, 8.0, 60)}
+    budget, too_long = 40.0, {("asr", 150), ("asr", 151)}
+    per_rank = [list(BatchInterleavedSampler(d, max_duration=budget, batch_size=16, rank=r, world_size=world,
+                                             seed=1, pool_size=50)) for r in range(world)]
+    assert len({len(plans) for plans in per_rank}) == 1
+    alone = set()
+    for step in zip(*per_rank):
+        assert len({p.task for p in step}) == 1  # the same task at the same step on every rank
+        for plan in step:
+            seconds = d[plan.task][plan.indices]
+            assert len(plan) <= 16
+            if set(plan.items) & too_long:
+                assert len(plan) == 1  # its own batch (each rank a copy: every rank must take part)
+                alone |= set(plan.items)
+            else:
+                assert len(plan) * seconds.max() <= budget
+    assert alone == too_long
+    # the budget is what bounds the batches here, and it is used: a batch of short ser utterances is full
+    ser = [len(p) for plans in per_rank for p in plans if p.task == "ser"]
+    assert max(ser) > 2 and max(ser) * 8.0 > budget / 2
+    covered = Counter(item for plans in per_rank for p in plans for item in p.items if p.task == "asr")
+    assert {i for _, i in covered} == set(range(152))  # one pass of asr, nothing lost
+
+
+def test_data_max_duration_reaches_both_stages_samplers(tmp_path):
+    import types
+
+    from tiny import write_tiny_corpus
+
+    from harmonifuse.config import ConfigError, from_dict
+    from harmonifuse.config.run import DataConfig
+    from harmonifuse.training.loaders import build_run_data
+
+    write_tiny_corpus(tmp_path)
+    encoder = types.SimpleNamespace(trainable=True)  # a trainable encoder: no feature cache to build
+
+    def samplers(**data):
+        config = from_dict(DataConfig, {"root": str(tmp_path), "build_synthetic": False, **data}, "data")
+        run = build_run_data(config, encoder, ["neutral", "happy", "sad", "angry"], seed=0, align_batch_size=16)
+        return run.loader.sampler, run.align_loader.sampler
+
+    main, align = samplers(max_duration=1.0, batch_size=8)
+    assert (main.max_duration, align.max_duration, main.batch_size, align.batch_size) == (1.0, 1.0, 8, 16)
+    for plan in itertools.chain(main, align):  # tiny clips last 0.3-0.6 s: at most 3 fit into 1 s
+        assert 1 <= len(plan) <= 3
+    assert samplers()[0].max_duration is None  # 0: no budget, batch_size alone
+    with pytest.raises(ConfigError, match="data.max_duration"):
+        from_dict(DataConfig, {"max_duration": -1.0}, "data")

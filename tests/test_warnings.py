@@ -2,7 +2,6 @@
 import warnings
 
 import numpy as np
-
 from tiny import tiny_harmonifuse
 
 

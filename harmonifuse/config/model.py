@@ -65,6 +65,12 @@ class ProjectorConfig:
     logits over 49k tokens stay flat); a fixed small one keeps outputs closer to the token embeddings."""
     ctc_learned_blank: bool = False
     """CTC blank as a learned vector instead of a special token of the LLM (see harmonifuse/modules/ctc.py)."""
+    ctc_vocab_chunk: int = 0
+    """Compute the embedding-CTC over the LLM vocabulary in blocks of this many tokens, never the
+    whole (B, N, V) logits at once (the loss: only the blank's and the targets' classes plus a
+    chunked normaliser; same values and gradients). 0: the whole table at once, fastest for small
+    vocabularies; 8192 keeps a 152k vocabulary (Qwen2.5) within a few hundred MB per batch.
+    ``token_mixture`` still forms the whole posterior."""
     token_mixture: bool = False
     """Feed the LLM each position's expected token embedding under the CTC posterior instead of the
     projector output itself (the projector output is then what the CTC scores)."""
@@ -78,6 +84,8 @@ class ProjectorConfig:
         _check(self.context_kernel >= 1 and self.context_kernel % 2 == 1, f"{prefix}.context_kernel",
                f"must be an odd number >= 1 (a centred window), got {self.context_kernel}")
         _check(self.ctc_scale > 0, f"{prefix}.ctc_scale", "must be > 0")
+        _check(self.ctc_vocab_chunk >= 0, f"{prefix}.ctc_vocab_chunk",
+               f"must be >= 0 (0: the whole vocabulary at once; e.g. 8192 for a 152k vocabulary), got {self.ctc_vocab_chunk}")
         _check(bool(self.ctc_tasks) and set(self.ctc_tasks) <= set(TASK_NAMES), f"{prefix}.ctc_tasks",
                f"must list some of {', '.join(TASK_NAMES)}; got {self.ctc_tasks!r}")
 
@@ -117,8 +125,15 @@ class LLMConfig:
     attention: Literal["sdpa", "eager"] = "sdpa"
     """transformers attention kernel; eager made training steps 1.24x faster on a 2-core CPU at
     these short sequences (benchmarks/bench_train_step.py)."""
+    frozen_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """dtype the frozen LLM weights load in; auto: bfloat16 when CUDA is available, else float32.
+    The trained parts (LoRA, projector, fusion, gate) stay float32 either way."""
+    repetition_penalty: float = 1.0
+    """transformers' repetition penalty in ASR decoding (1.0: none). The base model's own
+    generation settings (sampling, temperature, top-p, its repetition penalty) are never used."""
 
     def validate(self, prefix: str) -> None:
+        _check(self.repetition_penalty > 0, f"{prefix}.repetition_penalty", "must be > 0 (1.0: no penalty)")
         _check(self.lora_rank >= 0, f"{prefix}.lora_rank", "must be >= 0 (0 disables LoRA)")
         _check(0 <= self.lora_dropout < 1, f"{prefix}.lora_dropout", "must be in [0, 1)")
         _check(self.max_new_tokens >= 1, f"{prefix}.max_new_tokens", "must be >= 1")

@@ -1,6 +1,7 @@
 """Configuration of a training run: the model, the data and the optimisation."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
@@ -174,6 +175,12 @@ class DataConfig:
     dev: dict[str, str] = field(default_factory=lambda: {"asr": "asr_dev.jsonl", "ser": "ser_dev.jsonl"})
     test: dict[str, str] = field(default_factory=lambda: {"asr": "asr_test.jsonl", "ser": "ser_test.jsonl"})
     batch_size: int = 8
+    """Utterances per batch and process (alignment stage: align.batch_size)."""
+    max_duration: float = 0.0
+    """Seconds of audio per batch and process, as well as ``batch_size`` (both hold; 0: no budget).
+    Counted padded, the batch's utterances x its longest one (what memory pays for), from the
+    manifests' durations; an utterance longer than the budget is a batch of its own. Bounds the
+    alignment stage's batches too; every process still takes the same task at the same step."""
     schedule: str = "round_robin"
     """round_robin | ratio | temperature | mixed (the last mixes tasks inside a batch)."""
     schedule_options: dict[str, Any] = field(default_factory=dict)
@@ -191,6 +198,7 @@ class DataConfig:
 
     def validate(self, prefix: str) -> None:
         _check(self.batch_size >= 1, f"{prefix}.batch_size", "must be >= 1")
+        _check(self.max_duration >= 0, f"{prefix}.max_duration", "must be >= 0 seconds (0: no duration budget)")
         _check(set(self.train) <= set(TASK_NAMES) and self.train, f"{prefix}.train",
                f"maps task names ({', '.join(TASK_NAMES)}) to manifests")
         for task, value in self.fraction.items():
@@ -278,6 +286,9 @@ class TrainConfig:
     num_workers: int = 0
     threads: int = 0
     """torch intra-op threads (0: torch's default)."""
+    device: str = "auto"
+    """auto | cpu | cuda | cuda:N. auto: the GPU when CUDA is available (under torchrun each rank
+    its own, cuda:$LOCAL_RANK), else the CPU. ``harmonifuse train --device`` overrides it."""
     init_from: str = ""
     """Warm start: a trained model folder (or "harmonifuse-demo", the shipped model) whose trained
     weights replace the fresh ones before the first step; its config must match ``model`` in every
@@ -296,6 +307,8 @@ class TrainConfig:
         _check(self.save_every >= 1, f"{prefix}.save_every", "must be >= 1")
         _check(self.keep_last >= 1, f"{prefix}.keep_last", "must be >= 1")
         _check(self.log_every >= 1, f"{prefix}.log_every", "must be >= 1")
+        _check(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None, f"{prefix}.device",
+               f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 
 
 @dataclass

@@ -197,7 +197,7 @@ class MultiTaskLoader:
 
     def state_dict(self) -> dict[str, Any]:
         """The sampler's state at the last batch *delivered* (not the last prefetched)."""
-        return {**self.sampler.state_dict(), "epoch": self._epoch, "step": self._step}
+        return self.sampler.state_dict(step=self._step)  # the loader's epoch is always the sampler's
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.sampler.load_state_dict(state)

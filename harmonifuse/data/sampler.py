@@ -28,8 +28,20 @@ batch with fewer utterances than ranks is padded by repeating its own utterances
 case in which an utterance repeats within a pass.
 
 Determinism and resume. The plan of an epoch is a pure function of (seed, epoch, data, config),
-so :meth:`state_dict` is just ``(epoch, step)`` plus a fingerprint of the config; a new sampler
-that loads it yields exactly the batches the interrupted one would have yielded next.
+so a new sampler that loads :meth:`state_dict` (``(epoch, step)``, a fingerprint of the config and
+which utterances each stream has used) yields exactly the batches the interrupted one would have
+yielded next.
+
+Resume with other batch limits. A state saved with another world size, ``batch_size``,
+``max_duration`` or ``pool_size`` (a run continued on another number of processes) cannot
+continue the same global batches, whose size changed. It keeps the epoch, the schedule's position
+(which stream supplies the next step) and, per stream, the pass it is in and the utterances that
+pass has used; the utterances the pass has not used are shuffled, pooled and cut again under the
+new limits and the epoch continues with them, then with fresh passes. So every utterance is used
+exactly once per pass across the resume, and the epoch still ends when every stream has finished
+its first pass; what differs from an uninterrupted run is which utterances share a batch, their
+order, and so the number of steps the rest of the epoch takes. The data, seeds, subsets and
+schedule must stay the same.
 
 Limited data. ``limit`` (max utterances) and ``fraction`` select a fixed random subset per task,
 seeded by ``subset_seed`` (not ``seed``, so runs with different training seeds see the same
@@ -38,6 +50,8 @@ data). Subsets are nested: the 10 % subset is contained in the 20 % one.
 from __future__ import annotations
 
 import hashlib
+import itertools
+import logging
 import math
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
@@ -50,7 +64,12 @@ from harmonifuse.data.schedules import Schedule, build_schedule
 
 __all__ = ["BatchPlan", "BatchInterleavedSampler"]
 
+log = logging.getLogger(__name__)
+
 _ORDER_STREAM = 0x5EED  # rng namespace for the schedule's draws, apart from every stream id
+# settings that only change how a pass is cut into global batches: a state saved under others
+# resumes by cutting the unused rest of each pass again (module docstring)
+_CUT_SETTINGS = ("world_size", "batch_size", "max_duration", "pool_size")
 
 
 @dataclass
@@ -86,6 +105,35 @@ class _Stream:
 
     def __len__(self) -> int:
         return len(self.index_of)
+
+
+@dataclass
+class _Progress:
+    """How far one stream is in an epoch: the pass it is in and which of its positions that pass used."""
+
+    pass_number: int
+    used: np.ndarray            # (N,) bool over the stream's positions
+
+    def to_state(self) -> dict[str, Any]:
+        return {"pass": self.pass_number, "used": np.packbits(self.used).tobytes()}  # N/8 bytes
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any], n: int) -> _Progress:
+        used = np.unpackbits(np.frombuffer(state["used"], dtype=np.uint8), count=n).astype(bool)
+        return cls(int(state["pass"]), used)
+
+
+@dataclass
+class _EpochPlan:
+    """The global batches of one epoch from step ``start`` on (0, or where a re-cut resume began)."""
+
+    start: int
+    origin: dict[str, _Progress] | None  # every stream's progress at ``start``; None: a fresh epoch
+    batches: list[tuple[str, np.ndarray, int]]  # (stream, stream positions, pass) for steps start, start + 1, ...
+
+    def __len__(self) -> int:
+        """Steps of the whole epoch (those before ``start`` included)."""
+        return self.start + len(self.batches)
 
 
 def _per_task(option: Any, tasks: Sequence[str], name: str) -> dict[str, Any]:
@@ -189,7 +237,9 @@ class BatchInterleavedSampler:
         self.epoch = 0
         self._step = 0          # batches handed out in the current epoch
         self._resume_step = 0   # where the next __iter__ starts (set by load_state_dict)
-        self._plan_cache: tuple[int, list[tuple[str, np.ndarray]]] | None = None
+        self._plan_cache: tuple[int, _EpochPlan] | None = None
+        # (epoch, start step, progress): that epoch is planned from there (a re-cut resume)
+        self._origin: tuple[int, int, dict[str, _Progress]] | None = None
 
     # ------------------------------------------------------------------ construction helpers
     def _select(self, task: str, n: int, limit: int | None, fraction: float | None) -> np.ndarray:
@@ -264,29 +314,78 @@ class BatchInterleavedSampler:
         self._step = start
         for step in range(start, len(plan)):
             self._step = step + 1  # counted before yielding: state_dict() inside the loop body
-            yield self._shard(*plan[step])  # then says "this batch was consumed"
+            name, batch, _ = plan.batches[step - plan.start]  # then says "this batch was consumed"
+            yield self._shard(name, batch)
 
-    def state_dict(self) -> dict[str, Any]:
-        """``{"epoch", "step", "config"}``: step = batches yielded so far in this epoch.
+    def state_dict(self, step: int | None = None) -> dict[str, Any]:
+        """``{"epoch", "step", "config", "progress", "origin"}`` after ``step`` batches of the current
+        epoch (default: as many as yielded so far).
 
-        Identical on every rank (rank is not part of it), so rank 0's copy restores all ranks.
+        ``progress``: per stream, its pass and the positions that pass has used (a bit mask), what
+        a resume under other batch limits continues from; ``origin``: the same at the step this
+        epoch's plan began from, when a resume re-cut it (None otherwise). Identical on every rank
+        (rank is not part of it), so rank 0's copy restores all ranks.
         """
-        return {"epoch": self.epoch, "step": self._step, "config": self._config()}
+        step = self._step if step is None else step
+        plan = self._epoch_plan()
+        origin = None if plan.origin is None else {
+            "start": plan.start, "progress": {name: p.to_state() for name, p in plan.origin.items()}}
+        return {"epoch": self.epoch, "step": step, "config": self._config(), "origin": origin,
+                "progress": {name: p.to_state() for name, p in self._progress(step).items()}}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Resume: the next ``__iter__`` yields the rest of epoch ``state["epoch"]`` from ``step``.
 
+        Saved with the same settings, exactly the batches the saving sampler would have yielded;
+        with another world size or other batch limits, the rest of the epoch re-cut from the
+        utterances each stream's pass has not used (module docstring).
+
         Raises:
-            ValueError: the state was saved with different data or settings (seed, batch size,
-                world size, schedule, ...), which would make the remaining batches differ.
+            ValueError: the state was saved with other data, seed, subsets or schedule, or (a state
+                without ``progress``, written before it existed) with other batch limits.
         """
         saved, current = dict(state["config"]), self._config()
-        if saved != current:
-            differ = sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
-            raise ValueError(f"sampler state was saved with different settings ({', '.join(differ)}); "
-                             "resume with the same data, seed, batch size, world size and schedule")
-        self.epoch = int(state["epoch"])
-        self._step = self._resume_step = int(state["step"])
+        differ = sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
+        fixed = [k for k in differ if k not in _CUT_SETTINGS]
+        if fixed or (differ and "progress" not in state):
+            raise ValueError(f"sampler state was saved with different settings ({', '.join(fixed or differ)}); "
+                             "resume with the same data, seed, subsets and schedule" +
+                             ("" if fixed else f" (this state predates resuming under other batch limits: "
+                                                f"resume with the same {', '.join(differ)})"))
+        epoch, step = int(state["epoch"]), int(state["step"])
+        self._origin = None
+        if differ:
+            self._origin = (epoch, step, self._load_progress(state["progress"]))
+            log.warning("the sampler state was saved with %s; epoch %d continues from step %d with the "
+                        "utterances its passes have not used, cut into batches again (%s)", ", ".join(
+                            f"{k}={saved.get(k)}" for k in differ), epoch, step,
+                        ", ".join(f"{k}={current.get(k)}" for k in differ))
+        elif state.get("origin") is not None:  # a re-cut epoch: plan it from the same place again
+            origin = state["origin"]
+            self._origin = (epoch, int(origin["start"]), self._load_progress(origin["progress"]))
+        self.epoch = epoch
+        self._step = self._resume_step = step
+        self._plan_cache = None
+
+    def _load_progress(self, states: Mapping[str, Any]) -> dict[str, _Progress]:
+        if set(states) != set(self._streams):
+            raise ValueError(f"sampler state has streams {sorted(states)}, this sampler {sorted(self._streams)}; "
+                             "resume with the same tasks and schedule")
+        return {name: _Progress.from_state(states[name], len(stream)) for name, stream in self._streams.items()}
+
+    def _progress(self, step: int) -> dict[str, _Progress]:
+        """Every stream's pass and used positions after ``step`` batches of the current epoch."""
+        plan = self._epoch_plan()
+        if step < plan.start:
+            raise ValueError(f"step {step} precedes step {plan.start}, where this epoch's plan begins")
+        progress = {name: _Progress(0, np.zeros(len(stream), dtype=bool)) for name, stream in self._streams.items()}
+        if plan.origin is not None:
+            progress = {name: _Progress(p.pass_number, p.used.copy()) for name, p in plan.origin.items()}
+        for name, batch, pass_number in plan.batches[: step - plan.start]:
+            if pass_number != progress[name].pass_number:  # the stream began its next pass
+                progress[name] = _Progress(pass_number, np.zeros(len(self._streams[name]), dtype=bool))
+            progress[name].used[batch] = True
+        return progress
 
     # ------------------------------------------------------------------ planning
     def _config(self) -> dict[str, Any]:
@@ -303,24 +402,32 @@ class BatchInterleavedSampler:
             "schedule": repr(self.schedule),
         }
 
-    def _epoch_plan(self) -> list[tuple[str, np.ndarray]]:
-        """Global batches of the current epoch: (stream name, stream positions) per step."""
+    def _epoch_plan(self) -> _EpochPlan:
+        """Global batches of the current epoch."""
         if self._plan_cache is None or self._plan_cache[0] != self.epoch:
-            self._plan_cache = (self.epoch, self._plan(self.epoch))
+            start, origin = 0, None
+            if self._origin is not None and self._origin[0] == self.epoch:
+                _, start, origin = self._origin
+            self._plan_cache = (self.epoch, _EpochPlan(start, origin, self._plan(self.epoch, start, origin)))
         return self._plan_cache[1]
 
-    def _plan(self, epoch: int) -> list[tuple[str, np.ndarray]]:
-        first = {name: self._pass_batches(s, epoch, 0) for name, s in self._streams.items()}
-        passes = {name: self._passes(stream, epoch, first[name]) for name, stream in self._streams.items()}
+    def _plan(self, epoch: int, start: int = 0,
+              origin: dict[str, _Progress] | None = None) -> list[tuple[str, np.ndarray, int]]:
+        """(stream, global batch, pass) for each step of ``epoch`` from ``start``, where every stream
+        stands at ``origin`` (None: a fresh epoch, ``start`` 0)."""
+        streams = {name: self._stream_batches(stream, epoch, None if origin is None else origin[name], start)
+                   for name, stream in self._streams.items()}
         sizes = {name: len(stream) for name, stream in self._streams.items()}
-        first_pass_batches = {name: len(batches) for name, batches in first.items()}
+        # batches each stream has left in its first pass: the epoch ends when none has any
+        remaining = {name: first for name, (first, _) in streams.items() if first > 0}
         # A schedule that never picks some stream would loop forever: fail loudly instead.
-        max_steps = 100 * sum(first_pass_batches.values()) + 1000
+        max_steps = 100 * sum(remaining.values()) + 1000
         rng = np.random.default_rng([self.seed, epoch, _ORDER_STREAM])
-        remaining = dict(first_pass_batches)
-        plan: list[tuple[str, np.ndarray]] = []
-        for name in self.schedule.order(sizes, rng):
-            plan.append((name, next(passes[name])))
+        plan: list[tuple[str, np.ndarray, int]] = []
+        if not remaining:  # saved at the very end of the epoch
+            return plan
+        for name in itertools.islice(self.schedule.order(sizes, rng), start, None):
+            plan.append((name, *next(streams[name][1])))
             if remaining.get(name, 0) > 0:
                 remaining[name] -= 1
                 if remaining[name] == 0:
@@ -331,26 +438,48 @@ class BatchInterleavedSampler:
                 raise RuntimeError(f"schedule {self.schedule!r} starves stream(s) {sorted(remaining)}")
         raise RuntimeError(f"schedule {self.schedule!r} ended; schedules must be endless")
 
-    def _passes(self, stream: _Stream, epoch: int, first: list[np.ndarray]) -> Iterator[np.ndarray]:
-        """Endless batches of ``stream``: pass 0 (``first``), then pass 1 (fresh shuffle), ..."""
-        yield from first
-        pass_number = 1
-        while True:
-            yield from self._pass_batches(stream, epoch, pass_number)
-            pass_number += 1
+    def _stream_batches(self, stream: _Stream, epoch: int, origin: _Progress | None,
+                        start: int) -> tuple[int, Iterator[tuple[np.ndarray, int]]]:
+        """(batches left in the first pass, endless (batch, pass) of ``stream``): from pass 0, or
+        from ``origin``: the positions its pass has not used, cut again (``start`` seeds the cut)."""
+        pass_number, batches = 0, None
+        if origin is not None:
+            pass_number = origin.pass_number
+            unused = np.flatnonzero(~origin.used)
+            if len(unused):
+                rng = np.random.default_rng([self.seed, epoch, stream.rng_id, pass_number, start, _ORDER_STREAM])
+                batches = self._batches(unused, stream.durations, rng)
+            else:  # that pass is complete: the next one is due
+                pass_number += 1
+        if batches is None:
+            batches = self._pass_batches(stream, epoch, pass_number)
+
+        def endless() -> Iterator[tuple[np.ndarray, int]]:
+            yield from ((batch, pass_number) for batch in batches)
+            later = pass_number + 1
+            while True:
+                yield from ((batch, later) for batch in self._pass_batches(stream, epoch, later))
+                later += 1
+
+        return (len(batches) if pass_number == 0 else 0), endless()
 
     def _pass_batches(self, stream: _Stream, epoch: int, pass_number: int) -> list[np.ndarray]:
         """One pass over ``stream`` as global batches of stream positions (each exactly once)."""
         rng = np.random.default_rng([self.seed, epoch, stream.rng_id, pass_number])
-        n = len(stream)
-        order = rng.permutation(n) if self.shuffle else np.arange(n)
+        return self._batches(np.arange(len(stream)), stream.durations, rng)
+
+    def _batches(self, positions: np.ndarray, durations: np.ndarray, rng: np.random.Generator) -> list[np.ndarray]:
+        """``positions`` (each once) shuffled, pooled, sorted by duration within pools and cut into
+        global batches, in shuffled order."""
+        n = len(positions)
+        order = positions[rng.permutation(n)] if self.shuffle else positions
         pool = self.pool_size or n
         batches: list[np.ndarray] = []
         for start in range(0, n, pool):
             chunk = order[start:start + pool]
             if self.pool_size is not None:
-                chunk = chunk[np.argsort(stream.durations[chunk], kind="stable")]
-            batches.extend(self._cut(chunk, stream.durations))
+                chunk = chunk[np.argsort(durations[chunk], kind="stable")]
+            batches.extend(self._cut(chunk, durations))
         if self.shuffle:
             batches = [batches[i] for i in rng.permutation(len(batches))]
         return batches

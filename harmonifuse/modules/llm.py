@@ -5,11 +5,17 @@ Layout of one sequence (chat template when the tokenizer has one):
     [chat prefix] [speech embeddings] [prompt tokens] [assistant prefix] -> [answer tokens] [eos]
 
 The LLM is frozen; LoRA adapters (peft) are its only trained weights.
+
+Decoding is ours alone: the base model's own generation settings (an instruct model's
+``generation_config.json`` sets sampling, temperature, top-p and often a repetition penalty) are
+dropped when it is wrapped, so greedy decoding is the argmax at every step unless
+``model.llm.repetition_penalty`` asks for a penalty.
 """
 from __future__ import annotations
 
 import contextlib
 import inspect
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +25,10 @@ from harmonifuse.decoding import Hypothesis, beam_search
 
 SPEECH_MARK = "<<speech>>"
 IGNORE_INDEX = -100
+CHAT_DATE = "26 Jul 2024"
+"""The ``date_string`` every chat template is rendered with: Llama 3.x templates otherwise write
+today's date ("Today Date: ...", from ``strftime_now``) into the prefix, so the model would read
+a different prefix every day. This is the Llama 3.1 template's own default; others ignore it."""
 
 
 @dataclass
@@ -31,24 +41,49 @@ class LLMInputs:
     labels: torch.Tensor | None = None
 
 
+def resolve_frozen_dtype(name: str, device: torch.device | str | None = None) -> torch.dtype:
+    """``model.llm.frozen_dtype`` -> a torch dtype: auto is bfloat16 when the model will run on a GPU
+    (``device``; None: whenever CUDA is available), else float32."""
+    if name == "auto":
+        on_gpu = torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
+        return torch.bfloat16 if on_gpu else torch.float32
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    if name not in dtypes:
+        raise ValueError(f"model.llm.frozen_dtype must be auto, float32 or bfloat16, got {name!r}")
+    return dtypes[name]
+
+
 def answer_positions(labels: torch.Tensor) -> torch.Tensor:
     """labels (B, T) -> (K,) the positions whose next token is an answer token in some row."""
     return (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero().squeeze(1)
 
 
 class SpeechLLM(nn.Module):
-    def __init__(self, model: nn.Module, tokenizer, *, chat_template: bool = True, max_new_tokens: int = 96) -> None:
+    def __init__(self, model: nn.Module, tokenizer, *, chat_template: bool = True, max_new_tokens: int = 96,
+                 repetition_penalty: float = 1.0) -> None:
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
         self.use_chat_template = chat_template and getattr(tokenizer, "chat_template", None) is not None
         self.max_new_tokens = max_new_tokens
+        self.repetition_penalty = repetition_penalty
+        """transformers' repetition penalty (1.0: none), in :meth:`generate` and :meth:`decode` alike."""
         self.generate_options: dict = {}
         """Extra keyword arguments for transformers' generate, e.g. a static KV cache (see benchmarks)."""
         self.eos_token_id = tokenizer.eos_token_id
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self._layouts: dict[str, tuple[list[int], list[int]]] = {}
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.base_generation_config = getattr(base, "generation_config", None)
+        """The base model's own generation settings, kept for reference only; generate never reads them."""
+        if self.base_generation_config is not None:
+            from transformers import GenerationConfig
+
+            # generate() fills every setting left unset from the model's config (sampling, temperature,
+            # top-p, repetition penalty of instruct models): keep only the special tokens
+            ids = {k: getattr(self.base_generation_config, k, None)
+                   for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+            base.generation_config = GenerationConfig(**{k: v for k, v in ids.items() if v is not None})
         # transformers 5 renamed the KV-cache argument (the old name still works but warns)
         self._cache_arg = "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
         # CTC blank: a special token that never occurs in a transcript (the first one the tokenizer has)
@@ -58,19 +93,26 @@ class SpeechLLM(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str, *, lora_rank: int = 8, lora_alpha: float = 16.0, lora_dropout: float = 0.0,
                         lora_targets: list[str] | None = None, chat_template: bool = True,
-                        max_new_tokens: int = 96, attention: str = "sdpa") -> "SpeechLLM":
+                        max_new_tokens: int = 96, attention: str = "sdpa", repetition_penalty: float = 1.0,
+                        frozen_dtype: str = "float32", device: torch.device | str | None = None) -> "SpeechLLM":
+        """``frozen_dtype``: float32, bfloat16, or auto (bfloat16 when ``device`` is a GPU); the frozen
+        weights load in it directly (a 7B model: 14 GB of host memory instead of 28), the LoRA
+        adapters stay float32."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attention)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_frozen_dtype(frozen_dtype, device),
+                                                     attn_implementation=attention)
         return cls.wrap(model, tokenizer, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                        lora_targets=lora_targets, chat_template=chat_template, max_new_tokens=max_new_tokens)
+                        lora_targets=lora_targets, chat_template=chat_template, max_new_tokens=max_new_tokens,
+                        repetition_penalty=repetition_penalty)
 
     @classmethod
     def wrap(cls, model: nn.Module, tokenizer, *, lora_rank: int = 8, lora_alpha: float = 16.0,
              lora_dropout: float = 0.0, lora_targets: list[str] | None = None, chat_template: bool = True,
-             max_new_tokens: int = 96) -> "SpeechLLM":
-        """Freeze ``model`` and add LoRA adapters (rank 0: no adapters)."""
+             max_new_tokens: int = 96, repetition_penalty: float = 1.0) -> "SpeechLLM":
+        """Freeze ``model`` and add LoRA adapters (rank 0: no adapters), float32 whatever the frozen
+        weights' dtype (peft's ``autocast_adapter_dtype``, stated here because it is what we rely on)."""
         for parameter in model.parameters():
             parameter.requires_grad_(False)
         if lora_rank > 0:
@@ -78,8 +120,11 @@ class SpeechLLM(nn.Module):
 
             lora = LoraConfig(r=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                               target_modules=list(lora_targets or ["q_proj", "v_proj"]), task_type="CAUSAL_LM")
-            model = get_peft_model(model, lora)
-        return cls(model, tokenizer, chat_template=chat_template, max_new_tokens=max_new_tokens)
+            with warnings.catch_warnings():  # peft asks transformers a deprecated question on every load
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+                model = get_peft_model(model, lora, autocast_adapter_dtype=True)
+        return cls(model, tokenizer, chat_template=chat_template, max_new_tokens=max_new_tokens,
+                   repetition_penalty=repetition_penalty)
 
     # -- basic accessors ------------------------------------------------------------------------
 
@@ -130,19 +175,34 @@ class SpeechLLM(nn.Module):
     # -- layout -----------------------------------------------------------------------------------
 
     def layout(self, prompt: str) -> tuple[list[int], list[int]]:
-        """Token ids before and after the speech for ``prompt``: (prefix, suffix)."""
+        """Token ids before and after the speech for ``prompt``: (prefix, suffix).
+
+        With a chat template, the prefix is what the template renders (with the fixed
+        :data:`CHAT_DATE`: the same every day), holding the BOS exactly once when the tokenizer puts
+        one before every text (Llama 3.x renders it itself; Qwen2.5 and SmolLM2 have none to add).
+        """
         if prompt not in self._layouts:
+            bos = self.tokenizer.bos_token_id
             if self.use_chat_template:
                 text = self.tokenizer.apply_chat_template(
-                    [{"role": "user", "content": SPEECH_MARK + prompt}], tokenize=False, add_generation_prompt=True)
+                    [{"role": "user", "content": SPEECH_MARK + prompt}], tokenize=False, add_generation_prompt=True,
+                    date_string=CHAT_DATE)
                 before, _, after = text.partition(SPEECH_MARK)
+                prefix = self.tokenize(before)
+                if bos is not None and self._tokenizer_adds_bos():
+                    while prefix[:2] == [bos, bos]:
+                        prefix = prefix[1:]
+                    prefix = prefix if prefix[:1] == [bos] else [bos] + prefix
             else:
                 before, after = "", " " + prompt + "\n"
-            prefix = self.tokenize(before)
-            if not self.use_chat_template and self.tokenizer.bos_token_id is not None:
-                prefix = [self.tokenizer.bos_token_id] + prefix
+                prefix = ([bos] if bos is not None else []) + self.tokenize(before)
             self._layouts[prompt] = (prefix, self.tokenize(after))
         return self._layouts[prompt]
+
+    def _tokenizer_adds_bos(self) -> bool:
+        """Whether the tokenizer starts every text with its BOS (what the model was trained on)."""
+        ids = self.tokenizer("a")["input_ids"]
+        return bool(ids) and ids[0] == self.tokenizer.bos_token_id
 
     def answer_ids(self, answer: str) -> list[int]:
         return self.tokenize(answer) + [self.eos_token_id]
@@ -201,11 +261,18 @@ class SpeechLLM(nn.Module):
     def generate(self, speech: torch.Tensor, speech_lengths: torch.Tensor, prompts: list[str],
                  max_new_tokens: int | None = None) -> list[str]:
         """Greedy decoding with the KV cache, batched (left padded)."""
+        from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
+
         inputs = self.build_inputs(speech, speech_lengths, prompts, left_pad=True)
+        # the penalty as our own processor: transformers' built-in one skips as many generated tokens
+        # as a row has left padding when the prompt comes as embeddings (transformers 5.x)
+        processors = LogitsProcessorList([RepetitionPenaltyLogitsProcessor(float(self.repetition_penalty))]
+                                         if self.repetition_penalty != 1.0 else [])
         generated = self.model.generate(
             inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
             max_new_tokens=max_new_tokens or self.max_new_tokens, do_sample=False, num_beams=1,
-            eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id, **self.generate_options)
+            logits_processor=processors, eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
+            **self.generate_options)
         return [text.strip() for text in self.tokenizer.batch_decode(generated, skip_special_tokens=True)]
 
     @torch.no_grad()
@@ -231,17 +298,28 @@ class SpeechLLM(nn.Module):
         mask = context.attention_mask.repeat_interleave(beam_size, 0)  # (R, N)
         position = mask.sum(-1)  # (R,) the next token's position
         rows = torch.arange(len(mask), device=mask.device)
+        penalty = self.repetition_penalty
+        # (R, V) the tokens each row has generated: transformers' penalty reads the generated ids only
+        # when the prompt comes as embeddings
+        seen = None if penalty == 1.0 else torch.zeros(len(mask), out.logits.shape[-1], dtype=torch.bool,
+                                                        device=mask.device)
 
         def step(tokens: torch.Tensor, parents: torch.Tensor) -> torch.Tensor:
-            nonlocal mask, position
+            nonlocal mask, position, seen
             if not torch.equal(parents, rows):  # greedy rows never move: spare copying the cache
                 cache.reorder_cache(parents)
                 mask, position = mask[parents], position[parents]
+                seen = seen[parents] if seen is not None else None
             mask = torch.cat([mask, mask.new_ones(len(parents), 1)], dim=1)
             logits = self.model(inputs_embeds=self.embed(tokens[:, None]), attention_mask=mask,
                                 position_ids=position[:, None], use_cache=True, **{self._cache_arg: cache}).logits
             position = position + 1
-            return logits[:, -1]
+            logits = logits[:, -1]
+            if seen is not None:
+                seen[rows, tokens] = True
+                penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
+                logits = torch.where(seen, penalised, logits)
+            return logits
 
         return beam_search(out.logits[:, -1], step, eos=self.eos_token_id,
                            max_new_tokens=max_new_tokens or self.max_new_tokens, beam_size=beam_size,
@@ -262,7 +340,10 @@ class SpeechLLM(nn.Module):
         """Log-probability of every label (its tokens and eos) as the answer: (B, K).
 
         The context (prompt + speech) runs once per item; its KV cache is then shared by the K label
-        continuations, which are a few tokens each: about K times cheaper than K full rows.
+        continuations, which are a few tokens each: about K times cheaper than K full rows. Only the
+        logits that predict a label token reach the vocabulary projection (the context's last
+        position, the continuations' all but last): with a 128-152k vocabulary, logits over the
+        whole context would dwarf the rest of the pass.
         """
         B, K = len(prompts), len(labels)
         label_ids = [self.answer_ids(label) for label in labels]
@@ -285,8 +366,10 @@ class SpeechLLM(nn.Module):
             start = context.attention_mask.sum(-1).repeat_interleave(K)[:, None]
             positions = start + torch.arange(width, device=self.device)[None, :]
             follow = self.model(inputs_embeds=self.embed(rows_ids), attention_mask=mask, position_ids=positions,
-                                use_cache=True, **{self._cache_arg: cache})
-            logprobs = follow.logits[:, :-1].float().log_softmax(-1)  # predicts label tokens 1..W-1
-            picked = logprobs.gather(-1, rows_ids[:, 1:, None])[..., 0] * rows_valid[:, 1:]
+                                use_cache=True, logits_to_keep=torch.arange(width - 1, device=self.device),
+                                **{self._cache_arg: cache})
+            logits = follow.logits.float()  # (B*K, W-1, V): predicts label tokens 1..W-1
+            picked = logits.gather(-1, rows_ids[:, 1:, None])[..., 0] - logits.logsumexp(-1)
+            picked = picked * rows_valid[:, 1:]
             scores = scores + picked.sum(-1).view(B, K)
         return scores

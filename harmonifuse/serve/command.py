@@ -47,6 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds from the end of an upload to its answer, else 504 (default 300)")
     p.add_argument("--threads", type=_positive(int), help="torch threads for inference (default: torch's)")
     p.add_argument("--bf16", action="store_true", help="run the LLM in bf16 (faster on CPUs with bf16 units)")
+    p.add_argument("--device", default="auto",
+                   help="auto (default: the GPU when CUDA is available, else the CPU), cpu, cuda or cuda:N")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
 
 
@@ -68,6 +70,9 @@ def serve(args: argparse.Namespace) -> int:
     model_dir = resolve_model(args.model)
     if not Path(model_dir).exists():
         raise FileNotFoundError(f"no model folder or config file at {model_dir}")
+    from harmonifuse.training.hardware import choose_device, env_local_rank
+
+    device = str(choose_device(args.device, env_local_rank()))  # an unusable one fails now, not in the loader
 
     from harmonifuse.serve.app import ServeSettings, create_app
     from harmonifuse.serve.server import run
@@ -84,7 +89,7 @@ def serve(args: argparse.Namespace) -> int:
     def loader():
         from harmonifuse.cli import load_model
 
-        model = load_model(model_dir, bf16=args.bf16)
+        model = load_model(model_dir, bf16=args.bf16, device=device)
         model.eval()
         return model
 

@@ -5,6 +5,7 @@ import contextlib
 import logging
 import os
 import platform
+import re
 import time
 from pathlib import Path
 
@@ -14,11 +15,63 @@ import torch.distributed as dist
 log = logging.getLogger(__name__)
 
 
-def init_distributed() -> tuple[int, int]:
-    """(rank, world size); initialises the process group under torchrun (gloo on CPU, nccl on CUDA)."""
+DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
+CUDA_INSTALL = "pip install torch --index-url https://download.pytorch.org/whl/cu124"
+
+
+class DeviceError(ValueError):
+    """A device that cannot be used; names the option it came from and what to do instead."""
+
+
+def env_local_rank() -> int:
+    """This process's index on its node: torchrun's ``LOCAL_RANK`` (0 outside torchrun)."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def choose_device(requested: str = "auto", local_rank: int = 0, *, option: str = "--device") -> torch.device:
+    """The device a process runs on.
+
+    ``auto``: ``cuda:local_rank`` when CUDA is available, else the CPU. ``cuda``: ``cuda:local_rank``
+    (each torchrun rank its own GPU). ``cuda:N``: that GPU (one process only). ``cpu``: the CPU.
+
+    Raises:
+        DeviceError: CUDA asked for where there is none, a GPU index that does not exist, or a
+            string that names no device; the message names ``option`` and what to do.
+    """
+    if re.fullmatch(r"auto|cpu|cuda(:\d+)?", requested) is None:  # the same rule as config field train.device
+        raise DeviceError(f"{option} {requested!r} is no device; choose {DEVICE_CHOICES}")
+    kind, _, index = requested.partition(":")
+    if kind == "cpu" or (kind == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        why = (f"this torch ({torch.__version__}) is a CPU-only build" if torch.version.cuda is None
+               else "no GPU is visible (check nvidia-smi and CUDA_VISIBLE_DEVICES)")
+        raise DeviceError(f"{option} {requested}: CUDA is not available: {why}; run with {option} cpu (or auto), "
+                          f"or install a CUDA build of torch ({CUDA_INSTALL})")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if index and world_size > 1:
+        raise DeviceError(f"{option} {requested}: under torchrun every rank takes its own GPU, cuda:$LOCAL_RANK; "
+                          f"pass {option} cuda (or auto), and CUDA_VISIBLE_DEVICES to choose the GPUs")
+    gpu = int(index) if index else local_rank
+    count = torch.cuda.device_count()
+    if gpu >= count:
+        raise DeviceError(f"{option} {requested}: there is no GPU {gpu}, this machine shows {count} "
+                          f"(cuda:0..cuda:{count - 1}); start at most {count} processes per node or name another GPU")
+    return torch.device("cuda", gpu)
+
+
+def init_distributed(device: torch.device | None = None) -> tuple[int, int]:
+    """(rank, world size); initialises the process group under torchrun: nccl bound to ``device``
+    on CUDA (``set_device`` first, so every rank's CUDA work lands on its own GPU), gloo on the CPU."""
+    device = device if device is not None else torch.device("cpu")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if device.type == "cuda":
+            dist.init_process_group("nccl", device_id=device)
+        else:
+            dist.init_process_group("gloo")
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1

@@ -178,7 +178,8 @@ def build_run_data(config: DataConfig, encoder, labels: list[str], *, seed: int,
     def loader_for(tasks: list[str], batch_size: int, schedule: dict, limit: dict, fraction: dict,
                    stage: str) -> MultiTaskLoader:
         sampler = BatchInterleavedSampler(
-            {task: datasets[task].durations for task in tasks}, batch_size=batch_size, schedule=schedule, seed=seed,
+            {task: datasets[task].durations for task in tasks}, batch_size=batch_size,
+            max_duration=config.max_duration or None, schedule=schedule, seed=seed,
             pool_size=config.pool_size or None, rank=rank, world_size=world_size,
             limit=limit or None, fraction=fraction or None)
         return MultiTaskLoader({task: datasets[task] for task in tasks}, sampler, num_workers=num_workers,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import random
 
@@ -10,7 +11,7 @@ import torch
 
 from harmonifuse.config import load_config
 from harmonifuse.config.run import RunConfig
-from harmonifuse.training.hardware import init_distributed
+from harmonifuse.training.hardware import choose_device, env_local_rank, init_distributed
 from harmonifuse.training.loaders import build_run_data
 from harmonifuse.training.lock import output_dir_lock
 from harmonifuse.training.trainer import Trainer
@@ -28,25 +29,35 @@ def load_run_config(path: str | None, overrides: list[str] | None = None) -> Run
     return load_config(RunConfig, path, overrides)
 
 
-def train(config: RunConfig, *, resume: bool = False, progress: bool = True, model=None) -> dict:
+def train(config: RunConfig, *, resume: bool = False, progress: bool = True, model=None,
+          device: str | None = None) -> dict:
     """Train ``config`` (optionally continuing its output folder's newest checkpoint); returns a summary.
 
+    ``device`` (``harmonifuse train --device``) replaces ``train.device`` when given.
+
     Raises:
+        DeviceError: the device cannot be used (CUDA asked for where there is none, ...).
         RunLockedError: another process is training into ``train.output_dir``.
     """
-    rank, world_size = init_distributed()
+    if device is not None:
+        config = dataclasses.replace(config, train=dataclasses.replace(config.train, device=device))
+    where = choose_device(config.train.device, env_local_rank(),
+                          option="--device" if device is not None else "train.device")
+    rank, world_size = init_distributed(where)
     # rank 0 alone: the other ranks of a DDP run share its folder (and write nothing into it)
     with output_dir_lock(config.train.output_dir) if rank == 0 else contextlib.nullcontext():
-        return _train(config, rank, world_size, resume=resume, progress=progress, model=model)
+        return _train(config, rank, world_size, where, resume=resume, progress=progress, model=model)
 
 
-def _train(config: RunConfig, rank: int, world_size: int, *, resume: bool, progress: bool, model) -> dict:
+def _train(config: RunConfig, rank: int, world_size: int, device: torch.device, *, resume: bool, progress: bool,
+           model) -> dict:
     from harmonifuse.model import HarmoniFuse
 
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     seed_everything(config.train.seed)
-    model = model if model is not None else HarmoniFuse.build(config.model)
+    model = model if model is not None else HarmoniFuse.build(config.model, device)
+    model.to(device)  # before the feature cache is built: the frozen encoder runs where training does
     if config.train.init_from:
         from harmonifuse.model import WEIGHTS_NAME
         from harmonifuse.pretrained import find_model_folder

@@ -3,7 +3,8 @@
 One loop runs the stages in turn (``stages.Stage``: the alignment stage, then the main stage).
 Every step takes one batch of one task (or a mixed batch for the ablation); all ranks take the
 same task at the same step, each its own shard, and DDP averages every stage's gradients. Only
-rank 0 writes logs and checkpoints.
+rank 0 writes logs and checkpoints. Whether to stop (time budget, a signal to any one rank, early
+stopping) is decided once for all ranks, so every rank leaves the loop at the same step.
 """
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ class Trainer:
         self.is_main = rank == 0
         self.progress = progress and self.is_main
         self.output_dir = Path(config.train.output_dir)
-        self.device = model.llm.device
+        self.device = model.llm.device  # where training/run.py put the model; every collective's tensors live here
         self._setup_memory()
         self._setup_precision()
         self.stages = self._setup_stages()
@@ -58,10 +59,7 @@ class Trainer:
 
     def _setup_memory(self) -> None:
         if self.config.train.gradient_checkpointing:
-            llm = self.model.llm.model
-            llm.gradient_checkpointing_enable()
-            if hasattr(llm, "enable_input_require_grads"):
-                llm.enable_input_require_grads()
+            log.info("gradient checkpointing in: %s", ", ".join(self.model.enable_gradient_checkpointing()))
 
     def _setup_precision(self) -> None:
         self.autocast_dtype = choose_precision(self.config.train.precision, self.device)
@@ -93,7 +91,8 @@ class Trainer:
         from torch.nn.parallel import DistributedDataParallel
 
         # the alignment stage leaves the LoRA adapters out of its graph: DDP must expect unused parameters then
-        return DistributedDataParallel(self.model, find_unused_parameters=len(self.stages) > 1)
+        device_ids = [self.device.index] if self.device.type == "cuda" else None  # None: the CPU
+        return DistributedDataParallel(self.model, device_ids=device_ids, find_unused_parameters=len(self.stages) > 1)
 
     def _setup_bookkeeping(self) -> None:
         tc, tasks = self.config.train, self.config.model.tasks
@@ -206,7 +205,7 @@ class Trainer:
         makes global."""
         if self.world_size == 1 or stage.objective != "answer":
             return out.loss
-        total = torch.tensor([float(out.num_tokens)])
+        total = torch.tensor([float(out.num_tokens)], device=self.device)
         dist.all_reduce(total)
         answer = out.answer_loss if out.answer_loss is not None else out.loss
         return answer * (out.num_tokens * self.world_size / float(total)) + (out.loss - answer)
@@ -216,7 +215,7 @@ class Trainer:
         if self.world_size == 1:
             return
         if stage.objective == "answer":
-            dist.all_reduce(torch.zeros(1))  # matches the token count all-reduce of the other ranks
+            dist.all_reduce(torch.zeros(1, device=self.device))  # matches the token count all-reduce of the other ranks
         zero = sum(p.sum() for p in self.model.parameters() if p.requires_grad) * 0.0
         with contextlib.nullcontext() if sync else self.module.no_sync():
             zero.backward()
@@ -257,6 +256,19 @@ class Trainer:
         seconds = stage.seconds if stage.budget == "stage" else self.total_seconds
         return bool(stage.max_minutes) and seconds / 60 >= stage.max_minutes
 
+    def _stop_decision(self, stage: Stage) -> tuple[bool, int]:
+        """(out of time, signal number or 0), the same on every rank.
+
+        Each rank's own clock and signals, all-reduced with MAX (one 2-element all-reduce per step):
+        ranks measure slightly different minutes and a signal may reach one rank only, and a rank
+        that left the loop alone would leave the others waiting in their next collective.
+        """
+        flags = torch.tensor([float(self._out_of_time(stage)), float(self._stop_signal or 0)], device=self.device)
+        if self.world_size > 1:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        out_of_time, signum = flags.tolist()
+        return bool(out_of_time), int(signum)
+
     def _run_stage(self, stage: Stage) -> str:
         """Train ``stage`` until its steps or minutes are spent, early stopping or a signal; returns why it stopped."""
         tc = self.config.train
@@ -296,9 +308,9 @@ class Trainer:
                                   **{f"lr_{g['name']}": g["lr"] for g in stage.optimizer.param_groups})
                     self.logger.write(record)
                     bar.set_postfix({k: f"{v:.3f}" for k, v in losses.items()})
-                out_of_time = self._out_of_time(stage)
+                out_of_time, signum = self._stop_decision(stage)
                 if stage.step % stage.eval_every == 0 or stage.step == stage.max_steps or out_of_time:
-                    if stage.evaluate():
+                    if stage.evaluate():  # rank 0's verdict, broadcast
                         stop_reason = "early_stop"
                         break
                 if stage.step % tc.save_every == 0:
@@ -306,8 +318,8 @@ class Trainer:
                 if out_of_time:
                     stop_reason = "max_minutes"
                     break
-                if self._stop_signal is not None:
-                    stop_reason = f"signal {self._stop_signal}"
+                if signum:
+                    stop_reason = f"signal {signum}"
                     break
         finally:
             bar.close()
@@ -338,7 +350,7 @@ class Trainer:
                    "best_step": self.best_step, "best_metric": self.best_metric,
                    "skipped": self.data.loader.skip_counts(),
                    "precision": "bf16 autocast" if self.autocast_dtype is not None else "float32",
-                   "hardware": describe_hardware(self.device)}
+                   "device": str(self.device), "hardware": describe_hardware(self.device)}
         if self.is_main:
             atomic_write_text(self.output_dir / "summary.json", json.dumps(summary, indent=2))
         self.logger.close()
@@ -368,7 +380,7 @@ class Trainer:
     def evaluate_dev(self) -> bool:
         """Score the dev subset on rank 0, export the best model; True when early stopping triggers."""
         tc = self.config.train
-        stop = torch.zeros(1)
+        stop = torch.zeros(1, device=self.device)
         if self.is_main and self.data.dev:
             with self._autocast():
                 result = evaluate(self.model, self.data.dev, batch_size=self.config.data.batch_size,

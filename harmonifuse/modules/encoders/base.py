@@ -57,6 +57,25 @@ class SpeechEncoder(nn.Module):
                 parameter.requires_grad_(False)
             self.eval()
 
+    def gradient_checkpointing_enable(self) -> bool:
+        """Recompute each transformer layer's activations in the backward pass instead of keeping
+        them (a trainable encoder: WavLM Large keeps ~25 layers x (B, T, 1024) and their attention
+        otherwise). Returns whether it took effect: a frozen encoder has no backward pass to save for."""
+        from transformers import PreTrainedModel
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        if not self.trainable:
+            return False
+        layers = [m for m in self.modules() if isinstance(m, GradientCheckpointingLayer)]
+        for owner in self.modules():  # the transformers model(s) holding the layers
+            if isinstance(owner, PreTrainedModel):
+                # non-reentrant: the first layer's input need not require a gradient
+                if hasattr(owner, "activation_checkpointing_enable"):  # transformers 5's name; the old one warns
+                    owner.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+                else:
+                    owner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return bool(layers) and all(layer.gradient_checkpointing for layer in layers)
+
     def train(self, mode: bool = True):  # a frozen encoder stays in eval mode (no dropout)
         return super().train(mode and self.trainable)
 
