@@ -1,4 +1,4 @@
-"""Command line: ``harmonifuse analyze | prepare | train | evaluate | experiment``.
+"""Command line: ``harmonifuse analyze | prepare | train | evaluate | calibrate | experiment | plan | serve``.
 
 Each subcommand is a small function registered in ``COMMANDS``; heavy imports happen inside them
 so ``harmonifuse --help`` stays instant.
