@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from tiny import tiny_harmonifuse
+from tiny import perturbed, tiny_harmonifuse
 
 from harmonifuse.decoding import NEG, CTCPrefixScorer, beam_search
 
@@ -121,12 +121,7 @@ def test_joint_decoding_needs_the_ctc_posteriors():
 
 def test_greedy_decoding_equals_transformers_generate_and_beams_keep_the_batch_apart():
     model = tiny_harmonifuse(seed=0)
-    torch.manual_seed(5)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.3)
-    model.eval()
+    perturbed(model)
     torch.manual_seed(1)
     lengths = torch.tensor([16000, 9000, 12000])
     encoded = model.encode(torch.randn(3, 16000) * 0.1, lengths)

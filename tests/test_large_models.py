@@ -3,7 +3,7 @@ label scoring that keeps only the logits it reads, greedy decoding that ignores 
 sampling settings, the prompt layout under real chat templates, and the memory switches."""
 import pytest
 import torch
-from tiny import tiny_harmonifuse, tiny_llama, tiny_tokenizer
+from tiny import perturbed, tiny_harmonifuse, tiny_llama, tiny_tokenizer
 
 from harmonifuse.modules.ctc import EmbeddingCTC
 from harmonifuse.modules.llm import SpeechLLM
@@ -140,7 +140,8 @@ def test_transcripts_decoded_with_ctc_columns_on_demand_equal_the_whole_posterio
                     projector={"ctc_learned_blank": learned_blank})
     answers = []
     for chunk in (0, 37):
-        model = _perturbed(**{**sections, "projector": {**sections["projector"], "ctc_vocab_chunk": chunk}})
+        chunked = {**sections, "projector": {**sections["projector"], "ctc_vocab_chunk": chunk}}
+        model = perturbed(tiny_harmonifuse(**chunked))
         torch.manual_seed(1)
         encoded = model.encode(torch.randn(3, 16000) * 0.1, torch.tensor([16000, 9000, 12000]))
         answers.append(model.analyze_hidden(encoded.hidden_states, encoded.lengths, tasks=("asr",)))
@@ -151,24 +152,13 @@ def test_transcripts_decoded_with_ctc_columns_on_demand_equal_the_whole_posterio
 
 # -- label scoring keeps only the logits it reads ---------------------------------------------------
 
-def _perturbed(seed: int = 0, **sections):
-    """The tiny model with its trained parts moved off their zero/identity start (LoRA B included)."""
-    model = tiny_harmonifuse(seed=seed, **sections)
-    torch.manual_seed(5)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.3)
-    return model.eval()
-
-
 def test_label_scores_equal_full_rows_with_all_logits_and_keep_only_the_needed_ones():
     """Every label's log-probability equals the sum over its tokens (and eos) of log-softmax of full
     logits of a whole row (speech, prompt, label) without logits_to_keep; the scoring itself projects
     only the positions that predict a label token onto the vocabulary."""
     from harmonifuse.modules.llm import IGNORE_INDEX
 
-    model = _perturbed()
+    model = perturbed(tiny_harmonifuse())
     torch.manual_seed(1)
     lengths = torch.tensor([16000, 7000])
     encoded = model.encode(torch.randn(2, 16000) * 0.1, lengths)
@@ -217,12 +207,7 @@ def _model_with_sampling_defaults(**llm_section):
     llm = SpeechLLM.wrap(llama, tokenizer, lora_rank=4, lora_alpha=8.0, max_new_tokens=12)
     torch.manual_seed(0)
     model = HarmoniFuse.from_parts(config, tiny_encoder(0), llm)
-    torch.manual_seed(5)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.3)
-    return model.eval()
+    return perturbed(model)
 
 
 def _argmax_loop(llm, inputs, steps: int) -> list[list[int]]:
@@ -353,12 +338,7 @@ def test_chat_template_models_decode_a_padded_batch_as_single_items(family):
     llm = SpeechLLM.wrap(tiny_llama(len(tokenizer)), tokenizer, lora_rank=4, lora_alpha=8.0, max_new_tokens=8)
     torch.manual_seed(0)
     model = HarmoniFuse.from_parts(tiny_model_config(), tiny_encoder(0), llm)
-    torch.manual_seed(5)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.3)
-    model.eval()
+    perturbed(model)
     speech, prompts = _speech(model)
     batched = [h.tokens for h in llm.decode(speech.embeddings, speech.lengths, prompts)]
     singles = [llm.decode(speech.embeddings[i:i + 1, : int(speech.lengths[i])], speech.lengths[i:i + 1],

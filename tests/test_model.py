@@ -4,7 +4,7 @@ import types
 import numpy as np
 import pytest
 import torch
-from tiny import tiny_harmonifuse, tiny_llama
+from tiny import perturbed, tiny_harmonifuse, tiny_llama
 
 from harmonifuse.model import HarmoniFuse
 from harmonifuse.modules.llm import IGNORE_INDEX
@@ -12,13 +12,7 @@ from harmonifuse.modules.llm import IGNORE_INDEX
 
 @pytest.fixture(scope="module")
 def model():
-    m = tiny_harmonifuse(seed=0)
-    torch.manual_seed(5)
-    with torch.no_grad():  # leave the identity start so every component matters
-        for p in m.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.3)
-    return m.eval()
+    return perturbed(tiny_harmonifuse(seed=0))
 
 
 def _waves(seconds=(1.0, 0.6), seed=0):

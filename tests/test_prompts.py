@@ -4,7 +4,7 @@ import types
 
 import pytest
 import torch
-from tiny import tiny_harmonifuse, write_tiny_run_config
+from tiny import perturbed, tiny_harmonifuse, write_tiny_run_config
 
 from harmonifuse.data.batch import SpeechBatch
 from harmonifuse.data.prompt_choice import PromptChoice
@@ -52,12 +52,7 @@ def test_batches_keep_their_prompts_unset_when_nothing_varies():
 
 def test_the_model_answers_the_batch_prompts():
     model = tiny_harmonifuse(seed=0)
-    torch.manual_seed(5)
-    with torch.no_grad():  # away from the identity start, so the prompt reaches the fusion weights
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.3)
-    model.eval()
+    perturbed(model)
     torch.manual_seed(0)
     lengths = torch.tensor([16000, 9600])
     encoded = model.encode(torch.randn(2, 16000) * 0.1, lengths)

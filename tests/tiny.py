@@ -79,6 +79,17 @@ def tiny_harmonifuse(seed: int = 0, **sections):
     return HarmoniFuse.from_parts(config, tiny_encoder(seed), llm)
 
 
+def perturbed(model, seed: int = 5, scale: float = 0.3):
+    """``model`` with its trained parts moved off their zero/identity start (LoRA B included), so every
+    component matters; in eval mode."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * scale)
+    return model.eval()
+
+
 # -- on-disk fixtures for end-to-end runs (subprocesses build the model from these folders) ----------
 
 ASR_TARGETS = ["hello world", "the lazy dog", "quick brown fox", "write down what", "over the dog", "hello fox"]
