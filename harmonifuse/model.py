@@ -6,7 +6,6 @@ when it is unfrozen) are saved.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,10 +13,9 @@ from typing import Any, Literal, Sequence, Union
 
 import numpy as np
 import torch
-import yaml
 from torch import nn
 
-from harmonifuse.config import ModelConfig, from_dict, load_yaml
+from harmonifuse.config import ModelConfig, from_dict, load_yaml, to_yaml
 from harmonifuse.lengths import lengths_to_mask
 from harmonifuse.modules.ctc import EmbeddingCTC, greedy_ctc_from_logits
 from harmonifuse.modules.encoders import EncoderOutput, SpeechEncoder, build_encoder
@@ -28,11 +26,10 @@ from harmonifuse.modules.llm import IGNORE_INDEX, SpeechLLM
 from harmonifuse.modules.projector import FrameStackProjector
 from harmonifuse.modules.prompt_vectors import PROMPT_ENCODERS
 from harmonifuse.modules.vad import SileroVAD
+from harmonifuse.pretrained import CONFIG_NAME, WEIGHTS_NAME
 from harmonifuse.tasks import TASK_NAMES, get_task, tasks_answered_by
 
 AudioInput = Union[str, os.PathLike, np.ndarray, tuple]
-CONFIG_NAME = "config.yaml"
-WEIGHTS_NAME = "trained.safetensors"
 
 
 @dataclass
@@ -583,7 +580,7 @@ class HarmoniFuse(nn.Module):
 def _config_text(config: ModelConfig) -> str:
     from harmonifuse import __version__
 
-    return f"# written by harmonifuse {__version__}\n" + yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)
+    return f"# written by harmonifuse {__version__}\n" + to_yaml(config)
 
 
 def _folder_config(config_file: Path, overrides: list[str] | None) -> ModelConfig:

@@ -54,12 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", help="comma separated split names to run")
     args = parser.parse_args(argv)
 
-    import yaml
     from scipy.stats import spearmanr
 
     from harmonifuse.atomic import atomic_write_text
     from harmonifuse.cli import load_model, resolve_model
-    from harmonifuse.config import to_dict
+    from harmonifuse.config import to_yaml
     from harmonifuse.evaluation.evaluate import evaluate
 
     out = Path(args.out)
@@ -69,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     model = load_model(resolve_model(args.model))
     model.eval()
     atomic_write_text(out / "model_config.yaml", "# each row of sweep.json overrides model.decoding (beam_size, ctc_weight)\n"
-                      + yaml.safe_dump(to_dict(model.config), sort_keys=False))
+                      + to_yaml(model.config))
     settings = [("greedy", 1, 0.0)] + [(f"beam {args.beam}, w={w}", args.beam, float(w))
                                        for w in args.weights.split(",")]
     splits = _splits(args)

@@ -9,6 +9,7 @@ from harmonifuse.config.loading import (
     load_yaml_extends,
     parse_overrides,
     to_dict,
+    to_yaml,
     validate,
 )
 from harmonifuse.config.model import (
@@ -28,6 +29,6 @@ from harmonifuse.config.model import (
 )
 
 __all__ = ["ConfigError", "apply_overrides", "from_dict", "load_config", "load_yaml", "load_yaml_extends",
-           "parse_overrides", "to_dict", "validate", "DEFAULT_PROMPTS", "AugmentConfig", "CalibrationConfig",
+           "parse_overrides", "to_dict", "to_yaml", "validate", "DEFAULT_PROMPTS", "AugmentConfig", "CalibrationConfig",
            "DecodingConfig", "EncoderConfig", "FusionConfig", "GateConfig", "LLMConfig", "ModelConfig",
            "PromptConfig", "ProjectorConfig", "TasksConfig", "VADConfig"]

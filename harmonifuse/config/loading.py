@@ -117,6 +117,11 @@ def to_dict(instance: Any) -> dict:
     return dataclasses.asdict(instance)
 
 
+def to_yaml(instance: Any) -> str:
+    """A config dataclass as YAML text, keys in field order: what ``load_config`` reads back."""
+    return yaml.safe_dump(to_dict(instance), sort_keys=False)
+
+
 def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any]]:
     """``["model.fusion.mode=task", "data.train={asr: a.jsonl}"]`` -> ``[(path, value), ...]`` (values parsed as YAML)."""
     parsed = []

@@ -5,10 +5,8 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-import yaml
-
 from harmonifuse.atomic import atomic_write_text
-from harmonifuse.config import to_dict
+from harmonifuse.config import to_yaml
 from harmonifuse.data.manifest import read_manifest
 from harmonifuse.evaluation.evaluate import evaluate, hidden_states_for, nonspeech_metrics
 from harmonifuse.evaluation.metrics import mean_std
@@ -68,7 +66,7 @@ def run_evaluation(model, manifests: Sequence[Path], out_dir: Path | None = None
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out_dir / "metrics.json", json.dumps(summary, indent=2))
         # the evaluated model's complete config (decoding, detector, calibration): what produced these figures
-        atomic_write_text(out_dir / "model_config.yaml", yaml.safe_dump(to_dict(model.config), sort_keys=False))
+        atomic_write_text(out_dir / "model_config.yaml", to_yaml(model.config))
         atomic_write_text(out_dir / "predictions.json", json.dumps(predictions, indent=2))
         rows = dict(per_group)
         if len(per_group) > 1:

@@ -15,11 +15,10 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-import yaml
 from tqdm import tqdm
 
 from harmonifuse.atomic import atomic_write_text
-from harmonifuse.config import to_dict
+from harmonifuse.config import to_yaml
 from harmonifuse.config.run import RunConfig
 from harmonifuse.data.manifest import Utterance
 from harmonifuse.evaluation.evaluate import evaluate, evaluate_ctc, hidden_states_for
@@ -119,7 +118,7 @@ class ExperimentRunner:
             target = result.with_suffix(".yaml")
             if result.is_file() and not target.is_file():
                 config = arm_config(self.spec, self.base, arm, seed)
-                atomic_write_text(target, yaml.safe_dump(to_dict(config), sort_keys=False))
+                atomic_write_text(target, to_yaml(config))
                 written.append(target)
         return written
 

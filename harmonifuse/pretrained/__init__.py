@@ -11,6 +11,8 @@ from pathlib import Path
 from harmonifuse.config import ConfigError
 
 MODEL_ENV = "HARMONIFUSE_MODEL"
+CONFIG_NAME = "config.yaml"  # a model folder: its config and its trained weights
+WEIGHTS_NAME = "trained.safetensors"
 DEMO_MODEL = Path(__file__).resolve().parent / "harmonifuse-demo"
 
 
@@ -18,7 +20,7 @@ def find_model_folder(name_or_path: str | os.PathLike) -> Path | None:
     """A trained model folder by path, or the shipped model by its name ("harmonifuse-demo"); None if neither."""
     path = Path(name_or_path).expanduser()
     for candidate in (path, DEMO_MODEL if os.fspath(name_or_path) == DEMO_MODEL.name else None):
-        if candidate is not None and (candidate / "config.yaml").is_file() and (candidate / "trained.safetensors").is_file():
+        if candidate is not None and (candidate / CONFIG_NAME).is_file() and (candidate / WEIGHTS_NAME).is_file():
             return candidate
     return None
 
@@ -27,7 +29,7 @@ def default_model() -> str | None:
     """$HARMONIFUSE_MODEL, else the model shipped in the package when present, else None."""
     if os.environ.get(MODEL_ENV):
         return os.environ[MODEL_ENV]
-    return str(DEMO_MODEL) if (DEMO_MODEL / "config.yaml").is_file() else None
+    return str(DEMO_MODEL) if (DEMO_MODEL / CONFIG_NAME).is_file() else None
 
 
 def resolve_model(model: str | os.PathLike | None) -> str:

@@ -59,8 +59,7 @@ def _train(config: RunConfig, rank: int, world_size: int, device: torch.device, 
     model = model if model is not None else HarmoniFuse.build(config.model, device)
     model.to(device)  # before the feature cache is built: the frozen encoder runs where training does
     if config.train.init_from:
-        from harmonifuse.model import WEIGHTS_NAME
-        from harmonifuse.pretrained import find_model_folder
+        from harmonifuse.pretrained import WEIGHTS_NAME, find_model_folder
 
         folder = find_model_folder(config.train.init_from)
         model.load_trained(folder / WEIGHTS_NAME)  # a checkpoint of this run (--resume) replaces them below

@@ -15,16 +15,15 @@ import logging
 import math
 import signal
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import yaml
 from tqdm import tqdm
 
 from harmonifuse.atomic import atomic_write_text
+from harmonifuse.config import to_yaml
 from harmonifuse.config.run import RunConfig
 from harmonifuse.data.prompt_choice import PromptChoice
 from harmonifuse.evaluation.evaluate import evaluate, evaluate_ctc
@@ -236,8 +235,7 @@ class Trainer:
         """Run every unfinished stage in turn; returns the summary (also written to summary.json)."""
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.output_dir / "config.yaml",
-                              yaml.safe_dump(asdict(self.config), sort_keys=False))
+            atomic_write_text(self.output_dir / "config.yaml", to_yaml(self.config))
         previous = {s: signal.signal(s, self._handle_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         self.model.train()
         stop_reason = "max_steps"
