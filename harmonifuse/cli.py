@@ -1,4 +1,4 @@
-"""Command line: ``harmonifuse analyze | prepare | train | evaluate | calibrate | experiment | plan | serve``.
+"""Command line: ``harmonifuse analyze | prepare | train | cache | evaluate | calibrate | experiment | plan | serve``.
 
 Each subcommand is a small function registered in ``COMMANDS``; heavy imports happen inside them
 so ``harmonifuse --help`` stays instant.
@@ -217,8 +217,23 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     config = load_run_config(args.config, args.overrides)
     summary = train(config, resume=args.resume, progress=not args.quiet, device=args.device)
-    print(json.dumps(summary))
+    # one write per line: under torchrun every rank prints its summary into one pipe at the same moment,
+    # and print() writes the text and its newline separately, so two ranks' lines could run together
+    sys.stdout.write(json.dumps(summary) + "\n")
+    sys.stdout.flush()
     return 0
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    from harmonifuse.training.feature_cache_build import cache_command, format_summary
+    from harmonifuse.training.run import load_run_config
+
+    config = load_run_config(args.config, args.overrides)
+    summary = cache_command(config, device=args.device, progress=not args.quiet, batch_size=args.batch_size)
+    if summary.pop("rank") == 0:  # every rank's counts reached rank 0 (an all-reduce)
+        print(format_summary(summary))
+        print(json.dumps(summary))
+    return 0  # unreadable audio is counted (failed) and logged: data.bad_samples decides about it in training
 
 
 def parse_prompts(items: list[str]) -> dict[str, str]:
@@ -269,7 +284,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     model = load_model(model_dir)
     utterances = [u for m in args.manifest for u in read_manifest(m, labels=model.config.tasks.emotion_labels)
                   if u.emotion is not None]
-    report = calibrate(model, utterances, batch_size=args.batch_size, progress=not args.quiet)
+    report = calibrate(model, utterances, fit_on=args.fit_on, batch_size=args.batch_size, progress=not args.quiet)
     model.save_config(model_dir)
     print(json.dumps(report, indent=2))
     print(f"model.calibration.ser_temperature = {report['ser_temperature']} written to {Path(model_dir) / 'config.yaml'}")
@@ -320,6 +335,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "analyze": cmd_analyze,
     "prepare": cmd_prepare,
     "train": cmd_train,
+    "cache": cmd_cache,
     "evaluate": cmd_evaluate,
     "experiment": cmd_experiment,
     "calibrate": cmd_calibrate,
@@ -372,6 +388,15 @@ def build_parser() -> argparse.ArgumentParser:
                                      "available, else the CPU); under torchrun each rank takes cuda:$LOCAL_RANK")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
+    p = sub.add_parser("cache", help="build the frozen encoder's feature cache of a run config's train and dev "
+                                     "utterances (under torchrun each process its share)")
+    p.add_argument("config", help="YAML run config, e.g. configs/demo.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. data.feature_cache=/shared/features")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: train.device, as train chooses it); under "
+                                     "torchrun each rank takes cuda:$LOCAL_RANK")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="utterances per encoder pass (default: 8)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
     p = sub.add_parser("evaluate", help="WER/CER and WA/UA/macro-F1 of a model on manifests")
     p.add_argument("--model", help=f"trained model folder (default: ${MODEL_ENV}, else the shipped model)")
     p.add_argument("--manifest", action="append", required=True, help="JSONL manifest (repeatable)")
@@ -392,6 +417,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("calibrate", help="fit the emotion probabilities' temperature on dev, store it in the model")
     p.add_argument("--model", help=f"trained model folder (default: ${MODEL_ENV}, else the shipped model)")
     p.add_argument("--manifest", action="append", required=True, help="dev manifest with emotion labels (repeatable)")
+    p.add_argument("--fit-on", choices=("dev", "drift", "dev+drift"), default="dev",
+                   help="fit on the dev clips (default), on perturbed copies of them (noise, reverberation, "
+                        "codecs, speed: for audio less like dev), or on both")
     p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 

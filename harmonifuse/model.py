@@ -183,14 +183,16 @@ class HarmoniFuse(nn.Module):
             for name, tensor in state.items():
                 own[name].copy_(tensor)
 
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write config.yaml and the trained weights (safetensors) atomically into ``directory``."""
+    def save_pretrained(self, directory: str | os.PathLike, trained: dict[str, torch.Tensor] | None = None) -> Path:
+        """Write config.yaml and the trained weights (safetensors) atomically into ``directory``;
+        ``trained``: those weights gathered elsewhere (a sharded model's), else :meth:`trained_state_dict`."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         from harmonifuse.atomic import atomic_write, atomic_write_text
         from harmonifuse.weights import save_weights
 
-        state = {k: v.contiguous().cpu() for k, v in self.trained_state_dict().items()}
+        trained = self.trained_state_dict() if trained is None else trained
+        state = {k: v.contiguous().cpu() for k, v in trained.items()}
         atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_weights(state, tmp))
         atomic_write_text(directory / CONFIG_NAME, _config_text(self.config))
         return directory

@@ -7,6 +7,8 @@ Memory per GPU (per process with ``--gpus 0``, the CPU) is estimated as
 
 * weights: the frozen LLM in its load dtype (bf16 on GPUs, ``model.llm.frozen_dtype``), a frozen
   encoder in float32;
+* under ``train.parallel: fsdp`` with several GPUs, the frozen LLM and the trained state divided by
+  the GPUs, plus what FSDP gathers during a step (the root unit whole, two decoder layers);
 * trained parameters: float32 weights, gradients and AdamW's two moments (16 bytes each; DDP's
   gradient buckets add 4 more with several GPUs);
 * activations of the larger of the two stages at its configured batch, from the architectures'
@@ -246,6 +248,10 @@ def make_plan(config, *, gpus: int = 1, gpu_memory_gb: float | None = None, seco
                 n_lora += m.llm.lora_rank * (module.in_features + module.out_features)
     n_trainable = n_parts + n_lora + (n_encoder if m.encoder.trainable else 0)
     n_embedding = llm.get_input_embeddings().weight.numel()
+    # FSDP's units (harmonifuse/training/sharding.py): each decoder layer, then the root (the rest)
+    layer_classes = set(getattr(llm, "_no_split_modules", None) or [])
+    layer_sizes = [sum(p.numel() for p in module.parameters()) for module in llm.modules()
+                   if type(module).__name__ in layer_classes]
     del encoder, llm, parts
 
     # dtypes: GPUs load the frozen LLM in bf16 (auto) and train under bf16 autocast; a CPU keeps
@@ -264,12 +270,22 @@ def make_plan(config, *, gpus: int = 1, gpu_memory_gb: float | None = None, seco
         llm_bytes = 4.0 * n_embedding + 2.0 * (n_llm - n_embedding)
         llm_note = f"{_count(n_llm)}: Linear layers in bf16 (autocast), the embedding table in float32"
 
-    per_param_state = 16 + (4 if gpus > 1 else 0)
-    per_gpu = [Line("LLM weights (frozen)", llm_bytes, llm_note)]
-    if not m.encoder.trainable:
+    sharded = gpus > 1 and t.parallel == "fsdp" and bool(layer_sizes)
+    per_param_state = 16 + (4 if gpus > 1 and not sharded else 0)
+    if sharded:  # each GPU keeps 1/gpus of the LLM and of the trained state, and gathers one unit at a time
+        per_gpu = [Line("LLM weights (frozen, FSDP shard)", llm_bytes / gpus, f"{llm_note}, over {gpus} GPUs")]
+        root_llm = n_llm - sum(layer_sizes)  # embeddings, LM head, final norm
+        root_trained = n_parts + (n_encoder if m.encoder.trainable else 0)
+        gathered = llm_bytes / n_llm * (root_llm + 2 * max(layer_sizes)) + 4.0 * root_trained
+        per_gpu.append(Line("gathered by FSDP during a step", gathered,
+                            "the root unit (embeddings, LM head, HarmoniFuse parts) + 2 decoder layers"))
+    else:
+        per_gpu = [Line("LLM weights (frozen)", llm_bytes, llm_note)]
+    if not m.encoder.trainable:  # a replica on every GPU under fsdp too
         per_gpu.append(Line("encoder weights (frozen)", 4.0 * n_encoder, f"{_count(n_encoder)} in float32"))
-    per_gpu.append(Line("trained parameters, gradients, AdamW", per_param_state * float(n_trainable),
-                        f"{_count(n_trainable)} x {per_param_state} B" + (" (incl. DDP buckets)" if gpus > 1 else "")))
+    how = f" / {gpus} GPUs (FSDP shards)" if sharded else " (incl. DDP buckets)" if gpus > 1 else ""
+    per_gpu.append(Line("trained parameters, gradients, AdamW", per_param_state * float(n_trainable) /
+                        (gpus if sharded else 1), f"{_count(n_trainable)} x {per_param_state} B{how}"))
     if gpus == 0:
         per_gpu.append(Line("process (Python, torch, transformers)", _process_bytes(), "measured in this process"))
     elif gpus > 0:
@@ -284,7 +300,10 @@ def make_plan(config, *, gpus: int = 1, gpu_memory_gb: float | None = None, seco
     else:
         seconds, seconds_from = config.data.max_seconds, "data.max_seconds (no training manifests here)"
     stages = {}
-    cached = not m.encoder.trainable and config.data.feature_cache != "off"
+    from harmonifuse.training.loaders import uses_feature_cache
+
+    # "auto" caches on a CPU only: on GPUs the frozen encoder runs in the forward pass
+    cached = not m.encoder.trainable and uses_feature_cache(config.data.feature_cache, "cuda" if gpus > 0 else "cpu")
     if t.max_steps > 0:
         stages["main"] = _stage_lines(config, shape, llm_config, config.data.batch_size, seconds, act, cached,
                                       with_llm=True)
@@ -319,8 +338,8 @@ def _stage_lines(config, shape: EncoderShape, llm_config, batch: int, seconds: f
     states = 4.0 * (L + 1) * B * T * D  # the hidden states the fusion reads, float32
     lines = [Line("batch", 0.0, f"{B} utterances of {seconds:.1f} s")]
     per_frame = 9 * D + 2 * shape.ffn + (2 * shape.heads * T if shape.eager else 0)
-    if cached:
-        lines.append(Line("encoder: cached hidden states", 2 * states, "the batch and its masked copy"))
+    if cached:  # float16 batches: half the float32 figure each
+        lines.append(Line("encoder: cached hidden states", states, "float16: the batch and its masked copy"))
     elif not m.encoder.trainable:
         lines.append(Line("encoder: frozen forward", 2 * states + act * B * T * per_frame,
                           "hidden states (returned and stacked) + one layer at work"))
@@ -331,7 +350,9 @@ def _stage_lines(config, shape: EncoderShape, llm_config, batch: int, seconds: f
                           ("layer inputs + one layer recomputed" if checkpointing else f"{L} layers' saved tensors")
                           + " + convolution front end"))
     gate = 4 * B * T * D * (4 if m.gate.mode == "content" else 1)
-    lines.append(Line("fusion, gate, projector", states * (2 if m.fusion.layer_norm else 1) + gate +
+    # float16 (cached) states are widened one layer at a time, keeping no float32 copy of all L+1
+    fusion = 3 * 4.0 * B * T * D if cached else states * (2 if m.fusion.layer_norm else 1)
+    lines.append(Line("fusion, gate, projector", fusion + gate +
                       4 * B * (T // m.projector.stack + 1) * m.projector.hidden_size * 3, ""))
     N_speech = T // m.projector.stack + 1
     V, H = llm_config.vocab_size, llm_config.hidden_size

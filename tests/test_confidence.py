@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from tiny import tiny_harmonifuse
+from tiny import perturbed, tiny_harmonifuse, write_tiny_corpus
 
 from harmonifuse.data.nonspeech import nonspeech_clips
 from harmonifuse.evaluation.calibration import calibration_report, fit_temperature
@@ -41,6 +41,38 @@ def test_temperature_scaling_recovers_the_temperature_that_generated_the_labels(
     before, after = calibration_report(logits, targets, 1.0), calibration_report(logits, targets, fitted)
     assert after["nll"] < before["nll"] and after["ece"] < before["ece"] and after["ece"] < 0.03
     assert after["accuracy"] == before["accuracy"]  # a temperature never changes a prediction
+
+
+def test_calibration_fits_on_drifted_copies_of_dev_seeded_and_in_memory(tmp_path):
+    from harmonifuse.data.manifest import read_manifest
+    from harmonifuse.evaluation.calibration import DRIFT, calibrate, drifted, label_scores
+
+    dev = read_manifest(write_tiny_corpus(tmp_path, per_task=6) / "ser_dev.jsonl")
+    model = perturbed(tiny_harmonifuse(seed=0)).eval()
+    # every perturbation changes the audio, and the same seed draws the same copies again
+    for name in DRIFT:
+        copies = drifted(dev, name)
+        assert [c.id for c in copies] == [f"{u.id}@{name}" for u in dev]
+        wave, rate = copies[0].audio
+        assert rate == 16000 and wave.dtype == np.float32 and np.abs(wave).max() <= 1.0
+        original = sf.read(dev[0].audio, dtype="float32")[0]
+        assert len(wave) != len(original) or not np.allclose(wave, original, atol=1e-3)
+        assert np.array_equal(wave, drifted(dev, name)[0].audio[0])
+    labels = model.config.tasks.emotion_labels
+    targets = torch.tensor([labels.index(u.emotion) for u in dev])
+    clean = label_scores(model, dev, progress=False)
+    drift = torch.cat([label_scores(model, drifted(dev, name), progress=False) for name in DRIFT])
+    expected = {"dev": fit_temperature(clean, targets),
+                "drift": fit_temperature(drift, targets.repeat(len(DRIFT))),
+                "dev+drift": fit_temperature(torch.cat([clean, drift]), targets.repeat(len(DRIFT) + 1))}
+    for fit_on, temperature in expected.items():
+        report = calibrate(model, dev, fit_on=fit_on, progress=False)
+        assert report["ser_temperature"] == pytest.approx(temperature, abs=1e-4)
+        assert model.config.calibration.ser_temperature == report["ser_temperature"]
+        assert report["n_fitted"] == len(dev) * {"dev": 1, "drift": len(DRIFT), "dev+drift": len(DRIFT) + 1}[fit_on]
+        assert report["after"]["nll"] <= report["before"]["nll"] + 1e-6
+    with pytest.raises(ValueError, match="fit_on must be dev, drift or dev\+drift, got 'test'"):
+        calibrate(model, dev, fit_on="test", progress=False)
 
 
 def test_the_nonspeech_set_is_seeded_and_holds_at_least_twenty_kinds():

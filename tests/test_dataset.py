@@ -99,7 +99,7 @@ def test_collate_pads_waveforms_and_features():
              {"id": "c", "task": "ser", "error": "bad file"}]
     batch = collate(feats)
     assert batch.task == "mixed" and batch.tasks == ["asr", "ser"] and batch.skipped == [("ser", "c")]
-    assert batch.hidden_states.shape == (3, 2, 4, 2) and batch.hidden_states.dtype == torch.float32
+    assert batch.hidden_states.shape == (3, 2, 4, 2) and batch.hidden_states.dtype == torch.float16
     assert batch.frame_lengths.tolist() == [4, 2] and batch.hidden_states[:, 1, 2:].abs().sum() == 0
     moved = batch.to("cpu")
     assert isinstance(moved, SpeechBatch) and moved.ids == ["a", "b"]
@@ -136,7 +136,7 @@ def test_loader_serves_cached_features_when_encoder_is_frozen(corpus, tmp_path):
     wave = torch.from_numpy(sf.read(first.audio, dtype="float32")[0])[None]
     expected = encoder(wave, torch.tensor([wave.shape[1]])).hidden_states[:, 0]
     n = int(batch.frame_lengths[0])
-    torch.testing.assert_close(batch.hidden_states[:, 0, :n], expected[:, :n], rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(batch.hidden_states[:, 0, :n].float(), expected[:, :n], rtol=1e-3, atol=1e-3)
 
 
 def test_workers_match_in_process_loading_and_resume_exactly(corpus):

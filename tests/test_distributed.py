@@ -88,6 +88,28 @@ def test_under_torchrun_on_cuda_each_rank_binds_nccl_and_its_gpu(monkeypatch):
     assert calls == [("init", "gloo", {})]
 
 
+def test_loader_workers_and_pinning_follow_the_device(monkeypatch, caplog):
+    from harmonifuse.training.hardware import loader_settings
+
+    gpu = torch.device("cuda", 0)
+    assert loader_settings("auto", "auto", CPU) == (0, False)  # workers would take the training's cores
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(32)))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert loader_settings("auto", "auto", gpu) == (3, True)  # 32 cores / 8 ranks, one kept for the loop
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert loader_settings("auto", "auto", gpu) == (4, True)  # at most 4
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    assert loader_settings("auto", False, gpu) == (0, False)  # one core for two ranks: none to spare
+    assert loader_settings(2, "auto", CPU) == (2, False)  # a number is taken as given
+    with caplog.at_level("WARNING"):
+        assert loader_settings(0, True, CPU) == (0, False)
+    assert "train.pin_memory: true has no effect on cpu" in caplog.text
+    for bad in (-1, "many", 1.5):
+        with pytest.raises(ConfigError, match=r"train.num_workers"):
+            from_dict(TrainConfig, {"num_workers": bad}, "train")
+    assert from_dict(TrainConfig, {"num_workers": 3, "pin_memory": True}, "train").num_workers == 3
+
+
 def test_device_is_honoured_end_to_end_on_the_tiny_model(tmp_path):
     config = write_tiny_run_config(tmp_path, train={"max_steps": 2, "eval_every": 2, "save_every": 2})
     run = tmp_path / "run"
@@ -117,16 +139,19 @@ def test_device_is_honoured_end_to_end_on_the_tiny_model(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_training_steps_and_analyze_on_a_gpu(tmp_path):
     """On a machine with CUDA: `auto` takes the GPU, training runs there (on two GPUs: nccl, one
-    each) and analyze answers from it. Skipped here (no GPU)."""
+    each, under ddp and fsdp) and analyze answers from it. Skipped here (no GPU)."""
     config = write_tiny_run_config(tmp_path, train={"max_steps": 4, "eval_every": 4, "save_every": 2})
-    launch = [*TORCHRUN, "2"] if torch.cuda.device_count() >= 2 else [sys.executable]
-    result = subprocess.run([*launch, "-m", "harmonifuse.cli", "train", str(config), "-q"], env=ENV,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    summaries = _summaries(result.stdout)
-    assert sorted(s["device"] for s in summaries) == [f"cuda:{i}" for i in range(len(summaries))]
-    assert all(s["steps"] == 4 and s["hardware"].startswith("cuda: ") for s in summaries)
-    result = _cli("analyze", "--model", str(tmp_path / "run" / "best"), "--device", "cuda", "--json", "-q",
+    several = torch.cuda.device_count() >= 2
+    launch = [*TORCHRUN, "2"] if several else [sys.executable]
+    for parallel in ("ddp", "fsdp") if several else ("ddp",):
+        result = subprocess.run([*launch, "-m", "harmonifuse.cli", "train", str(config), f"train.parallel={parallel}",
+                                 f"train.output_dir={tmp_path / parallel}", "-q"], env=ENV,
+                                capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        summaries = _summaries(result.stdout)
+        assert sorted(s["device"] for s in summaries) == [f"cuda:{i}" for i in range(len(summaries))]
+        assert all(s["steps"] == 4 and s["hardware"].startswith("cuda: ") for s in summaries)
+    result = _cli("analyze", "--model", str(tmp_path / "ddp" / "best"), "--device", "cuda", "--json", "-q",
                   str(tmp_path / "corpus" / "audio" / "asr_1.wav"))
     assert result.returncode == 0, result.stderr[-2000:]
     assert "transcript" in json.loads(result.stdout)
@@ -200,6 +225,30 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step_and_the_run_resu
     assert [(s["steps"], s["stop_reason"]) for s in _summaries(resumed.stdout)] == [(max_steps, "max_steps")] * 2
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["kind"] == "train"] == list(range(1, max_steps + 1))
+
+
+def test_a_job_over_nodes_whose_output_folder_is_not_shared_stops_at_once(tmp_path):
+    """Two 'nodes' of one rank each (LOCAL_WORLD_SIZE=1), each seeing its own disk under one path:
+    both ranks stop before any training, with the folder and the fix named."""
+    config = write_tiny_run_config(tmp_path, train={"max_steps": 2})
+    node_local = tmp_path / "launch_on_node_local_disks.py"  # what a node-local /scratch looks like
+    node_local.write_text(
+        "import os, sys\n"
+        "os.environ['LOCAL_WORLD_SIZE'] = '1'\n"
+        "from harmonifuse.cli import main\n"
+        f"sys.exit(main(['train', {str(config)!r},\n"
+        f"               'train.output_dir={tmp_path}/node' + os.environ['RANK'] + '/run', '-q']))\n")
+    result = subprocess.run([*TORCHRUN, "2", str(node_local)], env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0
+    assert "error: the output folder (train.output_dir)" in result.stderr
+    assert "is not shared between the nodes of this job: rank 1 cannot see the marker file" in result.stderr
+    assert "every node mounts at the same path" in result.stderr
+    assert not list(tmp_path.glob("node*/run/checkpoints"))  # nothing trained
+    # one node: no check, no marker left behind
+    result = subprocess.run([*TORCHRUN, "2", "-m", "harmonifuse.cli", "train", str(config), "data.batch_size=2",
+                             "-q"], env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not list((tmp_path / "run").glob(".harmonifuse-shared-*"))
 
 
 def test_a_time_budget_stops_every_rank_at_the_same_step(tmp_path):

@@ -167,3 +167,159 @@ def test_waveform_only_key_and_waveform_reuse(tmp_path, wav):
 def test_trainable_encoder_is_refused(tmp_path):
     with pytest.raises(ValueError, match="frozen"):
         FeatureCache(TinyEncoder(trainable=True), tmp_path)
+
+
+# -- shares: every process of a run builds its own part --------------------------------------------
+
+
+def test_shares_are_disjoint_cover_everything_and_keep_an_audio_file_in_one_share(tmp_path):
+    from harmonifuse.data.feature_cache import share_of
+
+    paths = [write_wav(tmp_path / f"{i}.wav", 0.3 + 0.1 * i, seed=i) for i in range(5)]
+    utterances = [utterance(p, 0.3 + 0.1 * i, i) for i, p in enumerate(paths)]
+    utterances += [utterance(paths[1], 0.4, 9), utterance(paths[3], 0.6, 8)]  # listed twice (dev, another task)
+    assert share_of(utterances, 0, 1) == utterances
+    for world in (2, 3, 8):
+        shares = [share_of(utterances, rank, world) for rank in range(world)]
+        audio = [{u.audio for u in share} for share in shares]
+        assert sum(len(a) for a in audio) == 5 and set().union(*audio) == set(paths)  # disjoint, covering
+        assert sorted(u.id for share in shares for u in share) == sorted(u.id for u in utterances)
+    with pytest.raises(ValueError, match="rank 2"):
+        share_of(utterances, 2, 2)
+
+    whole = FeatureCache(TinyEncoder(), tmp_path / "whole")
+    assert whole.build(utterances, batch_size=1, progress=False) == {"total": 5, "cached": 0, "computed": 5,
+                                                                     "failed": 0}
+    parts = FeatureCache(TinyEncoder(), tmp_path / "parts")
+    counts = [parts.build(utterances, batch_size=1, progress=False, rank=r, world_size=2) for r in range(2)]
+    assert [c["computed"] for c in counts] == [3, 2]
+    files = {p.relative_to(parts.folder): p.read_bytes() for p in parts.folder.rglob("*.npy")}
+    assert files == {p.relative_to(whole.folder): p.read_bytes() for p in whole.folder.rglob("*.npy")}
+    # duplicates count once, hits too (train and dev list the same files)
+    assert parts.build(utterances, progress=False) == {"total": 5, "cached": 5, "computed": 0, "failed": 0}
+
+
+def test_read_serves_the_memory_map_and_get_a_writable_copy(tmp_path, wav):
+    cache = FeatureCache(TinyEncoder(), tmp_path / "cache")
+    computed = cache.read(wav)  # a miss: the computed array
+    mapped = cache.read(wav)
+    assert isinstance(mapped, np.memmap) and not mapped.flags.writeable and mapped.dtype == np.float16
+    assert np.array_equal(mapped, computed)
+    copy = cache.get(wav)
+    assert copy.dtype == torch.float16 and torch.equal(copy, torch.from_numpy(computed))
+    copy += 1  # writable, and the file is untouched
+    assert np.array_equal(cache.read(wav), computed)
+
+
+# -- float16 batches: the model widens them, with the same results ---------------------------------
+
+
+def test_float16_batches_widen_exactly_and_give_the_models_float32_results(tmp_path):
+    from tiny import perturbed, tiny_harmonifuse
+
+    from harmonifuse.data.batch import collate, pad_hidden_states
+    from harmonifuse.data.dataset import SpeechTaskDataset
+
+    seconds = [0.5, 0.8, 0.3, 0.6]
+    utterances = [utterance(write_wav(tmp_path / f"{i}.wav", s, seed=i), s, i) for i, s in enumerate(seconds)]
+    model = tiny_harmonifuse(augment={"time_masks": 2, "channel_masks": 2, "channel_width": 4})
+    perturbed(model)
+    cache = FeatureCache(model.encoder, tmp_path / "cache")
+    cache.build(utterances, progress=False)
+    dataset = SpeechTaskDataset(utterances, "asr", cache=cache)
+    items = [dataset[i] for i in range(len(dataset))]
+    assert all(isinstance(item["hidden_states"], np.memmap) for item in items)  # hits: mapped, not copied
+    half = collate(items)
+    assert half.hidden_states.dtype == torch.float16  # half the host memory and host-to-device copy
+    # before: float32 batches (the float16 entries widened on the host); widening later is exact
+    full = collate(items)
+    full.hidden_states = pad_hidden_states([item["hidden_states"] for item in items], dtype=np.float32)[0]
+    assert full.hidden_states.dtype == torch.float32
+    assert torch.equal(half.hidden_states.float(), full.hidden_states)
+
+    def run(batch):
+        model.zero_grad()
+        torch.manual_seed(3)  # the same feature masks for both batches
+        model.train()
+        out = model(batch)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None and "fusion" in n}
+        model.eval()
+        with torch.no_grad():
+            loss = model(batch).loss
+            align = model.alignment_loss(batch).loss
+            analyzed = model.analyze_hidden(batch.hidden_states, batch.frame_lengths, tasks=("asr", "ser"))
+            ctc = model.ctc_transcribe_hidden(batch.hidden_states, batch.frame_lengths)
+            profiles = model.task_profiles(batch.hidden_states, batch.frame_lengths)
+        return out.loss, grads, loss, align, analyzed, ctc, profiles
+
+    a, b = run(half), run(full)
+    assert a[1] and a[1].keys() == b[1].keys()
+    torch.testing.assert_close(a[0], b[0], rtol=1e-5, atol=1e-6)  # training loss, with masking
+    for name in a[1]:  # the fusion's gradients: recomputed layer by layer in the backward pass
+        torch.testing.assert_close(a[1][name], b[1][name], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(a[2], b[2], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(a[3], b[3], rtol=1e-5, atol=1e-6)
+    assert [r["transcript"] for r in a[4]] == [r["transcript"] for r in b[4]] and a[5] == b[5]
+    for x, y in zip(a[4], b[4]):
+        assert x["emotion"] == y["emotion"]
+        assert x["emotion_probs"] == pytest.approx(y["emotion_probs"], abs=1e-5)
+    for task in a[6]:
+        assert a[6][task]["layer_weights"] == pytest.approx(b[6][task]["layer_weights"], abs=1e-6)
+        assert a[6][task]["gate"] == pytest.approx(b[6][task]["gate"], abs=1e-5)
+
+
+def test_fusion_of_float16_states_keeps_no_float32_copy_of_all_layers():
+    from harmonifuse.modules.fusion import build_fusion
+
+    torch.manual_seed(0)
+    fusion = build_fusion("prompt", 13, 64, 8, 2)
+    nn.init.normal_(fusion.weighting.proj.weight)
+    hidden = (torch.randn(13, 2, 50, 64) * 4).half()
+    prompt, tasks = torch.randn(2, 8), torch.tensor([0, 1])
+
+    def saved_for_backward(states):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            fused = fusion(states, prompt, tasks)
+        return fused, sum(t.numel() * t.element_size() for t in saved)
+
+    fused, kept = saved_for_backward(hidden)
+    assert fused.dtype == torch.float32
+    reference, kept_widened = saved_for_backward(hidden.float())
+    all_layers = hidden.numel() * 4
+    assert kept_widened >= all_layers  # autograd keeps the normalised float32 layers for alpha's gradient
+    assert kept < hidden.numel() * 2 + 4096  # the float16 input (the batch holds it anyway) and alpha
+    torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-5)
+    fused.square().sum().backward()
+    grad = fusion.weighting.proj.weight.grad.clone()
+    fusion.zero_grad()
+    reference.square().sum().backward()
+    expected = fusion.weighting.proj.weight.grad  # float32 sums over B x T x D products, in another order
+    torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
+
+
+# -- data.feature_cache: auto caches on the CPU only -------------------------------------------------
+
+
+def test_auto_caches_on_the_cpu_not_on_cuda_a_folder_always_off_never(tmp_path):
+    from harmonifuse.config import from_dict
+    from harmonifuse.config.run import DataConfig
+    from harmonifuse.training.loaders import feature_cache_for, uses_feature_cache
+
+    for device, auto in (("cpu", True), ("cuda", False), ("cuda:1", False)):
+        assert uses_feature_cache("auto", device) is auto
+        assert uses_feature_cache(str(tmp_path), device) is True
+        assert uses_feature_cache("off", device) is False
+
+    def cache(setting, device=None, encoder=None):
+        config = from_dict(DataConfig, {"feature_cache": setting}, "data")
+        return feature_cache_for(encoder or TinyEncoder(), config, device)
+
+    assert isinstance(cache("auto"), FeatureCache)  # default: where the encoder's parameters are (the CPU)
+    assert isinstance(cache("auto", "cpu"), FeatureCache)
+    assert cache("auto", "cuda") is None  # the frozen encoder runs in the forward pass
+    on_gpu = cache(str(tmp_path), "cuda")
+    assert on_gpu is not None and on_gpu.device == torch.device("cuda") and str(on_gpu.folder).startswith(str(tmp_path))
+    assert cache("off", "cpu") is None and cache("off", "cuda") is None
+    assert cache(str(tmp_path), "cpu", TinyEncoder(trainable=True)) is None

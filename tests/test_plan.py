@@ -62,8 +62,10 @@ def test_the_paper_recipe_plans_offline_and_the_memory_switches_lower_the_estima
     trained = make_plan(load_config(RunConfig, PAPER, ["model.encoder.trainable=true"]), gpus=8)
     assert plan.activations < whole.activations and plan.activations < kept.activations
     assert trained.params_trainable > plan.params_trainable + 300e6
-    cached = make_plan(load_config(RunConfig, PAPER, ["data.feature_cache=auto"]), gpus=8)
+    cached = make_plan(load_config(RunConfig, PAPER, ["data.feature_cache=/shared/features"]), gpus=8)
     assert cached.feature_cache is not None and "2.56 MB per audio second" in cached.feature_cache.note
+    auto = make_plan(load_config(RunConfig, PAPER, ["data.feature_cache=auto"]), gpus=8)
+    assert auto.feature_cache is None  # "auto" caches on a CPU only
 
 
 def test_plan_command_prints_the_figures_and_exits_4_when_it_does_not_fit(capsys):
@@ -98,3 +100,22 @@ def test_a_cpu_process_counts_itself_and_the_weights_as_the_trainer_stores_them(
     assert stored == 4 * embedding + 2 * (n_llm - embedding)
     with pytest.raises(PlanError, match="--gpus must be >= 0"):
         make_plan(load_config(RunConfig, path), gpus=-1)
+
+
+def test_fsdp_divides_the_llm_and_the_trained_state_by_the_gpus_and_adds_what_it_gathers():
+    ddp = make_plan(load_config(RunConfig, PAPER), gpus=8, gpu_memory_gb=80)
+    fsdp = make_plan(load_config(RunConfig, PAPER, ["train.parallel=fsdp"]), gpus=8, gpu_memory_gb=80)
+    a, b = ({line.name: line.bytes for line in plan.per_gpu} for plan in (ddp, fsdp))
+    llm = a["LLM weights (frozen)"]
+    assert b["LLM weights (frozen, FSDP shard)"] == pytest.approx(llm / 8)
+    # Qwen2.5-7B's root unit: two untied 152064 x 3584 tables (bf16) and the float32 HarmoniFuse parts
+    # (most of what is trained); and two of its 28 layers
+    layer = (7.616e9 - 2 * 152064 * 3584) / 28
+    assert b["gathered by FSDP during a step"] == pytest.approx(2 * (2 * 152064 * 3584 + 2 * layer)
+                                                                + 4 * fsdp.params_trainable, rel=0.02)
+    assert b["encoder weights (frozen)"] == a["encoder weights (frozen)"]  # a replica on every GPU
+    assert b["trained parameters, gradients, AdamW"] == pytest.approx(16 * fsdp.params_trainable / 8)
+    assert fsdp.activations == ddp.activations and fsdp.total < ddp.total - 9e9
+    # one GPU: nothing to shard over
+    one = make_plan(load_config(RunConfig, PAPER, ["train.parallel=fsdp"]), gpus=1)
+    assert "LLM weights (frozen)" in {line.name for line in one.per_gpu}

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
+from typing import Any, Literal, Union, get_args
 
 from harmonifuse.config.loading import _check
 from harmonifuse.config.model import ModelConfig
@@ -189,7 +189,10 @@ class DataConfig:
     limit: dict[str, int] = field(default_factory=dict)
     fraction: dict[str, float] = field(default_factory=dict)
     feature_cache: str = "auto"
-    """Folder of cached encoder features ("auto": <cache dir>/features; "off": recompute every step)."""
+    """Where a frozen encoder's hidden states are cached (float16, memory-mapped). "auto": on the CPU in
+    <cache dir>/features, on CUDA no cache (the frozen encoder runs in the forward pass); a folder: always
+    cached there; "off" (quoted): never. ``harmonifuse cache CONFIG`` builds it ahead of training, under
+    torchrun each process its share; a job on several nodes needs the folder on a shared filesystem."""
     bad_samples: Literal["skip", "fail"] = "skip"
     max_seconds: float = 30.0
     dev_limit: int = 200
@@ -283,12 +286,22 @@ class TrainConfig:
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     gradient_checkpointing: bool = False
     log_every: int = 10
-    num_workers: int = 0
+    num_workers: Union[int, Literal["auto"]] = "auto"
+    """Background processes loading each rank's batches. auto: none on the CPU (they would take
+    cores from the training itself), on CUDA up to 4 per rank from the node's cores."""
+    pin_memory: Union[bool, Literal["auto"]] = "auto"
+    """Page-locked batches, copied to the GPU without blocking. auto: on CUDA only."""
     threads: int = 0
     """torch intra-op threads (0: torch's default)."""
     device: str = "auto"
     """auto | cpu | cuda | cuda:N. auto: the GPU when CUDA is available (under torchrun each rank
     its own, cuda:$LOCAL_RANK), else the CPU. ``harmonifuse train --device`` overrides it."""
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    """How several processes (torchrun) share the model. ddp: a whole copy on each GPU. fsdp: FSDP2
+    shards the LLM (one unit per decoder layer, then the rest), its gradients and optimiser state over
+    the GPUs, for an LLM too large for one GPU; every rank takes part in dev evaluation. A frozen encoder
+    stays whole on each GPU. Checkpoints are the same either way (a run resumes under the other). Not with
+    model.projector.ctc_learn_scale (a scalar parameter, which FSDP2 cannot shard)."""
     init_from: str = ""
     """Warm start: a trained model folder (or "harmonifuse-demo", the shipped model) whose trained
     weights replace the fresh ones before the first step; its config must match ``model`` in every
@@ -307,6 +320,8 @@ class TrainConfig:
         _check(self.save_every >= 1, f"{prefix}.save_every", "must be >= 1")
         _check(self.keep_last >= 1, f"{prefix}.keep_last", "must be >= 1")
         _check(self.log_every >= 1, f"{prefix}.log_every", "must be >= 1")
+        _check(self.num_workers == "auto" or self.num_workers >= 0, f"{prefix}.num_workers",
+               f"must be auto or >= 0 (0: load in the training process), got {self.num_workers!r}")
         _check(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None, f"{prefix}.device",
                f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 
@@ -320,6 +335,9 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self, prefix: str) -> None:
+        _check(not (self.train.parallel == "fsdp" and self.model.projector.ctc_learn_scale),
+               "model.projector.ctc_learn_scale", "is true and train.parallel is fsdp: FSDP2 cannot shard the "
+               "learned scale (a scalar parameter); set model.projector.ctc_learn_scale: false or train.parallel: ddp")
         _check(self.train.max_steps > 0 or self.align.max_steps > 0, "train.max_steps",
                "is 0 and so is align.max_steps: nothing would train; set either above 0")
         _check(not (self.data.augment.enabled and not self.model.encoder.trainable

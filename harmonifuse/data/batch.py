@@ -28,8 +28,9 @@ class SpeechBatch:
         ids: utterance ids, length B.
         targets: the answer per item: transcript (asr) or emotion label word (ser).
         waveforms: (B, S) float32, zero padded; with ``wave_lengths`` (B,) int64.
-        hidden_states: (L+1, B, T, D) float32 (from the float16 cache), zero padded; with
-            ``frame_lengths`` (B,) int64.
+        hidden_states: (L+1, B, T, D) zero padded, float16 as the feature cache stores them (half
+            the host memory and host-to-device copy of float32; the model's fusion widens them on
+            its device, one layer at a time); with ``frame_lengths`` (B,) int64.
         skipped: ``(task, id)`` of bad samples dropped from this batch (bad-sample policy "skip").
         prompts: the training prompt per item, length B (see :mod:`harmonifuse.data.prompt_choice`);
             None: each task's ``model.tasks.prompts``.
@@ -78,15 +79,17 @@ def pad_waveforms(waveforms: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]
     return torch.from_numpy(out), torch.from_numpy(lengths)
 
 
-def pad_hidden_states(states: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(L+1, T_i, D)`` arrays or tensors -> (L+1, B, T, D) float32 zero padded, (B,) int64 lengths.
+def pad_hidden_states(states: Sequence[Any], dtype: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(L+1, T_i, D)`` arrays or tensors -> (L+1, B, T, D) zero padded, (B,) int64 lengths.
 
-    float16 cache entries are widened while being copied into the padded buffer (one copy).
+    ``dtype``: a numpy dtype for the batch; default the items' (float16 for cache entries, which
+    are copied once, straight from their memory maps into the padded buffer).
     """
     arrays = [_array(s) for s in states]
     lengths = np.array([a.shape[1] for a in arrays], dtype=np.int64)
     first = arrays[0]
-    out = np.zeros((first.shape[0], len(arrays), int(lengths.max()), first.shape[2]), dtype=np.float32)
+    dtype = np.result_type(*{a.dtype for a in arrays}) if dtype is None else np.dtype(dtype)
+    out = np.zeros((first.shape[0], len(arrays), int(lengths.max()), first.shape[2]), dtype=dtype)
     for i, a in enumerate(arrays):
         out[:, i, : a.shape[1]] = a
     return torch.from_numpy(out), torch.from_numpy(lengths)

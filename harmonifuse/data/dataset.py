@@ -84,13 +84,14 @@ class SpeechTaskDataset(Dataset):
         return getattr(self.utterances[index], self._label_field)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        """``{"id", "task", "target"}`` + ``"hidden_states"`` (L+1, T, D) float16 or ``"waveform"``
-        (S,) float32; or ``{"id", "task", "error"}`` for a skipped bad sample."""
+        """``{"id", "task", "target"}`` + ``"hidden_states"`` (L+1, T, D) float16 (a read-only numpy
+        memory map of the cache file; collate copies it) or ``"waveform"`` (S,) float32; or
+        ``{"id", "task", "error"}`` for a skipped bad sample."""
         utterance = self.utterances[index]
         item: dict[str, Any] = {"id": utterance.id, "task": self.task, "target": self.target(index)}
         try:
             if self.cache is not None:
-                item["hidden_states"] = self.cache.get(utterance)
+                item["hidden_states"] = self.cache.read(utterance)
             else:
                 item["waveform"] = load_audio(utterance.audio, sample_rate=self.sample_rate, **self.load_kwargs)
         except AudioError as error:

@@ -19,6 +19,12 @@ replacing the audio changes the key (a miss, then a recompute); the folder is ch
 Stale files are never read and can be deleted with the folder. Hashing a file is cheap next to
 decoding it; the key is memoised per (path, size, mtime) within a process.
 
+Building. :meth:`FeatureCache.build` computes what is missing in duration-sorted batches; under
+torchrun each rank builds its own share (:func:`share_of`: the distinct audio files, dealt out by
+index modulo the world size), so N processes build N disjoint parts of the same folder
+(``harmonifuse cache CONFIG``, and training when the cache is incomplete:
+:mod:`harmonifuse.training.feature_cache_build`).
+
 Writes are atomic (:mod:`harmonifuse.atomic`: a temp file in the same folder, then a rename), so concurrent workers
 and interrupted builds never leave a half-written file under a real key; a file that still
 fails to load, has the wrong shape or size (truncated), or whose bytes no longer match their
@@ -44,7 +50,7 @@ import torch
 from harmonifuse.atomic import atomic_write, atomic_write_text
 from harmonifuse.modules.encoders.base import SpeechEncoder
 
-__all__ = ["FeatureCache"]
+__all__ = ["FeatureCache", "share_of"]
 
 log = logging.getLogger(__name__)
 
@@ -155,25 +161,41 @@ class FeatureCache:
         Raises:
             AudioError: the audio file is missing, or (on a miss) cannot be loaded.
         """
+        array = self.read(source, waveform)
+        # a hit: a writable copy out of the memmap (which it closes); a miss: the computed array itself
+        return torch.from_numpy(np.array(array) if isinstance(array, np.memmap) else array)
+
+    def read(self, source: Source, waveform: np.ndarray | None = None) -> np.ndarray:
+        """:meth:`get` without the copy: the stored ``(L+1, T, D)`` float16 array memory-mapped
+        read-only (a hit, checksummed), or the freshly computed one (a miss, written first).
+
+        What the training batches read: :func:`~harmonifuse.data.batch.pad_hidden_states` copies it
+        straight from the page cache into the padded float16 batch, the only copy on the host.
+        """
         key = self.key(source, waveform)
         stored = self._read(self.path_for(key), verify=True)
         if stored is not None:
             self.hits += 1
-            return torch.from_numpy(np.array(stored))  # copy out of the memmap (writable, closes it)
+            return stored
         self.misses += 1
         if waveform is None:
             waveform = self._load(_audio_path(source))
         features = self.compute([waveform])[0]
         self._write(key, features)
-        return torch.from_numpy(features)
+        return features
 
     def build(self, utterances: Iterable[_HasAudio], batch_size: int = 8, progress: bool = True,
-              on_error: str = "fail") -> dict[str, int]:
+              on_error: str = "fail", *, rank: int = 0, world_size: int = 1,
+              hint: str | None = None) -> dict[str, int]:
         """Compute and store the features of every utterance not cached yet.
 
         Misses are sorted by duration and run in batches of ``batch_size`` similar lengths, so
         little compute goes to padding. With ``on_error="skip"`` unloadable audio is logged and
         counted instead of raised (the dataset's bad-sample policy meets it again later).
+
+        ``rank`` of ``world_size`` processes: only this process's share (:func:`share_of`); the
+        shares of all ranks are disjoint and cover every utterance. ``hint`` is logged (a warning)
+        when there is anything to compute.
 
         Returns:
             ``{"total", "cached", "computed", "failed"}`` counts (duplicate audio counts once).
@@ -184,16 +206,19 @@ class FeatureCache:
 
         policy = BadSamplePolicy(on_error)
         todo: dict[str, _HasAudio] = {}
+        seen: set[str] = set()
         total = cached = 0  # distinct audio (by key, plus files that cannot even be hashed)
-        for utterance in tqdm(list(utterances), desc="hashing audio", disable=not progress, leave=False):
+        for utterance in tqdm(share_of(list(utterances), rank, world_size), desc="hashing audio",
+                              disable=not progress, leave=False):
             try:
                 key = self.key(utterance)
             except AudioError as error:  # missing file: the policy decides
                 policy.handle(utterance.audio, error)
                 total += 1
                 continue
-            if key in todo:
+            if key in seen:
                 continue
+            seen.add(key)
             total += 1
             if self._read(self.path_for(key)) is not None:
                 cached += 1
@@ -201,6 +226,8 @@ class FeatureCache:
             else:
                 todo[key] = utterance
         ordered = sorted(todo.items(), key=lambda item: item[1].duration)
+        if ordered and hint:
+            log.warning("%s (%d to compute here)", hint, len(ordered))
         computed = 0
         with tqdm(total=len(ordered), desc=f"caching {self.encoder.identity}", unit="utt",
                   disable=not progress) as bar:
@@ -282,6 +309,23 @@ class FeatureCache:
                 "hidden_size": self.encoder.hidden_size, "frame_rate": self.encoder.frame_rate,
                 "sample_rate": self.sample_rate, "dtype": "float16"}
         atomic_write_text(meta, json.dumps(info, indent=2) + "\n")
+
+
+def share_of(utterances: Sequence[_HasAudio], rank: int, world_size: int) -> list[_HasAudio]:
+    """The utterances process ``rank`` of ``world_size`` caches: those whose audio file is at an index
+    ``rank`` modulo ``world_size`` among the distinct audio files, in order of first appearance.
+
+    Every process reads the same manifests, so the shares are disjoint and cover everything, and an
+    audio file listed twice (in train and dev, under two tasks) lands in one share. A process only
+    hashes its own share's files."""
+    if world_size <= 1:
+        return list(utterances)
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
+    index: dict[str, int] = {}
+    for utterance in utterances:
+        index.setdefault(utterance.audio, len(index))
+    return [u for u in utterances if index[u.audio] % world_size == rank]
 
 
 def _check_trailer(path: Path, array: np.memmap, verify: bool) -> str | None:

@@ -88,13 +88,60 @@ class LayerFusion(nn.Module):
         return torch.softmax(self.weighting(prompt, task_ids) / self.temperature, dim=-1)
 
     def forward(self, hidden_states: torch.Tensor, prompt: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
-        """hidden_states (L+1, B, T, D) -> fused (B, T, D)."""
+        """hidden_states (L+1, B, T, D) -> fused (B, T, D).
+
+        float16 / bfloat16 states (the feature cache's float16 batches) are widened to float32 here,
+        on their device, one layer at a time: the fused output is float32, and no float32 copy of
+        all L+1 layers is ever made (the backward pass widens each layer again)."""
         if hidden_states.shape[0] != self.num_states:
             raise ValueError(f"expected {self.num_states} hidden states, got {hidden_states.shape[0]}")
+        if hidden_states.dtype in (torch.float16, torch.bfloat16):
+            alpha = self.weights(prompt, task_ids).float()  # (B, L+1)
+            if not hidden_states.requires_grad:  # cached features: nothing flows back into them
+                return _FuseWidened.apply(hidden_states, alpha, self.layer_norm)
+            fused = None  # a low-precision encoder being trained: the same sum, differentiated by autograd
+            for layer in range(self.num_states):
+                term = _widen(hidden_states[layer], self.layer_norm) * alpha[:, layer, None, None]
+                fused = term if fused is None else fused + term
+            return fused
         if self.layer_norm:
             hidden_states = nn.functional.layer_norm(hidden_states, (self.hidden_size,))
         alpha = self.weights(prompt, task_ids).to(hidden_states.dtype)  # (B, L+1)
         return torch.einsum("lbtd,bl->btd", hidden_states, alpha)
+
+
+def _widen(state: torch.Tensor, layer_norm: bool) -> torch.Tensor:
+    """One layer's (B, T, D) low-precision state -> float32, layer-normalised (no affine) if asked."""
+    state = state.float()
+    return nn.functional.layer_norm(state, state.shape[-1:]) if layer_norm else state
+
+
+class _FuseWidened(torch.autograd.Function):
+    """sum_l alpha[:, l] * widen(H_l) over low-precision states that need no gradient.
+
+    Autograd would keep every widened layer for alpha's gradient (all L+1 layers in float32);
+    this keeps only the low-precision input, already in memory, and widens each layer again in
+    the backward pass: d loss / d alpha[b, l] = sum_{t,d} widen(H_l)[b, t, d] * grad[b, t, d]."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, alpha: torch.Tensor, layer_norm: bool) -> torch.Tensor:
+        ctx.save_for_backward(hidden)
+        ctx.layer_norm = layer_norm
+        fused = None
+        for layer in range(hidden.shape[0]):
+            term = _widen(hidden[layer], layer_norm).mul_(alpha[:, layer, None, None])
+            fused = term if fused is None else fused.add_(term)
+        return fused
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (hidden,) = ctx.saved_tensors
+        grad_alpha = None
+        if ctx.needs_input_grad[1]:
+            grad = grad.float()
+            grad_alpha = torch.stack([(_widen(hidden[layer], ctx.layer_norm) * grad).sum((1, 2))
+                                      for layer in range(hidden.shape[0])], dim=1)
+        return None, grad_alpha, None
 
 
 def build_fusion(mode: str, num_states: int, hidden_size: int, prompt_dim: int, num_tasks: int, *,

@@ -77,6 +77,27 @@ def init_distributed(device: torch.device | None = None) -> tuple[int, int]:
     return 0, 1
 
 
+def loader_settings(num_workers: int | str, pin_memory: bool | str, device: torch.device) -> tuple[int, bool]:
+    """(worker processes, pinned batches) for ``train.num_workers`` / ``train.pin_memory`` ("auto" or a value).
+
+    On the CPU, "auto" loads in the training process without pinning: a worker would take a core
+    from the matrix products. On CUDA the cores are free: up to 4 workers per rank (torchrun's
+    ``LOCAL_WORLD_SIZE`` ranks share the node's cores, one core each kept for the training loop),
+    and pinned batches so the host-to-GPU copy overlaps the previous step.
+    """
+    on_gpu = device.type == "cuda"
+    if num_workers == "auto":
+        if on_gpu:
+            ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+            num_workers = max(0, min(4, cores // ranks_here - 1))
+        else:
+            num_workers = 0
+    if pin_memory is True and not on_gpu:
+        log.warning("train.pin_memory: true has no effect on %s (pinning serves copies to a GPU)", device)
+    return int(num_workers), on_gpu and pin_memory in (True, "auto")
+
+
 def choose_precision(requested: str, device: torch.device) -> torch.dtype | None:
     """bf16 autocast where it measures faster than float32 (CUDA, CPUs with bf16 matrix units)."""
     if requested == "fp32":

@@ -6,6 +6,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from harmonifuse.assets import cache_dir
 from harmonifuse.atomic import leftovers
 from harmonifuse.config import ConfigError
@@ -94,11 +96,36 @@ def read_split(root: Path, split: dict[str, str], labels: list[str]) -> dict[str
     return out
 
 
-def feature_cache_for(encoder, config: DataConfig) -> FeatureCache | None:
-    if encoder.trainable or config.feature_cache == "off":
+def uses_feature_cache(setting: str, device: torch.device | str) -> bool:
+    """Whether ``data.feature_cache`` caches on ``device``: "auto" on the CPU only (on CUDA the frozen
+    encoder runs in the forward pass instead); a folder always; "off" never."""
+    if setting == "off":
+        return False
+    return setting != "auto" or torch.device(device).type == "cpu"
+
+
+def _encoder_device(encoder) -> torch.device:
+    parameters = getattr(encoder, "parameters", None)
+    first = next(parameters(), None) if parameters is not None else None
+    return first.device if first is not None else torch.device("cpu")
+
+
+def feature_cache_for(encoder, config: DataConfig, device: torch.device | str | None = None) -> FeatureCache | None:
+    """The feature cache of a frozen ``encoder`` running on ``device`` (default: where its parameters
+    are), or None: a trainable encoder, or ``data.feature_cache`` saying no (:func:`uses_feature_cache`)."""
+    device = torch.device(device) if device is not None else _encoder_device(encoder)
+    if encoder.trainable or not uses_feature_cache(config.feature_cache, device):
         return None
     root = cache_dir() / "features" if config.feature_cache == "auto" else Path(config.feature_cache)
-    return FeatureCache(encoder, root, load_kwargs={"max_seconds": config.max_seconds})
+    return FeatureCache(encoder, root, load_kwargs={"max_seconds": config.max_seconds}, device=device)
+
+
+def cached_utterances(config: DataConfig, train: dict[str, list[Utterance]],
+                      dev: dict[str, list[Utterance]]) -> list[Utterance]:
+    """What a run reads from the feature cache: every training utterance and the dev utterances
+    scored during training (``data.dev_limit`` per task, :func:`spread_sample`)."""
+    dev = {task: spread_sample(utts, config.dev_limit) for task, utts in dev.items()}
+    return [u for split in (train, dev) for utts in split.values() for u in utts]
 
 
 def build_wave_augment(config: WaveAugmentConfig, *, seed: int, babble: Sequence[str] = (),
@@ -145,11 +172,12 @@ def build_wave_augment(config: WaveAugmentConfig, *, seed: int, babble: Sequence
 
 
 def build_run_data(config: DataConfig, encoder, labels: list[str], *, seed: int, rank: int = 0,
-                   world_size: int = 1, progress: bool = True, num_workers: int = 0,
+                   world_size: int = 1, progress: bool = True, num_workers: int = 0, pin_memory: bool = False,
                    align_batch_size: int = 0, align_tasks: Sequence[str] = ("asr",)) -> RunData:
     """Manifests, feature cache and loaders; ``align_batch_size > 0`` adds the alignment stage's
     loader over ``align_tasks`` (interleaved by the main schedule when there are several)."""
-    if config.augment.enabled and not encoder.trainable and config.feature_cache != "off":
+    device = _encoder_device(encoder)  # the model is where training runs before this is called
+    if config.augment.enabled and not encoder.trainable and uses_feature_cache(config.feature_cache, device):
         raise ConfigError("config field 'data.augment': waveform augmentation is on, but the frozen encoder's "
                           "features are cached, so training batches hold no waveforms; set "
                           "model.encoder.trainable: true or data.feature_cache: \"off\" (quoted)")
@@ -158,15 +186,15 @@ def build_run_data(config: DataConfig, encoder, labels: list[str], *, seed: int,
     dev = read_split(root, config.dev, labels)
     test = read_split(root, config.test, labels)
     dev = {task: spread_sample(utts, config.dev_limit) for task, utts in dev.items()}
-    cache = feature_cache_for(encoder, config)
-    if cache is not None:
-        everything = [u for split in (train, dev) for utts in split.values() for u in utts]
-        if rank == 0:
-            cache.build(everything, progress=progress, on_error="skip")
-        if world_size > 1:  # the other ranks read what rank 0 computed
-            import torch.distributed as dist
+    cache = feature_cache_for(encoder, config, device)
+    if cache is not None:  # every rank its share, then all meet (a long wait: a gloo group of its own)
+        from harmonifuse.training.feature_cache_build import CACHE_FIRST_HINT, build_shared
 
-            dist.barrier()
+        everything = cached_utterances(config, train, dev)
+        summary = build_shared(cache, everything, rank=rank, world_size=world_size, progress=progress,
+                               hint=CACHE_FIRST_HINT)
+        if summary["overall"]["computed"] and rank == 0:
+            log.info("feature cache %s: %s", cache.folder, summary["overall"])
     datasets = {task: SpeechTaskDataset(utts, task, cache=cache, load_kwargs={"max_seconds": config.max_seconds},
                                         on_error=config.bad_samples) for task, utts in train.items()}
     babble = sorted({u.audio for utts in train.values() for u in utts})
@@ -183,6 +211,7 @@ def build_run_data(config: DataConfig, encoder, labels: list[str], *, seed: int,
             pool_size=config.pool_size or None, rank=rank, world_size=world_size,
             limit=limit or None, fraction=fraction or None)
         return MultiTaskLoader({task: datasets[task] for task in tasks}, sampler, num_workers=num_workers,
+                               pin_memory=pin_memory,
                                augment=augment if stage in config.augment.stages else None, stage=stage)
 
     loader = loader_for(list(datasets), config.batch_size, {"name": config.schedule, **config.schedule_options},

@@ -11,9 +11,10 @@ import torch
 
 from harmonifuse.config import load_config
 from harmonifuse.config.run import RunConfig
-from harmonifuse.training.hardware import choose_device, env_local_rank, init_distributed
+from harmonifuse.training.hardware import choose_device, env_local_rank, init_distributed, loader_settings
 from harmonifuse.training.loaders import build_run_data
 from harmonifuse.training.lock import output_dir_lock
+from harmonifuse.training.shared_folders import check_shared_folder
 from harmonifuse.training.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,8 @@ def train(config: RunConfig, *, resume: bool = False, progress: bool = True, mod
     where = choose_device(config.train.device, env_local_rank(),
                           option="--device" if device is not None else "train.device")
     rank, world_size = init_distributed(where)
+    # several nodes: every rank reads rank 0's checkpoints on resume, so they must all see one folder
+    check_shared_folder(config.train.output_dir, "the output folder (train.output_dir)")
     # rank 0 alone: the other ranks of a DDP run share its folder (and write nothing into it)
     with output_dir_lock(config.train.output_dir) if rank == 0 else contextlib.nullcontext():
         return _train(config, rank, world_size, where, resume=resume, progress=progress, model=model)
@@ -64,9 +67,10 @@ def _train(config: RunConfig, rank: int, world_size: int, device: torch.device, 
         folder = find_model_folder(config.train.init_from)
         model.load_trained(folder / WEIGHTS_NAME)  # a checkpoint of this run (--resume) replaces them below
         log.info("warm start from %s", folder)
+    num_workers, pin_memory = loader_settings(config.train.num_workers, config.train.pin_memory, device)
     data = build_run_data(config.data, model.encoder, config.model.tasks.emotion_labels, seed=config.train.seed,
                           rank=rank, world_size=world_size, progress=progress,
-                          num_workers=config.train.num_workers,
+                          num_workers=num_workers, pin_memory=pin_memory,
                           align_batch_size=config.align.batch_size if config.align.max_steps else 0,
                           align_tasks=config.model.projector.ctc_tasks)
     trainer = Trainer(config, model, data, rank=rank, world_size=world_size, progress=progress)

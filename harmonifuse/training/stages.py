@@ -31,7 +31,8 @@ class Stage:
     """What ``max_minutes`` counts: this stage's own minutes, or the whole run's (every stage)."""
     eval_every: int
     evaluate: Callable[[], bool]
-    """Scores dev on rank 0 and logs it; returns True to stop early (every rank sees the same answer)."""
+    """Scores dev on rank 0 (every rank under fsdp) and logs it; returns True to stop early (every rank
+    sees the same answer)."""
     grad_accum: int = 1
     step: int = 0
     seconds: float = 0.0
@@ -41,11 +42,12 @@ class Stage:
     def log_kind(self) -> str:
         return "train" if self.name == "main" else self.name
 
-    def loop_state(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+    def loop_state(self, parallel, model) -> dict[str, Any]:
+        """Optimiser (full tensors, through ``parallel``: a collective under fsdp), scheduler and loader states."""
+        return {"optimizer": parallel.optimizer_state(model, self.optimizer), "scheduler": self.scheduler.state_dict(),
                 "loader": self.loader.state_dict()}
 
-    def load_loop_state(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+    def load_loop_state(self, state: dict[str, Any], parallel, model) -> None:
+        parallel.load_optimizer_state(model, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.loader.load_state_dict(state["loader"])

@@ -1,4 +1,5 @@
-"""Batch-interleaved multi-task training, single process or DistributedDataParallel (torchrun).
+"""Batch-interleaved multi-task training, single process or several under torchrun (DDP, or FSDP:
+``train.parallel``, training/sharding.py).
 
 One loop runs the stages in turn (``stages.Stage``: the alignment stage, then the main stage).
 Every step takes one batch of one task (or a mixed batch for the ablation); all ranks take the
@@ -32,6 +33,7 @@ from harmonifuse.training.hardware import choose_precision, describe_hardware
 from harmonifuse.training.loaders import RunData
 from harmonifuse.training.logger import RunLogger
 from harmonifuse.training.optim import lr_lambda, parameter_groups
+from harmonifuse.training.sharding import Parallel, make_parallel
 from harmonifuse.training.stages import Stage
 
 log = logging.getLogger(__name__)
@@ -41,7 +43,7 @@ class Trainer:
     """``fit()`` trains ``model`` on ``data`` as ``config`` says; ``resume()`` first continues a checkpoint."""
 
     def __init__(self, config: RunConfig, model, data: RunData, *, rank: int = 0, world_size: int = 1,
-                 progress: bool = True) -> None:
+                 progress: bool = True, parallel: Parallel | None = None) -> None:
         self.config, self.model, self.data = config, model, data
         self.rank, self.world_size = rank, world_size
         self.is_main = rank == 0
@@ -50,8 +52,8 @@ class Trainer:
         self.device = model.llm.device  # where training/run.py put the model; every collective's tensors live here
         self._setup_memory()
         self._setup_precision()
+        self.module = self._setup_parallel(parallel)  # before the optimisers: FSDP replaces the parameters
         self.stages = self._setup_stages()
-        self.module = self._setup_ddp()
         self._setup_bookkeeping()
 
     # -- setup --------------------------------------------------------------------------------------
@@ -83,15 +85,15 @@ class Trainer:
                             grad_accum=c.optim.grad_accum))
         return stages
 
-    def _setup_ddp(self):
-        """The model itself, or (several processes) one DDP wrapper that every stage's steps go through."""
-        if self.world_size == 1:
-            return self.model
-        from torch.nn.parallel import DistributedDataParallel
-
-        # the alignment stage leaves the LoRA adapters out of its graph: DDP must expect unused parameters then
-        device_ids = [self.device.index] if self.device.type == "cuda" else None  # None: the CPU
-        return DistributedDataParallel(self.model, device_ids=device_ids, find_unused_parameters=len(self.stages) > 1)
+    def _setup_parallel(self, parallel: Parallel | None):
+        """What every stage's steps go through: the model itself, or (several processes) its DDP or FSDP
+        wrapping by ``parallel``, by default the strategy ``train.parallel`` names (training/sharding.py)."""
+        # the alignment stage leaves the LoRA adapters out of its graph, and HarmoniFuse never reads a trained
+        # encoder's final layer norm: DDP must expect unused parameters then
+        unused = self.config.align.max_steps > 0 or self.config.model.encoder.trainable
+        self.parallel = parallel or make_parallel(self.config.train.parallel, self.world_size, self.device,
+                                                  unused_parameters=unused)
+        return self.parallel.wrap(self.model)
 
     def _setup_bookkeeping(self) -> None:
         tc, tasks = self.config.train, self.config.model.tasks
@@ -133,18 +135,20 @@ class Trainer:
         main = self.main_stage
         state = {"step": main.step, "train_seconds": main.seconds, "best_metric": self.best_metric,
                  "best_step": self.best_step, "evals_since_best": self.evals_since_best,
-                 **main.loop_state(), "rng": rng_state()}
+                 **main.loop_state(self.parallel, self.model), "rng": rng_state()}
         align = self.align_stage
         if align is not None:
-            state["align"] = {"step": align.step, "seconds": align.seconds, "done": align.done, **align.loop_state()}
+            state["align"] = {"step": align.step, "seconds": align.seconds, "done": align.done,
+                              **align.loop_state(self.parallel, self.model)}
         return state
 
     def save_checkpoint(self, *, force: bool = False) -> None:
         """Checkpoint every stage's state (once per step, unless ``force``: a stage just ended)."""
         if self._saved_at == self.total_steps and not force:
             return
+        trained, state = self.parallel.trained_state(self.model), self.state()  # under fsdp: gathered by all ranks
         if self.is_main:
-            self.checkpoints.save(self.total_steps, self.model.trained_state_dict(), self.state())
+            self.checkpoints.save(self.total_steps, trained, state)
         if self.world_size > 1:
             dist.barrier()
         self._saved_at = self.total_steps
@@ -161,19 +165,16 @@ class Trainer:
             raise ValueError(f"{latest} was written {'with' if align_state else 'without'} an alignment stage and "
                              f"this config has {'none' if align_state else 'one'} (align.max_steps); resume with "
                              f"the run's own config ({self.output_dir / 'config.yaml'})")
-        own = dict(self.model.named_parameters())
-        with torch.no_grad():
-            for name, tensor in trained.items():
-                own[name].copy_(tensor)
+        self.parallel.load_trained(self.model, trained)
         main = self.main_stage
-        main.load_loop_state(state)
+        main.load_loop_state(state, self.parallel, self.model)
         main.step, main.seconds = state["step"], state["train_seconds"]
         set_rng_state(state["rng"])
         self.best_metric, self.best_step = state["best_metric"], state["best_step"]
         self.evals_since_best = state["evals_since_best"]
         if align_state is not None:
             align = self.align_stage
-            align.load_loop_state(align_state)
+            align.load_loop_state(align_state, self.parallel, self.model)
             align.step, align.seconds, align.done = align_state["step"], align_state["seconds"], align_state["done"]
         self._saved_at = self.total_steps
         # what the killed run logged after this checkpoint is done again: log it once, as a run never killed would
@@ -215,9 +216,7 @@ class Trainer:
             return
         if stage.objective == "answer":
             dist.all_reduce(torch.zeros(1, device=self.device))  # matches the token count all-reduce of the other ranks
-        zero = sum(p.sum() for p in self.model.parameters() if p.requires_grad) * 0.0
-        with contextlib.nullcontext() if sync else self.module.no_sync():
-            zero.backward()
+        self.parallel.zero_backward(self.model, self.module, sync)
 
     def _optimizer_step(self, stage: Stage, record: dict) -> None:
         """Clip the gradients of the stage's parameters (norm into the log record), step, schedule."""
@@ -281,13 +280,16 @@ class Trainer:
                 stage.optimizer.zero_grad(set_to_none=True)
                 items, record = 0, {}
                 for micro in range(stage.grad_accum):
-                    batch = self.prompt_choice(next(batches).to(self.device), stage=stage.name, step=stage.step)
+                    # pinned batches copy without blocking: the copy overlaps what the GPU still runs
+                    batch = next(batches).to(self.device, non_blocking=stage.loader.pin_memory)
+                    batch = self.prompt_choice(batch, stage=stage.name, step=stage.step)
                     items += len(batch)
                     sync = self.world_size == 1 or micro == stage.grad_accum - 1
                     if len(batch) == 0:  # every sample was bad; under DDP this rank must still join in
                         self._empty_step(stage, sync)
                         continue
-                    with (contextlib.nullcontext() if sync else self.module.no_sync()), self._autocast():
+                    accumulate = contextlib.nullcontext() if sync else self.parallel.no_sync(self.module)
+                    with accumulate, self._autocast():
                         out = self.module(batch, objective=stage.objective)
                         loss = self._global_token_mean(out, stage) / stage.grad_accum
                     loss.backward()
@@ -340,7 +342,7 @@ class Trainer:
         for s, handler in previous_handlers.items():
             signal.signal(s, handler)
         self.save_checkpoint()  # never lose the last steps, whatever stopped the run
-        if self.best_step < 0 and self.is_main:
+        if self.best_step < 0:  # the same on every rank (evaluate_dev broadcasts it)
             self.export(self.output_dir / "best")
         align = self.align_stage
         summary = {"steps": self.step, "minutes": self.total_seconds / 60, "stop_reason": stop_reason,
@@ -358,29 +360,36 @@ class Trainer:
 
     def evaluate_align(self) -> bool:
         """The projector's greedy-CTC WER and CTC label-scoring UA on the dev subsets of the
-        alignment stage's tasks (rank 0; no LLM pass). Never stops early: returns False."""
+        alignment stage's tasks (rank 0, or every rank in step under fsdp; no LLM pass). Never stops
+        early: returns False."""
         tasks = [t for t in self.config.model.projector.ctc_tasks if self.data.dev.get(t)]
-        if not self.is_main or not tasks:
+        if not (self.is_main or self.parallel.evaluates_on_every_rank) or not tasks:
             return False
-        with self._autocast():
+        with self.parallel.evaluation(self.model), self._autocast():
             metrics = evaluate_ctc(self.model, {t: self.data.dev[t] for t in tasks},
                                    batch_size=self.config.align.batch_size, cache=self.data.cache,
                                    progress=self.progress)["metrics"]
         self.logger.write({"kind": "align_dev", "step": self.align_stage.step, "minutes": self.total_seconds / 60,
                            **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}})
-        tqdm.write(f"align step {self.align_stage.step}: CTC " + ", ".join(
-            f"{k} {metrics[k]:.4f}" for k in ("wer", "cer", "ua") if k in metrics))
+        if self.is_main:
+            tqdm.write(f"align step {self.align_stage.step}: CTC " + ", ".join(
+                f"{k} {metrics[k]:.4f}" for k in ("wer", "cer", "ua") if k in metrics))
         return False
 
     def export(self, directory: Path) -> None:
-        self.model.save_pretrained(directory)
+        """Write the model folder on rank 0; every rank calls it (under fsdp the weights are gathered)."""
+        trained = self.parallel.trained_state(self.model)
+        if self.is_main:
+            self.model.save_pretrained(directory, trained=trained)
 
     def evaluate_dev(self) -> bool:
-        """Score the dev subset on rank 0, export the best model; True when early stopping triggers."""
+        """Score the dev subset on rank 0 (every rank in step under fsdp: a sharded model's forward is a
+        collective; all score the same data, rank 0's verdict counts), export the best model; True when
+        early stopping triggers."""
         tc = self.config.train
-        stop = torch.zeros(1, device=self.device)
-        if self.is_main and self.data.dev:
-            with self._autocast():
+        verdict = torch.zeros(3, dtype=torch.float64, device=self.device)  # rank 0's: (improved, stop, value)
+        if (self.is_main or self.parallel.evaluates_on_every_rank) and self.data.dev:
+            with self.parallel.evaluation(self.model), self._autocast():
                 result = evaluate(self.model, self.data.dev, batch_size=self.config.data.batch_size,
                                   cache=self.data.cache, progress=self.progress)
             metrics = result["metrics"]
@@ -393,15 +402,17 @@ class Trainer:
             value = metrics[tc.metric] if tc.metric != "wer" else -metrics["wer"]
             self.logger.write({"kind": "dev", "step": self.step, "minutes": self.total_seconds / 60,
                                **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}})
-            tqdm.write(f"step {self.step}: " + ", ".join(f"{k} {metrics[k]:.4f}" for k in ("wer", "cer", "wa", "ua")
-                                                          if k in metrics))
-            if value > self.best_metric:
-                self.best_metric, self.best_step, self.evals_since_best = value, self.step, 0
-                self.export(self.output_dir / "best")
-            else:
-                self.evals_since_best += 1
-            if tc.early_stop_patience and self.evals_since_best >= tc.early_stop_patience:
-                stop[0] = 1
+            if self.is_main:
+                tqdm.write(f"step {self.step}: " + ", ".join(f"{k} {metrics[k]:.4f}"
+                                                            for k in ("wer", "cer", "wa", "ua") if k in metrics))
+                improved = value > self.best_metric
+                self.evals_since_best = 0 if improved else self.evals_since_best + 1
+                stop = bool(tc.early_stop_patience) and self.evals_since_best >= tc.early_stop_patience
+                verdict = torch.tensor([improved, stop, value], dtype=torch.float64, device=self.device)
         if self.world_size > 1:
-            dist.broadcast(stop, 0)
-        return bool(stop[0])
+            dist.broadcast(verdict, 0)
+        improved, stop, value = verdict.tolist()
+        if improved:  # on every rank: under fsdp the export gathers the weights, and _finish reads best_step
+            self.best_metric, self.best_step = value, self.step
+            self.export(self.output_dir / "best")
+        return bool(stop)
