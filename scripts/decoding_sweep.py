@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
 def _report(done: dict, out: Path) -> None:
     import matplotlib
 
-    from harmonifuse.atomic import atomic_write_text
+    from harmonifuse.atomic import atomic_write, atomic_write_text
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -130,7 +130,7 @@ def _report(done: dict, out: Path) -> None:
     ax.set_ylabel("WER")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "wer_by_ctc_weight.png", dpi=120)
+    atomic_write(out / "wer_by_ctc_weight.png", lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     print((out / "table.md").read_text())
 
 

@@ -338,6 +338,23 @@ def test_the_lock_is_held_only_while_training(tmp_path):
         pass
 
 
+def test_a_fresh_run_into_a_folder_holding_a_run_refuses_and_keeps_it(tmp_path, capsys):
+    config = write_tiny_run_config(tmp_path, train={"max_steps": 4, "save_every": 2, "eval_every": 2})
+    run = tmp_path / "run"
+    assert cli.main(["train", str(config), "-q"]) == 0
+    kept = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".train.lock"}
+    assert (run / "best" / "trained.safetensors") in kept and (run / "checkpoints" / "step_0000004" / "done.json") in kept
+    capsys.readouterr()  # the first run's progress bars
+    assert cli.main(["train", str(config), "train.max_steps=2", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: train.output_dir {run} already holds a run (checkpoints up to step_0000004, "
+                          "a best model (best/)); continue it with --resume, set another train.output_dir")
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".train.lock"} == kept
+    # --resume continues it; another folder starts afresh
+    assert cli.main(["train", str(config), "train.max_steps=6", "--resume", "-q"]) == 0
+    assert cli.main(["train", str(config), f"train.output_dir={tmp_path / 'other'}", "-q"]) == 0
+
+
 def test_a_resumed_run_cuts_its_log_back_to_the_checkpoint(tmp_path):
     """What a killed run logged after its checkpoint (and a line cut off mid-write) is dropped, so the
     resumed run logs every step once, as a run never killed does."""

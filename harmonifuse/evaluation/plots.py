@@ -11,6 +11,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from harmonifuse.atomic import atomic_write  # noqa: E402
+
 
 def plot_confusion(confusion: Sequence[Sequence[int]], labels: Sequence[str], path: Path, title: str = "") -> Path:
     matrix = np.asarray(confusion, dtype=float)
@@ -28,7 +30,7 @@ def plot_confusion(confusion: Sequence[Sequence[int]], labels: Sequence[str], pa
     ax.set_ylabel("reference")
     ax.set_title(title or "SER confusion (counts; colour = row share)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))  # never a half-drawn PNG
     plt.close(fig)
     return path
 
@@ -63,7 +65,7 @@ def plot_task_profiles(profiles: Mapping[str, Mapping[str, Sequence[float]]], pa
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))  # never a half-drawn PNG
     plt.close(fig)
     return path
 
@@ -111,6 +113,6 @@ def plot_training_curves(log_file: Path, path: Path) -> Path | None:
     axes[1].legend()
     axes[1].set_title("dev metrics")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))  # never a half-drawn PNG
     plt.close(fig)
     return path

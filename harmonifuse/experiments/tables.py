@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from harmonifuse.atomic import atomic_write_text  # noqa: E402
+from harmonifuse.atomic import atomic_write, atomic_write_text  # noqa: E402
 from harmonifuse.evaluation.metrics import mean_std  # noqa: E402
 from harmonifuse.experiments.spec import ExperimentSpec, run_result_path  # noqa: E402
 
@@ -133,7 +133,7 @@ def plot_metrics(spec: ExperimentSpec, results: dict[str, list[dict]], path: Pat
         fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=len(handles), fontsize=9)
     fig.suptitle(f"{spec.name}: mean over seeds (bars) and each seed (dots)")
     fig.tight_layout(rect=(0, 0.07 if handles else 0, 1, 1))
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))  # never a half-drawn PNG
     plt.close(fig)
     return path
 
@@ -165,7 +165,7 @@ def plot_layer_weights(spec: ExperimentSpec, results: dict[str, list[dict]], pat
     fig.supxlabel("encoder hidden state")
     fig.supylabel("fusion weight")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))  # never a half-drawn PNG
     plt.close(fig)
     return path
 

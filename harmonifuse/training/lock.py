@@ -30,6 +30,28 @@ class RunLockedError(ConfigError):
     """Another process is training into the same output folder."""
 
 
+class RunExistsError(ConfigError):
+    """A fresh run (no --resume) into a folder that already holds another run's work."""
+
+
+def refuse_to_overwrite(output_dir: str | os.PathLike) -> None:
+    """Raise RunExistsError when ``output_dir`` holds a finished checkpoint or a best model.
+
+    A fresh run there would replace the best model at its first evaluation and, its step numbers
+    being lower, have its own new checkpoints pruned as the oldest while the old run's stayed the
+    "latest" that a later ``--resume`` would pick.
+    """
+    folder = Path(output_dir)
+    steps = sorted(p.name for p in (folder / "checkpoints").glob("step_*") if (p / "done.json").is_file())
+    best = (folder / "best" / "config.yaml").is_file()
+    if steps or best:
+        held = ", ".join(filter(None, [f"checkpoints up to {steps[-1]}" if steps else "",
+                                       "a best model (best/)" if best else ""]))
+        raise RunExistsError(f"train.output_dir {folder} already holds a run ({held}); continue it with "
+                             f"--resume, set another train.output_dir, or move the folder away first: a fresh run "
+                             f"would overwrite its best model and mix its checkpoints with this one's")
+
+
 @contextmanager
 def output_dir_lock(output_dir: str | os.PathLike) -> Iterator[Path]:
     """Hold the output folder's training lock for the ``with`` block, or raise RunLockedError."""

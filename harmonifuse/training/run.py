@@ -13,7 +13,7 @@ from harmonifuse.config import load_config
 from harmonifuse.config.run import RunConfig
 from harmonifuse.training.hardware import choose_device, env_local_rank, init_distributed, loader_settings
 from harmonifuse.training.loaders import build_run_data
-from harmonifuse.training.lock import output_dir_lock
+from harmonifuse.training.lock import output_dir_lock, refuse_to_overwrite
 from harmonifuse.training.shared_folders import check_shared_folder
 from harmonifuse.training.trainer import Trainer
 
@@ -39,6 +39,7 @@ def train(config: RunConfig, *, resume: bool = False, progress: bool = True, mod
     Raises:
         DeviceError: the device cannot be used (CUDA asked for where there is none, ...).
         RunLockedError: another process is training into ``train.output_dir``.
+        RunExistsError: without ``resume``, ``train.output_dir`` already holds a run.
     """
     if device is not None:
         config = dataclasses.replace(config, train=dataclasses.replace(config.train, device=device))
@@ -47,6 +48,8 @@ def train(config: RunConfig, *, resume: bool = False, progress: bool = True, mod
     rank, world_size = init_distributed(where)
     # several nodes: every rank reads rank 0's checkpoints on resume, so they must all see one folder
     check_shared_folder(config.train.output_dir, "the output folder (train.output_dir)")
+    if not resume:  # every rank, on the folder they share: all refuse together
+        refuse_to_overwrite(config.train.output_dir)
     # rank 0 alone: the other ranks of a DDP run share its folder (and write nothing into it)
     with output_dir_lock(config.train.output_dir) if rank == 0 else contextlib.nullcontext():
         return _train(config, rank, world_size, where, resume=resume, progress=progress, model=model)
