@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 from harmonifuse.data.manifest import read_manifest
-from harmonifuse.evaluation.calibration import DRIFT, calibration_report, drifted, fit_temperature, label_scores
+from harmonifuse.evaluation.calibration import (DRIFT, calibration_report, drifted, fit_temperature, label_scores,
+                                                load_clips)
 from harmonifuse.evaluation.metrics import ser_metrics
 from harmonifuse.model import HarmoniFuse
 from harmonifuse.pretrained import find_model_folder
@@ -47,9 +48,12 @@ def main(argv=None) -> int:
     test = read_manifest(corpus / "ser_test.jsonl", labels=labels)
     stored = out / "label_scores.pt"
     scores = torch.load(stored, weights_only=True) if stored.exists() else {}
+    waves = None  # dev's audio, read once for every perturbation
     for name in ["dev", *DRIFT, "test"]:
         if name not in scores:
-            utts = test if name == "test" else dev if name == "dev" else drifted(dev, name)
+            if name in DRIFT and waves is None:
+                waves = load_clips(dev)
+            utts = test if name == "test" else dev if name == "dev" else drifted(dev, name, waves=waves)
             scores[name] = label_scores(model, utts)
             torch.save(scores, stored)  # a killed run keeps what it scored
     dev_targets = torch.tensor([labels.index(u.emotion) for u in dev])

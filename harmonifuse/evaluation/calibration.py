@@ -44,14 +44,22 @@ DRIFT: dict[str, aug.Transform] = {
 }
 
 
-def drifted(utterances: Sequence[Utterance], name: str, *, seed: int = 0) -> list[Utterance]:
-    """The utterances with their audio, in memory, passed through ``DRIFT[name]``; the draws are
-    seeded per (seed, perturbation, clip), so a refit gives the same copies."""
+def load_clips(utterances: Sequence[Utterance]) -> list[np.ndarray]:
+    """The utterances' (S_i,) 16 kHz waveforms, read once for every perturbation of :func:`drifted`."""
     from harmonifuse.audio import SAMPLE_RATE, load_audio
 
+    return [load_audio(u.audio, sample_rate=SAMPLE_RATE) for u in utterances]
+
+
+def drifted(utterances: Sequence[Utterance], name: str, *, seed: int = 0,
+            waves: Sequence[np.ndarray] | None = None) -> list[Utterance]:
+    """The utterances with their audio, in memory, passed through ``DRIFT[name]``; the draws are
+    seeded per (seed, perturbation, clip), so a refit gives the same copies. ``waves``: their audio
+    from :func:`load_clips`, when the caller perturbs the same clips several ways (else read here)."""
+    from harmonifuse.audio import SAMPLE_RATE
+
     transform, out = DRIFT[name], []
-    for i, u in enumerate(utterances):
-        wave = load_audio(u.audio, sample_rate=SAMPLE_RATE)
+    for i, (u, wave) in enumerate(zip(utterances, waves if waves is not None else load_clips(utterances))):
         rng = np.random.default_rng([seed, zlib.crc32(name.encode()), i])
         wave = np.clip(transform(wave, rng), -1.0, 1.0).astype(np.float32)
         out.append(dataclasses.replace(u, id=f"{u.id}@{name}", audio=(wave, SAMPLE_RATE),
@@ -120,9 +128,10 @@ def calibrate(model, utterances: Sequence[Utterance], *, fit_on: FitOn = "dev", 
     clean = label_scores(model, utterances, batch_size=batch_size, cache=cache, progress=progress)
     parts = [clean] if fit_on != "drift" else []
     if fit_on != "dev":
+        waves = load_clips(utterances)
         for name in DRIFT:
-            parts.append(label_scores(model, drifted(utterances, name, seed=seed), batch_size=batch_size,
-                                      progress=progress))
+            parts.append(label_scores(model, drifted(utterances, name, seed=seed, waves=waves),
+                                      batch_size=batch_size, progress=progress))
     scores, fit_targets = torch.cat(parts), targets.repeat(len(parts))
     temperature = fit_temperature(scores, fit_targets)
     model.config.calibration.ser_temperature = round(temperature, 4)
