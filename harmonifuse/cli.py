@@ -291,6 +291,21 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_average(args: argparse.Namespace) -> int:
+    from harmonifuse.training.averaging import average_models
+
+    weights = None
+    if args.weights:
+        try:
+            weights = [float(w) for w in args.weights.split(",")]
+        except ValueError:
+            raise ConfigError(f"--weights {args.weights!r}: give comma separated numbers, e.g. 0.5,0.5") from None
+    out = average_models(args.models, args.out, weights)
+    print(f"averaged model written to {out}; its emotion temperature is 1 (uncalibrated): run "
+          f"`harmonifuse calibrate --model {out} --manifest DEV.jsonl`")
+    return 0
+
+
 def cmd_experiment(args: argparse.Namespace) -> int:
     from harmonifuse.experiments.runner import ExperimentInterrupted, ExperimentRunner
     from harmonifuse.experiments.spec import load_experiment
@@ -339,6 +354,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "evaluate": cmd_evaluate,
     "experiment": cmd_experiment,
     "calibrate": cmd_calibrate,
+    "average": cmd_average,
     "serve": cmd_serve,
     "plan": cmd_plan,
 }
@@ -422,6 +438,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "codecs, speed: for audio less like dev), or on both")
     p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("average", help="one model whose trained weights are the mean of several models' "
+                                        "(a model soup of fine-tunes from one start)")
+    p.add_argument("models", nargs="+", help="model folders (two or more) of one architecture")
+    p.add_argument("--out", required=True, help="new folder for the averaged model (never overwritten)")
+    p.add_argument("--weights", help="comma separated weight per model (default: equal), e.g. 0.5,0.25,0.25")
 
     p = sub.add_parser("experiment", help="run an experiment's arms x seeds (resumable), write its table and plots")
     p.add_argument("spec", help="experiment file, e.g. configs/experiments/quick.yaml")

@@ -113,8 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\n== evaluation on the test split")
     log = Path(model_dir) / "log.jsonl" if model_dir else None
     summary = run_evaluation(model, manifests, Path(args.out), batch_size=8,
-                             log_file=log if log and log.is_file() else None)
-    summary["nonspeech_detected"] = clips["nonspeech_detected"]
+                             log_file=log if log and log.is_file() else None, nonspeech=clips)
     rows = {"test split": summary}
     if real is not None:
         rows["real recordings (10, a smoke signal)"] = run_evaluation(model, [real], Path(args.out) / "real",

@@ -124,21 +124,23 @@ class HarmoniFuse(nn.Module):
     @classmethod
     def from_pretrained(cls, source: str | os.PathLike | ModelConfig | None = None,
                         overrides: list[str] | None = None, device: torch.device | str | None = None) -> "HarmoniFuse":
-        """A saved model folder, a YAML config file, or a ModelConfig (fresh, untrained parts);
-        None: $HARMONIFUSE_MODEL, else the model shipped in the package. ``device``: where it will
-        run (the frozen LLM's dtype follows it); it is not moved there."""
+        """A saved model folder (or the shipped model's name, "harmonifuse-demo"), a YAML config
+        file, or a ModelConfig (fresh, untrained parts); None: $HARMONIFUSE_MODEL, else the model
+        shipped in the package. ``device``: where it will run (the frozen LLM's dtype follows it);
+        it is not moved there."""
         if isinstance(source, ModelConfig):
             return cls.build(source, device)
-        from harmonifuse.pretrained import resolve_model
+        from harmonifuse.pretrained import find_model_folder, resolve_model
 
-        path = Path(resolve_model(source))
+        source = resolve_model(source)
+        path = find_model_folder(source) or Path(source)  # the shipped model also by its name
         if path.is_dir():
             config_file, weights = path / CONFIG_NAME, path / WEIGHTS_NAME
             for needed in (config_file, weights):  # never answer with untrained parts by accident
                 if not needed.is_file():
                     raise FileNotFoundError(f"{path} is not a complete HarmoniFuse model folder: {needed.name} is "
                                             f"missing; copy the whole folder again ({CONFIG_NAME} and {WEIGHTS_NAME})")
-            model = cls.build(_folder_config(config_file, overrides), device)
+            model = cls.build(read_folder_config(config_file, overrides), device)
             model.load_trained(weights)
             return model
         if path.is_file():
@@ -194,7 +196,7 @@ class HarmoniFuse(nn.Module):
         trained = self.trained_state_dict() if trained is None else trained
         state = {k: v.contiguous().cpu() for k, v in trained.items()}
         atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_weights(state, tmp))
-        atomic_write_text(directory / CONFIG_NAME, _config_text(self.config))
+        atomic_write_text(directory / CONFIG_NAME, config_text(self.config))
         return directory
 
     def save_config(self, directory: str | os.PathLike) -> Path:
@@ -202,7 +204,7 @@ class HarmoniFuse(nn.Module):
         from harmonifuse.atomic import atomic_write_text
 
         path = Path(directory) / CONFIG_NAME
-        atomic_write_text(path, _config_text(self.config))
+        atomic_write_text(path, config_text(self.config))
         return path
 
     # -- the forward path -----------------------------------------------------------------------------
@@ -579,13 +581,14 @@ class HarmoniFuse(nn.Module):
         return [(r["emotion"], r["emotion_probs"]) for r in out]
 
 
-def _config_text(config: ModelConfig) -> str:
+def config_text(config: ModelConfig) -> str:
+    """A model folder's config.yaml text: the config, headed by the version that wrote it."""
     from harmonifuse import __version__
 
     return f"# written by harmonifuse {__version__}\n" + to_yaml(config)
 
 
-def _folder_config(config_file: Path, overrides: list[str] | None) -> ModelConfig:
+def read_folder_config(config_file: Path, overrides: list[str] | None) -> ModelConfig:
     """A model folder's config.yaml; a field this version does not know is named with the version
     that wrote the file (a model saved by a newer HarmoniFuse)."""
     import re

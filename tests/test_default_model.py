@@ -53,3 +53,17 @@ def test_a_missing_environment_model_is_named(monkeypatch, tmp_path):
     monkeypatch.setenv(cli.MODEL_ENV, str(tmp_path / "nowhere"))
     with pytest.raises(ConfigError, match=r"HARMONIFUSE_MODEL=.*nowhere"):
         cli.resolve_model(None)
+
+
+def test_the_python_api_loads_the_shipped_model_by_its_name_from_anywhere(monkeypatch, tmp_path):
+    from safetensors.torch import load_file
+
+    from harmonifuse.model import HarmoniFuse
+
+    monkeypatch.chdir(tmp_path)  # no models/ folder here: the name alone must find it
+    model = HarmoniFuse.from_pretrained(cli.DEMO_MODEL.name)
+    shipped = load_file(cli.DEMO_MODEL / pretrained.WEIGHTS_NAME)
+    trained = model.trained_state_dict()
+    assert set(trained) == set(shipped)
+    name = "fusion.weighting.proj.weight"
+    assert trained[name].float().equal(shipped[name].float())

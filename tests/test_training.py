@@ -176,7 +176,11 @@ def test_demo_evaluates_a_spread_out_subset_of_the_test_split(trained_run, tmp_p
     for task in ("asr", "ser"):
         ids = [json.loads(line)["id"] for line in (out / "limited" / f"{task}_test.jsonl").read_text().splitlines()]
         assert len(ids) == 3 and ids != [f"{task}_{i}" for i in range(3)]  # not simply the first three
-    assert json.loads((out / "metrics.json").read_text())["n_ser"] == 3
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n_ser"] == 3
+    clips = json.loads((out / "nonspeech.json").read_text())  # shown first, then kept with the figures
+    assert metrics["n_nonspeech"] == clips["n_nonspeech"] >= 20
+    assert metrics["nonspeech_detected"] == clips["nonspeech_detected"]
 
 
 def test_cli_reports_bad_config_values_by_field(tmp_path):

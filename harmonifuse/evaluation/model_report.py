@@ -38,9 +38,10 @@ def markdown_table(rows: dict[str, dict], title: str, first_column: str = "manif
 
 def run_evaluation(model, manifests: Sequence[Path], out_dir: Path | None = None, *, batch_size: int = 8,
                    folds: bool = False, cache=None, log_file: Path | None = None, progress: bool = True,
-                   prompts: dict[str, str] | None = None, nonspeech: bool = False) -> dict:
+                   prompts: dict[str, str] | None = None, nonspeech: bool | dict = False) -> dict:
     """Evaluate each manifest (or their union); with ``folds``, also mean and std over manifests;
-    with ``nonspeech``, also the built-in non-speech clips (``nonspeech_detected``)."""
+    with ``nonspeech``, also the built-in non-speech clips (``nonspeech_detected``): True scores
+    them, a dict is their :func:`nonspeech_metrics` already computed (the demo shows them first)."""
     labels = model.config.tasks.emotion_labels
     loaded = {Path(m).name: read_manifest(m, labels=labels) for m in manifests}
     groups = loaded if folds or len(loaded) == 1 else {"all": [u for us in loaded.values() for u in us]}
@@ -56,7 +57,7 @@ def run_evaluation(model, manifests: Sequence[Path], out_dir: Path | None = None
             if values:
                 summary[key], summary[f"{key}_std"] = mean_std(values)
     if nonspeech:
-        clips = nonspeech_metrics(model)
+        clips = nonspeech if isinstance(nonspeech, dict) else nonspeech_metrics(model)
         summary["nonspeech_detected"], summary["n_nonspeech"] = clips["nonspeech_detected"], clips["n_nonspeech"]
         predictions["nonspeech"] = clips["clips"]
         if len(per_group) == 1:
