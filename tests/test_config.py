@@ -121,6 +121,15 @@ def test_the_shipped_recipes_load_and_the_fine_tune_builds_on_the_frozen_one():
     assert real.data.augment.enabled and real.data.synthetic_voices == "neural"
     assert real.model.decoding.beam_size == 4 and real.align.max_steps == 0
     assert to_dict(real.model) == to_dict(demo.model)  # the default recipe describes the model it ends in
+    # the shipped model averages two halves of the real-audio recipe: augmentation alone, neural voice alone
+    start = ["train.init_from=harmonifuse-demo"]  # runs/wide-voices/best once trained
+    augment = load_config(RunConfig, recipes / "real-audio-augment.yaml", start)
+    neural = load_config(RunConfig, recipes / "real-audio-neural.yaml", start)
+    assert augment.data.augment.enabled and augment.data.synthetic_voices == "wide"
+    assert not neural.data.augment.enabled and neural.data.synthetic_voices == "neural"
+    assert augment.data.root == wide.data.root
+    assert to_dict(augment.model) == to_dict(neural.model) == to_dict(real.model)
+    assert augment.train.output_dir != neural.train.output_dir
 
 
 def test_init_from_must_name_a_model_folder(tmp_path):
