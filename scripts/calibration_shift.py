@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 
 from harmonifuse.data.manifest import read_manifest
-from harmonifuse.evaluation.calibration import (DRIFT, calibration_report, drifted, fit_temperature, label_scores,
-                                                load_clips)
+from harmonifuse.evaluation.calibration import (DRIFT, ScoreStore, calibration_report, drifted, fit_temperature,
+                                                label_scores, load_clips)
 from harmonifuse.evaluation.metrics import ser_metrics
 from harmonifuse.model import HarmoniFuse
 from harmonifuse.pretrained import find_model_folder
@@ -46,8 +46,8 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     dev = read_manifest(corpus / "ser_dev.jsonl", labels=labels)
     test = read_manifest(corpus / "ser_test.jsonl", labels=labels)
-    stored = out / "label_scores.pt"
-    scores = torch.load(stored, weights_only=True) if stored.exists() else {}
+    store = ScoreStore(out / "label_scores.pt", model)  # kept for these weights only
+    scores = store.scores
     waves = None  # dev's audio, read once for every perturbation
     for name in ["dev", *DRIFT, "test"]:
         if name not in scores:
@@ -55,7 +55,7 @@ def main(argv=None) -> int:
                 waves = load_clips(dev)
             utts = test if name == "test" else dev if name == "dev" else drifted(dev, name, waves=waves)
             scores[name] = label_scores(model, utts)
-            torch.save(scores, stored)  # a killed run keeps what it scored
+            store.save()
     dev_targets = torch.tensor([labels.index(u.emotion) for u in dev])
     test_targets = torch.tensor([labels.index(u.emotion) for u in test])
     voices = sorted({u.speaker for u in dev})

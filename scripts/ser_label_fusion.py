@@ -6,7 +6,8 @@ The hybrid decoding that restrains the LLM's transcripts with the CTC head, aske
 label's score is (1 - w) log p_LLM(label) + w log p_CTC(label) (``HarmoniFuse.ctc_classify_hidden``),
 for w from 0 (the shipped answer) to 1 (the CTC head alone), with the temperature refitted on dev
 for each w. Writes ser_label_fusion.json; the label scores are kept in label_scores.pt (LLM, shared
-with scripts/calibration_shift.py) and ctc_label_scores.pt, so a rerun scores nothing again.
+with scripts/calibration_shift.py) and ctc_label_scores.pt, so a rerun with the same weights
+scores nothing again.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     from sklearn.metrics import recall_score
 
     from harmonifuse.data.manifest import read_manifest
-    from harmonifuse.evaluation.calibration import calibration_report, fit_temperature, label_scores
+    from harmonifuse.evaluation.calibration import ScoreStore, calibration_report, fit_temperature, label_scores
     from harmonifuse.evaluation.evaluate import map_batches
     from harmonifuse.model import HarmoniFuse
 
@@ -43,8 +44,9 @@ def main(argv: list[str] | None = None) -> int:
         return [torch.tensor([p[label] for label in labels]).log()
                 for p in model.ctc_classify_hidden(hidden, lengths, prompt)]
 
-    stores = {"llm": out / "label_scores.pt", "ctc": out / "ctc_label_scores.pt"}
-    scores = {head: torch.load(path, weights_only=True) if path.exists() else {} for head, path in stores.items()}
+    # kept for these weights only; the LLM's are shared with scripts/calibration_shift.py
+    stores = {"llm": ScoreStore(out / "label_scores.pt", model), "ctc": ScoreStore(out / "ctc_label_scores.pt", model)}
+    scores = {head: store.scores for head, store in stores.items()}
     targets = {}
     for split in ("dev", "test"):
         utterances = read_manifest(Path(args.corpus) / f"ser_{split}.jsonl", labels=labels)
@@ -53,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
                             ("ctc", lambda: torch.stack(map_batches(model, utterances, ctc_scores, desc="CTC labels")))):
             if split not in scores[head] or len(scores[head][split]) != len(utterances):
                 scores[head][split] = score()
-                torch.save(scores[head], stores[head])  # a killed run keeps what it scored
+                stores[head].save()  # a killed run keeps what it scored
 
     log_probs = {head: {s: scores[head][s].float().log_softmax(-1) for s in targets} for head in scores}
     rows = []

@@ -150,3 +150,19 @@ def test_the_real_speech_importer_writes_ten_normalised_utterances(tmp_path):
         real = read_manifest(get_importer("pocketsphinx")(POCKETSPHINX, tmp_path / "real")["real"])
         assert len(real) == 10 and {u.speaker for u in real} == {"librivox", "cards"}
         assert all(u.text == u.text.lower() and not any(c.isdigit() for c in u.text) for u in real)
+
+
+def test_stored_label_scores_are_reused_for_the_same_weights_only(tmp_path):
+    from harmonifuse.evaluation.calibration import ScoreStore
+
+    model = perturbed(tiny_harmonifuse(seed=0)).eval()
+    store = ScoreStore(tmp_path / "scores.pt", model)
+    assert store.scores == {}
+    store.scores["dev"] = torch.arange(8.0).reshape(2, 4)
+    store.save()
+    again = ScoreStore(tmp_path / "scores.pt", model)
+    assert again.scores.keys() == {"dev"} and torch.equal(again.scores["dev"], store.scores["dev"])
+    other = perturbed(tiny_harmonifuse(seed=0), seed=1).eval()  # same architecture, other weights
+    assert ScoreStore(tmp_path / "scores.pt", other).scores == {}
+    torch.save({"dev": torch.zeros(2, 4)}, tmp_path / "old.pt")  # a store from before weights were recorded
+    assert ScoreStore(tmp_path / "old.pt", model).scores == {}
