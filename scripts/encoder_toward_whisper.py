@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{args.model}: not a model folder")
     whisper = WhisperForConditionalGeneration.from_pretrained(whisper_tiny_en_dir()).model.encoder.state_dict()
     trained = load_file(folder / WEIGHTS_NAME)
-    moved = {name: (args.share * whisper[name[len(prefix):]].double() + (1 - args.share) * tensor.double()).to(tensor.dtype)
+    a = args.share
+    moved = {name: (a * whisper[name[len(prefix):]].double() + (1 - a) * tensor.double()).to(tensor.dtype)
              for name, tensor in trained.items() if name.startswith(prefix) and name[len(prefix):] in whisper}
     if len(moved) != len(whisper):
         parser.error(f"{folder} holds {len(moved)} of Whisper tiny.en's {len(whisper)} encoder tensors: "

@@ -51,8 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     for split in ("dev", "test"):
         utterances = read_manifest(Path(args.corpus) / f"ser_{split}.jsonl", labels=labels)
         targets[split] = torch.tensor([labels.index(u.emotion) for u in utterances])
-        for head, score in (("llm", lambda: label_scores(model, utterances)),
-                            ("ctc", lambda: torch.stack(map_batches(model, utterances, ctc_scores, desc="CTC labels")))):
+        scorers = {"llm": lambda: label_scores(model, utterances),
+                   "ctc": lambda: torch.stack(map_batches(model, utterances, ctc_scores, desc="CTC labels"))}
+        for head, score in scorers.items():
             if split not in scores[head] or len(scores[head][split]) != len(utterances):
                 scores[head][split] = score()
                 stores[head].save()  # a killed run keeps what it scored

@@ -78,7 +78,8 @@ def average_models(models: Sequence[str | os.PathLike], out: str | os.PathLike,
     total = sum(weights)
     weights = [w / total for w in weights]
     out = Path(out)
-    if any(out.resolve() == f.resolve() for f in folders) or (out / CONFIG_NAME).exists() or (out / WEIGHTS_NAME).exists():
+    holds_model = (out / CONFIG_NAME).exists() or (out / WEIGHTS_NAME).exists()
+    if holds_model or any(out.resolve() == f.resolve() for f in folders):
         raise ConfigError(f"{out} already holds a model; averaging never overwrites one: choose a new --out folder")
 
     configs = [read_folder_config(f / CONFIG_NAME, None) for f in folders]
