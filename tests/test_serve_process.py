@@ -50,7 +50,7 @@ def test_sigterm_answers_the_requests_in_flight_refuses_later_ones_and_exits_0()
         with ThreadPoolExecutor(6) as pool:
             in_flight = [pool.submit(analyze, base, i) for i in range(6)]
             deadline = time.monotonic() + 30
-            while True:  # all six accepted: two answering, four waiting
+            while True:  # all six accepted: one or two answering, the rest waiting
                 ready = httpx.get(base + "/health/ready").json()
                 if ready["waiting"] + ready["running"] == 6:
                     break
@@ -62,7 +62,11 @@ def test_sigterm_answers_the_requests_in_flight_refuses_later_ones_and_exits_0()
                 analyze(base)
             answers = [f.result(timeout=60) for f in in_flight]
         assert [a.status_code for a in answers] == [200] * 6
-        assert sorted(a.json()["timings"]["batch_size"] for a in answers) == [2] * 6
+        # Every job queued behind the first batch goes in a full batch of 2 (the last one may be left
+        # alone). The first batch may start with one job when the second upload arrives late under
+        # load: batches 1, 2, 2, 1 give four answers from a batch of 2, and 2, 2, 2 give six.
+        sizes = [a.json()["timings"]["batch_size"] for a in answers]
+        assert max(sizes) == 2 and sizes.count(2) >= 4, sizes
         assert process.wait(timeout=60) == 0
     finally:
         if process.poll() is None:
