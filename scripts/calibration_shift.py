@@ -28,7 +28,6 @@ from harmonifuse.evaluation.calibration import (DRIFT, ScoreStore, calibration_r
                                                 label_scores, load_clips)
 from harmonifuse.evaluation.metrics import ser_metrics
 from harmonifuse.model import HarmoniFuse
-from harmonifuse.pretrained import find_model_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 FIT_SETS = {"dev": ["dev"], "drift": list(DRIFT), "dev+drift": ["dev", *DRIFT]}
@@ -40,7 +39,7 @@ def main(argv=None) -> int:
     parser.add_argument("--corpus", default=str(ROOT / "data" / "synthetic"))
     parser.add_argument("--out", default=str(ROOT / "results" / "calibration"))
     args = parser.parse_args(argv)
-    model = HarmoniFuse.from_pretrained(find_model_folder(args.model) or args.model)
+    model = HarmoniFuse.from_pretrained(args.model)  # a folder or the shipped model's name
     labels = model.config.tasks.emotion_labels
     corpus, out = Path(args.corpus), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

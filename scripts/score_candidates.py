@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from harmonifuse.data.manifest import read_manifest
     from harmonifuse.evaluation.evaluate import evaluate, evaluate_ctc
+    from harmonifuse.evaluation.metrics import dev_score
     from harmonifuse.model import HarmoniFuse
     from harmonifuse.training.loaders import spread_sample
 
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
             on_real = evaluate(model, real, progress=False)["metrics"]
             ctc_real = evaluate_ctc(model, real, progress=False)["metrics"]
         scores = {"model": name, "dev_wer": on_dev["wer"], "dev_ua": on_dev["ua"],
-                  "dev_score": ((1 - min(1.0, on_dev["wer"])) + on_dev["ua"]) / 2,
+                  "dev_score": dev_score(on_dev),
                   "real_wer": on_real["wer"], "real_ctc_wer": ctc_real["wer"]}
         target.write_text(json.dumps(scores) + "\n")
         print(json.dumps(scores), flush=True)

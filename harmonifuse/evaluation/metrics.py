@@ -119,6 +119,17 @@ def expected_calibration_error(confidences: Sequence[float], correct: Sequence[b
     return float(error)
 
 
+def dev_score(metrics: dict) -> float:
+    """The one figure a run keeps its best model by: the mean of 1 - WER (capped at 1) and UA, of
+    whichever of the two ``metrics`` holds."""
+    parts = []
+    if "wer" in metrics:
+        parts.append(1 - min(1.0, metrics["wer"]))
+    if "ua" in metrics:
+        parts.append(metrics["ua"])
+    return sum(parts) / len(parts)
+
+
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for a single value)."""
     array = np.asarray(values, dtype=float)

@@ -28,6 +28,7 @@ from harmonifuse.config import to_yaml
 from harmonifuse.config.run import RunConfig
 from harmonifuse.data.prompt_choice import PromptChoice
 from harmonifuse.evaluation.evaluate import evaluate, evaluate_ctc
+from harmonifuse.evaluation.metrics import dev_score
 from harmonifuse.training.checkpoint import CheckpointManager, rng_state, set_rng_state
 from harmonifuse.training.hardware import choose_precision, describe_hardware
 from harmonifuse.training.loaders import RunData
@@ -393,12 +394,7 @@ class Trainer:
                 result = evaluate(self.model, self.data.dev, batch_size=self.config.data.batch_size,
                                   cache=self.data.cache, progress=self.progress)
             metrics = result["metrics"]
-            parts = []
-            if "wer" in metrics:
-                parts.append(1 - min(1.0, metrics["wer"]))
-            if "ua" in metrics:
-                parts.append(metrics["ua"])
-            metrics["score"] = sum(parts) / len(parts)
+            metrics["score"] = dev_score(metrics)
             value = metrics[tc.metric] if tc.metric != "wer" else -metrics["wer"]
             self.logger.write({"kind": "dev", "step": self.step, "minutes": self.total_seconds / 60,
                                **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}})
