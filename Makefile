@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 DEBIAN_PACKAGES := flite espeak-ng pocketsphinx-testdata wordnet-base chromium chromium-driver
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench clean-cache
+.PHONY: install demo test test-fast bench clean-cache
 
 install: $(STAMP)
 
@@ -31,6 +31,10 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider tests
+
+# after every change: all but multi-process, fault-injection and real-model tests (a few minutes)
+test-fast: install
+	$(PY) -m pytest -q -p no:cacheprovider -m "not (slow or multiprocess or faults or cuda)" tests
 
 bench: install
 	for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

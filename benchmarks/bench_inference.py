@@ -45,7 +45,8 @@ VARIANTS = {  # name: (precision, batch size, KV cache, batches of similar durat
 def worker(variant: str, clips: int) -> dict:
     import contextlib
 
-    from harmonifuse.cli import duration_batches, load_model, resolve_model
+    from harmonifuse.cli import load_model, resolve_model
+    from harmonifuse.inference.batching import duration_batches
     from harmonifuse.data.manifest import read_manifest
 
     precision, batch_size, kv_cache, by_duration = VARIANTS[variant]

@@ -14,6 +14,7 @@ from typing import Callable
 
 from harmonifuse.config import ConfigError
 from harmonifuse.config.run import SYNTHETIC_SIZES, SYNTHETIC_VOICE_SETS
+from harmonifuse.inference.batching import duration_batches, header_duration
 from harmonifuse.pretrained import DEMO_MODEL, MODEL_ENV, default_model, resolve_model  # noqa: F401 (re-exported)
 
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif"}
@@ -99,29 +100,6 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
-def header_duration(path: Path) -> float:
-    """Seconds from the file's header (0 when unusable: decoding reports the error later)."""
-    from harmonifuse.audio import AudioError
-    from harmonifuse.data.importers._common import audio_duration
-
-    try:
-        return audio_duration(path)
-    except AudioError:
-        return 0.0
-
-
-def duration_batches(durations: list[float], batch_size: int, window_batches: int = 8) -> list[list[list[int]]]:
-    """Indices in windows of ``batch_size * window_batches`` consecutive files, each window cut into
-    batches of similar duration: a short clip batched with a long one would be padded to its length
-    through the encoder and the LLM. Windows keep results flowing out in input order."""
-    window = batch_size * window_batches
-    plan = []
-    for start in range(0, len(durations), window):
-        index = sorted(range(start, min(start + window, len(durations))), key=lambda i: durations[i])
-        plan.append([index[i:i + batch_size] for i in range(0, len(index), batch_size)])
-    return plan
-
-
 def _analyze_batch(model, batch: list[Path], tasks: list[str], progress: bool = False,
                    debug: bool = False) -> list[dict]:
     """Answers for a batch; when one file fails, each file alone, so the good ones are still answered
@@ -203,6 +181,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         if args.voices:
             options["voices"] = args.voices
         written = IMPORTERS["synthetic"](out, **options)
+    elif args.corpus == "real-speech":  # fetches its own sources (two Debian game packages)
+        written = IMPORTERS[args.corpus](Path(args.src if args.out is None else args.out))
     else:
         if args.out is None:
             raise SystemExit(f"error: usage: harmonifuse prepare {args.corpus} SRC OUT")
@@ -388,8 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     p = sub.add_parser("prepare", help="write manifests for a corpus (or synthesise the built-in one)")
-    p.add_argument("corpus", help="librispeech | iemocap | cremad | ravdess | kaldi | synthetic")
-    p.add_argument("src", help="corpus folder (for synthetic: the output folder)")
+    p.add_argument("corpus", help="librispeech | iemocap | cremad | ravdess | kaldi | pocketsphinx | amazon-queen | "
+                                  "drascula | synthetic | real-speech")
+    p.add_argument("src", help="corpus folder (for synthetic and real-speech: the output folder)")
     p.add_argument("out", nargs="?", help="output folder for the manifests")
     p.add_argument("--seed", type=int, default=0, help="synthetic only")
     p.add_argument("--size", choices=SYNTHETIC_SIZES, help="synthetic only (default: default)")

@@ -1,13 +1,17 @@
 """The main job (``make demo``): the shipped model on real recordings, on noise and on the built-in test split.
 
-1. builds the built-in synthetic corpus into ``data/synthetic`` if it is missing, and the manifest
-   of the ten transcribed real recordings of Debian's pocketsphinx-testdata into ``data/real``;
+1. builds the built-in synthetic corpus into ``data/synthetic`` if it is missing, the real-speech
+   corpus (game dialogue from two Debian packages, ``harmonifuse prepare real-speech``) into
+   ``data/real-speech``, and the manifest of the ten transcribed real recordings of Debian's
+   pocketsphinx-testdata into ``data/real``;
 2. transcribes the real recordings, printing each reference beside the answer and its confidence;
 3. answers the built-in non-speech clips (noise, tones, hum, chords, silence): how many it
    recognises as no speech;
-4. evaluates the model on a fixed spread-out subset of the test split (100 utterances per task;
-   ``--limit 0`` for all of it) and on the real recordings, writing ``results/demo/`` (metrics,
-   summary, plots).
+4. evaluates the model on a fixed spread-out subset of the test split and of the real-speech test
+   split (100 utterances each; ``--limit 0`` for all), Whisper tiny.en's own decoder beside it on
+   the same real-speech audio and normalisation, and on the ten real recordings, writing
+   ``results/demo/latest/`` (metrics, summary, plots; git ignores it, so the checkout stays clean:
+   the committed snapshot in ``results/demo/`` is written with ``--out results/demo``).
 """
 from __future__ import annotations
 
@@ -34,6 +38,46 @@ def _prepare_real(out: Path) -> Path | None:
     return pocketsphinx.prepare(pocketsphinx.DEFAULT_SRC, out)["real"]
 
 
+def _prepare_real_speech(out: Path) -> Path | None:
+    """The real-speech test manifest (built once from Debian's packages), or None where it cannot be built."""
+    from harmonifuse.data.importers import real_speech
+
+    manifest = out / real_speech.MANIFESTS["test"]
+    if manifest.is_file():
+        return manifest
+    print(f"   building it in {out} (once: two Debian packages, about 60 MB)")
+    try:
+        return real_speech.prepare(out)["test"]
+    except (OSError, RuntimeError, ValueError) as error:
+        print(f"   (not built: {error})")
+        return None
+
+
+def _limited(manifest: Path, folder: Path, limit: int) -> Path:
+    """A fixed spread-out subset of ``limit`` utterances of ``manifest`` (all with 0), as a manifest in ``folder``."""
+    if not limit:
+        return manifest
+    from harmonifuse.data.manifest import read_manifest, write_manifest
+    from harmonifuse.training.loaders import spread_sample
+
+    folder.mkdir(parents=True, exist_ok=True)
+    write_manifest(folder / manifest.name, spread_sample(read_manifest(manifest), limit))
+    return folder / manifest.name
+
+
+def _whisper_row(manifest: Path) -> dict:
+    """Whisper tiny.en's own decoder (greedy, 30 s window) on ``manifest``, scored as the model is."""
+    from harmonifuse.audio import load_audio
+    from harmonifuse.data.manifest import read_manifest
+    from harmonifuse.evaluation.metrics import asr_metrics
+    from harmonifuse.evaluation.whisper_reference import WhisperReference
+
+    utterances = [u for u in read_manifest(manifest) if u.text]
+    hypotheses = WhisperReference().transcribe([load_audio(u.audio) for u in utterances])
+    metrics = asr_metrics([u.text for u in utterances], hypotheses)
+    return {**{k: v for k, v in metrics.items() if k in ("wer", "cer", "wer_raw")}, "n_asr": len(utterances)}
+
+
 def _show_real(model, manifest: Path) -> None:
     from harmonifuse.data.manifest import read_manifest
 
@@ -50,7 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--corpus", default=str(REPO_ROOT / "data" / "synthetic"))
     parser.add_argument("--real", default=str(REPO_ROOT / "data" / "real"),
                         help="folder for the manifest of the real recordings")
-    parser.add_argument("--out", default=str(REPO_ROOT / "results" / "demo"))
+    parser.add_argument("--real-speech", default=str(REPO_ROOT / "data" / "real-speech"),
+                        help="folder of the real-speech corpus (built there once; '' skips it)")
+    parser.add_argument("--out", default=str(REPO_ROOT / "results" / "demo" / "latest"),
+                        help="report folder (default results/demo/latest, ignored by git)")
     parser.add_argument("--limit", type=int, default=100,
                         help="evaluate on a fixed spread-out subset of N utterances per task, so the demo stays "
                              "within 5 minutes on 2 CPU cores without bf16 units (0: the whole split)")
@@ -97,24 +144,24 @@ def main(argv: list[str] | None = None) -> int:
               f"  (confidence {result['transcript_confidence']:.2f})\n"
               f"  emotion:    {result['emotion']}  ({json.dumps(result['emotion_probs'])})")
 
-    manifests = [corpus / "asr_test.jsonl", corpus / "ser_test.jsonl"]
-    if args.limit:
-        from harmonifuse.data.manifest import write_manifest
-        from harmonifuse.training.loaders import spread_sample
-
-        print(f"\n== evaluation on the test split ({args.limit} utterances per task, a fixed spread-out subset;"
-              " --limit 0 for all)")
-        limited = Path(args.out) / "limited"
-        limited.mkdir(parents=True, exist_ok=True)
-        for m in list(manifests):
-            write_manifest(limited / m.name, spread_sample(read_manifest(m), args.limit))
-        manifests = [limited / m.name for m in manifests]
-    else:
-        print("\n== evaluation on the test split")
+    limited = Path(args.out) / "limited"
+    manifests = [_limited(corpus / name, limited, args.limit) for name in ("asr_test.jsonl", "ser_test.jsonl")]
+    print("\n== evaluation on the test split" + (f" ({args.limit} utterances per task, a fixed spread-out "
+                                                   "subset; --limit 0 for all)" if args.limit else ""))
     log = Path(model_dir) / "log.jsonl" if model_dir else None
     summary = run_evaluation(model, manifests, Path(args.out), batch_size=8,
                              log_file=log if log and log.is_file() else None, nonspeech=clips)
     rows = {"test split": summary}
+    if args.real_speech:
+        print("\n== the real-speech test split (game dialogue read by actors, narrowband 11 kHz; unseen speakers)")
+        speech = _prepare_real_speech(Path(args.real_speech))
+        if speech is not None:
+            speech = _limited(speech, limited, args.limit)
+            n = len(read_manifest(speech))
+            rows[f"real-speech test ({n}, narrowband)"] = run_evaluation(
+                model, [speech], Path(args.out) / "real-speech", batch_size=8, progress=False)
+            whisper = rows["Whisper tiny.en's own decoder, same audio"] = _whisper_row(speech)
+            atomic_write_text(Path(args.out) / "real-speech" / "whisper_reference.json", json.dumps(whisper, indent=1))
     if real is not None:
         rows["real recordings (10, a smoke signal)"] = run_evaluation(model, [real], Path(args.out) / "real",
                                                                       batch_size=8, progress=False)

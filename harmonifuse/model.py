@@ -6,6 +6,7 @@ when it is unfrozen) are saved.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,8 +17,10 @@ import torch
 from torch import nn
 
 from harmonifuse.config import ModelConfig, from_dict, load_yaml, to_yaml
+from harmonifuse.decoding import DraftStats
+from harmonifuse.inference.batching import duration_batches, input_duration
 from harmonifuse.lengths import lengths_to_mask
-from harmonifuse.modules.ctc import EmbeddingCTC, greedy_ctc_from_logits
+from harmonifuse.modules.ctc import EmbeddingCTC, greedy_ctc_from_logits, resolve_vocab_chunk
 from harmonifuse.modules.encoders import EncoderOutput, SpeechEncoder, build_encoder
 from harmonifuse.modules.feature_masking import FeatureMasking
 from harmonifuse.modules.fusion import LayerFusion, build_fusion
@@ -80,12 +83,16 @@ class HarmoniFuse(nn.Module):
         """Answers ``no_speech`` for audio without speech instead of transcribing it (None: off)."""
         self._segmenter = SileroVAD()  # cuts long recordings when no-speech answers are off (weights load on use)
         self.task_names = config.tasks.task_names
+        self.decode_stats = DraftStats()
+        """LLM forward passes of transcription and, with ``model.decoding.draft: ctc``, the drafts'
+        acceptance, summed since construction (a benchmark resets it: ``model.decode_stats = DraftStats()``)."""
 
     # -- construction -------------------------------------------------------------------------------
 
     @classmethod
     def build(cls, config: ModelConfig, device: torch.device | str | None = None) -> "HarmoniFuse":
-        """Load the pretrained encoder and LLM named by ``config`` and add fresh HarmoniFuse parts."""
+        """Load the pretrained encoder and LLM named by ``config`` and add fresh HarmoniFuse parts (the
+        LLM straight onto ``device`` when it is a GPU: :meth:`SpeechLLM.from_pretrained`)."""
         from harmonifuse.assets import resolve_source
 
         encoder = build_encoder(config.encoder.source, pad_to_30s=config.encoder.pad_to_30s,
@@ -113,8 +120,10 @@ class HarmoniFuse(nn.Module):
                                         output_rms=llm.embedding_rms() if p.match_embedding_norm else None,
                                         context_layers=p.context_layers, context_heads=p.context_heads,
                                         context_kernel=p.context_kernel)
+        vocabulary = llm.model.get_input_embeddings().weight.shape[0]
         ctc = EmbeddingCTC(p.ctc_scale, learn_scale=p.ctc_learn_scale,
-                           blank_size=llm.hidden_size if p.ctc_learned_blank else None, vocab_chunk=p.ctc_vocab_chunk)
+                           blank_size=llm.hidden_size if p.ctc_learned_blank else None,
+                           vocab_chunk=resolve_vocab_chunk(p.ctc_vocab_chunk, vocabulary))
         a = config.augment
         augment = FeatureMasking(a.time_masks, a.time_width, a.channel_masks, a.channel_width)
         v = config.vad
@@ -126,8 +135,8 @@ class HarmoniFuse(nn.Module):
                         overrides: list[str] | None = None, device: torch.device | str | None = None) -> "HarmoniFuse":
         """A saved model folder (or the shipped model's name, "harmonifuse-demo"), a YAML config
         file, or a ModelConfig (fresh, untrained parts); None: $HARMONIFUSE_MODEL, else the model
-        shipped in the package. ``device``: where it will run (the frozen LLM's dtype follows it);
-        it is not moved there."""
+        shipped in the package. ``device``: where it will run (the frozen LLM's dtype follows it); a
+        GPU receives the frozen LLM as it loads, the rest is moved there by the caller."""
         if isinstance(source, ModelConfig):
             return cls.build(source, device)
         from harmonifuse.pretrained import find_model_folder, resolve_model
@@ -150,10 +159,16 @@ class HarmoniFuse(nn.Module):
 
     def enable_gradient_checkpointing(self) -> list[str]:
         """``train.gradient_checkpointing``: recompute activations in the backward pass, per layer, in
-        the LLM and in a trainable encoder. Returns the parts it reached ("llm", "encoder")."""
+        the LLM and in a trainable encoder. Returns the parts it reached ("llm", "encoder").
+
+        Non-reentrant, stated rather than left to transformers' default (reentrant on 4.x): reentrant
+        checkpointing hides the layers' parameters from DDP's unused-parameter search, which then
+        fails with "mark a variable ready only once", and FSDP does not support it."""
         llm = self.llm.model
-        enable = getattr(llm, "activation_checkpointing_enable", None) or llm.gradient_checkpointing_enable
-        enable()  # transformers 5 renamed it; the old name warns
+        if hasattr(llm, "activation_checkpointing_enable"):  # transformers 5's name; the old one warns
+            llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(llm, "enable_input_require_grads"):  # the frozen embeddings' output must carry a gradient
             llm.enable_input_require_grads()
         return ["llm"] + (["encoder"] if self.encoder.gradient_checkpointing_enable() else [])
@@ -430,7 +445,9 @@ class HarmoniFuse(nn.Module):
         hyps = self.llm.decode(speech.embeddings, speech.lengths, prompts, beam_size=d.beam_size,
                                ctc_weight=d.ctc_weight, llm_candidates=d.llm_candidates,
                                ctc_log_probs=log_probs if use_ctc else None, ctc_lengths=speech.lengths,
-                               blank=blank, ctc_tokens=greedy if use_ctc else None)
+                               blank=blank, ctc_tokens=greedy if use_ctc else None,
+                               drafts=greedy if d.draft == "ctc" else None, draft_tokens=d.draft_tokens,
+                               stats=self.decode_stats)
         results = []
         for hyp, ctc_ids in zip(hyps, greedy):
             text = self.llm.detokenize(hyp.tokens)
@@ -458,12 +475,47 @@ class HarmoniFuse(nn.Module):
         B = hidden_states.shape[1]
         results: list[dict] = [{} for _ in range(B)]
         answer = {"transcript": self._transcribe_speech, "label": self._classify_speech}
-        for task in tasks:
-            task_prompts = [(prompts or {}).get(task, self.config.tasks.prompts[task])] * B
-            speech = self.speech_embeddings(hidden_states, frame_lengths, [task] * B, task_prompts)
-            for r, out in zip(results, answer[get_task(task).answer](speech, task_prompts)):
-                r.update(out)
+        with self._inference_parts():
+            for task in tasks:
+                task_prompts = [(prompts or {}).get(task, self.config.tasks.prompts[task])] * B
+                speech = self.speech_embeddings(hidden_states, frame_lengths, [task] * B, task_prompts)
+                for r, out in zip(results, answer[get_task(task).answer](speech, task_prompts)):
+                    r.update(out)
         return results
+
+    def int8_parts(self) -> tuple[SpeechLLM, nn.Module]:
+        """The LLM (LoRA merged) and the projector with their Linear layers in dynamic int8
+        (harmonifuse.modules.llm.quantize_linears): what inference reads with ``model.decoding.int8``.
+        Copies, made on first use and again once any weight has changed; the model itself keeps its
+        float weights (training, saving). Held outside the module tree: no state_dict entries."""
+        import copy
+
+        from harmonifuse.modules.llm import quantize_linears
+
+        # every in-place change of a parameter (an optimiser step, load_state_dict) bumps its version
+        stamp = sum(p._version for part in (self.llm, self.projector) for p in part.parameters())
+        made = self.__dict__.get("_int8")
+        if made is None or made[0] != stamp:
+            with torch.no_grad():
+                projector = quantize_linears(copy.deepcopy(self.projector).float().eval())
+                made = (stamp, self.llm.int8_copy(), projector)
+            self.__dict__["_int8"] = made
+        return made[1], made[2]
+
+    @contextlib.contextmanager
+    def _inference_parts(self):
+        """Within: ``self.llm`` and ``self.projector`` are their int8 copies when ``model.decoding.int8``
+        asks for them (in eval mode on a CPU), else themselves."""
+        if not self.config.decoding.int8 or self.training or self.llm.device.type != "cpu":
+            yield
+            return
+        llm, projector = self.int8_parts()
+        kept = self.llm, self.projector
+        self.llm, self.projector = llm, projector
+        try:
+            yield
+        finally:
+            self.llm, self.projector = kept
 
     def no_speech_answer(self, tasks: Sequence[str]) -> dict:
         """What a recording without speech is answered: no transcript, no emotion."""
@@ -488,14 +540,15 @@ class HarmoniFuse(nn.Module):
         Returns per input ``{"no_speech", "transcript", "transcript_confidence", "emotion",
         "emotion_confidence", "emotion_probs"}`` (a list for a list). Audio in which the voice
         activity detector finds no speech is answered ``no_speech: true``, with an empty transcript
-        and no emotion, instead of being passed to the LLM.
+        and no emotion, instead of being passed to the LLM. Inputs go ``batch_size`` at a time,
+        grouped by duration (harmonifuse/inference/batching.py), so memory does not grow with
+        the number of inputs.
 
         A recording longer than ``model.encoder.max_seconds`` is read in blocks, cut at pauses
         (harmonifuse/segments.py) and answered segment by segment, ``batch_size`` segments at a
         time; its answer adds ``segments`` ``[{start, end, transcript, emotion, ...}]`` (seconds)
         and ``duration``, joins the transcripts and weights the emotion by segment duration.
         """
-        from harmonifuse.audio import SAMPLE_RATE
 
         single = not isinstance(audio, list)
         items = [audio] if single else list(audio)
@@ -507,22 +560,30 @@ class HarmoniFuse(nn.Module):
             for i, source in sources.items():
                 results[i] = self._analyze_long(source, tasks, prompts, batch_size=batch_size, progress=progress)
             short = [i for i in range(len(items)) if i not in sources]
-            if short:
-                waves = self.load_arrays([items[i] for i in short])
-                speech = self.has_speech(waves)
-                for i in short:
-                    results[i] = self.no_speech_answer(tasks)
-                kept = [i for i, flag in zip(short, speech) if flag]
-                if kept:
-                    encoded = self.encode(*self._pad([waves[short.index(i)] for i in kept]))
-                    for i, result in zip(kept, self.analyze_hidden(encoded.hidden_states, encoded.lengths, tasks,
-                                                                   prompts)):
-                        results[i] = {"no_speech": False, **result}
-                for i, wave in zip(short, waves):
-                    results[i]["duration"] = round(len(wave) / SAMPLE_RATE, 3)
+            # batch_size inputs at a time, grouped by duration: memory stays flat in the number of inputs
+            plan = duration_batches([input_duration(items[i]) for i in short], max(1, batch_size))
+            for batch in (b for window in plan for b in window):
+                self._analyze_short([short[j] for j in batch], items, results, tasks, prompts)
         finally:
             self.train(was_training)
         return results[0] if single else results
+
+    def _analyze_short(self, index: list[int], items: list, results: list, tasks: Sequence[str],
+                       prompts: dict[str, str] | None) -> None:
+        """Answer ``items[i]`` for i in ``index`` (one batch, each within the encoder's window) into ``results``."""
+        from harmonifuse.audio import SAMPLE_RATE
+
+        waves = self.load_arrays([items[i] for i in index])
+        speech = self.has_speech(waves)
+        for i in index:
+            results[i] = self.no_speech_answer(tasks)
+        kept = [i for i, flag in zip(index, speech) if flag]
+        if kept:
+            encoded = self.encode(*self._pad([waves[index.index(i)] for i in kept]))
+            for i, result in zip(kept, self.analyze_hidden(encoded.hidden_states, encoded.lengths, tasks, prompts)):
+                results[i] = {"no_speech": False, **result}
+        for i, wave in zip(index, waves):
+            results[i]["duration"] = round(len(wave) / SAMPLE_RATE, 3)
 
     def _long_source(self, item: AudioInput):
         """An AudioSource when ``item`` is longer than the encoder's window, else None (also for input

@@ -17,12 +17,18 @@ Memory per GPU (per process with ``--gpus 0``, the CPU) is estimated as
   the CTC over the vocabulary (whole or in ``model.projector.ctc_vocab_chunk`` blocks);
 * with ``--gpus 0``, the process itself (Python, torch, transformers), as measured here.
 
+Host memory is reported too, per process and per node (up to :data:`GPUS_PER_NODE` processes, one
+per GPU): the process itself, the CUDA libraries' host side, the frozen encoder (built on the host,
+then moved), the LLM where it passes through host memory (a CPU run; on GPUs it loads straight onto
+its GPU), and the data-loader workers.
+
 The activation counts per layer are rules of thumb (Korthikanti et al. 2022 for transformer
 layers, adapted to SwiGLU and pre-norm), not a trace: read the result to within about a quarter.
 """
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,6 +68,12 @@ KNOWN_MODELS: dict[str, tuple[str, dict]] = {
                                             num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
                                             tie_word_embeddings=True)),
 }
+GPUS_PER_NODE = 8
+"""Processes per node the host-memory figure assumes (one per GPU, up to a node of eight)."""
+CUDA_HOST_BYTES = 1.5 * 1024 ** 3
+"""Host memory of the CUDA libraries and context per process (typical for torch 2.x)."""
+WORKER_BYTES = 0.5 * 1024 ** 3
+"""Host memory per data-loader worker process (its own Python, torch, a few batches)."""
 TEXT_TOKENS = 64
 """Chat prefix, prompt and assistant header around the speech (Llama 3.x's system block is ~30)."""
 ANSWER_TOKENS_PER_SECOND = 4.0
@@ -93,6 +105,13 @@ class Plan:
     feature_cache: Line | None = None
     checkpoint: Line | None = None
     notes: list[str] = field(default_factory=list)
+    host: list[Line] = field(default_factory=list)
+    """Host memory of one process at its peak (loading the models)."""
+    processes_per_node: int = 1
+
+    @property
+    def host_total(self) -> float:
+        return sum(line.bytes for line in self.host)
 
     @property
     def activations(self) -> float:
@@ -323,8 +342,28 @@ def make_plan(config, *, gpus: int = 1, gpu_memory_gb: float | None = None, seco
     checkpoint = Line("checkpoints (disk)", 12.0 * n_trainable * (t.keep_last + 1),
                       f"{t.keep_last} last + best, trained weights and AdamW state")
     sources = {"encoder": f"{m.encoder.source}: {enc_from}", "llm": f"{m.llm.source}: {llm_from}"}
+    host = _host_lines(config, gpus, n_encoder)
     return Plan(n_encoder + n_llm + n_parts + n_lora, n_trainable, sources, per_gpu, stages, seconds, seconds_from,
-                gpus, gpu_memory_gb, feature_cache, checkpoint, notes)
+                gpus, gpu_memory_gb, feature_cache, checkpoint, notes, host,
+                max(1, min(gpus, GPUS_PER_NODE)))
+
+
+def _host_lines(config, gpus: int, n_encoder: int) -> list[Line]:
+    """Host memory of one training process on GPUs at its peak, loading the models (none for a CPU
+    process: its memory figure is host memory already)."""
+    if gpus == 0:
+        return []
+    lines = [Line("process (Python, torch, transformers)", _process_bytes(), "measured in this process")]
+    lines.append(Line("CUDA libraries and context", CUDA_HOST_BYTES, "typical"))
+    lines.append(Line("encoder weights, while loading", 4.0 * n_encoder,
+                      f"{_count(n_encoder)} in float32, built on the host, then moved to the GPU"))
+    lines.append(Line("LLM weights", 0.0, "loaded straight onto the GPU, tensor by tensor"))
+    workers = config.train.num_workers
+    if workers == "auto":  # training/hardware.py's rule, on a node of GPUS_PER_NODE ranks and as many cores as this one
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        workers = max(0, min(4, cores // max(1, min(gpus, GPUS_PER_NODE)) - 1))
+    lines.append(Line("data-loader workers", WORKER_BYTES * int(workers), f"{workers} x {WORKER_BYTES / GB:.1f} GB"))
+    return lines
 
 
 def _stage_lines(config, shape: EncoderShape, llm_config, batch: int, seconds: float, act: int, cached: bool, *,
@@ -358,7 +397,9 @@ def _stage_lines(config, shape: EncoderShape, llm_config, batch: int, seconds: f
     V, H = llm_config.vocab_size, llm_config.hidden_size
     ctc_on = (not with_llm) or m.projector.ctc_weight > 0
     if ctc_on:
-        chunk = m.projector.ctc_vocab_chunk
+        from harmonifuse.modules.ctc import resolve_vocab_chunk
+
+        chunk = resolve_vocab_chunk(m.projector.ctc_vocab_chunk, V)
         width, copies = (chunk, 3) if chunk else (V, 4)
         lines.append(Line("CTC over the vocabulary", 4.0 * B * N_speech * min(width, V) * copies,
                           f"blocks of {chunk} tokens" if chunk else f"(B, N, {V}) logits, log-softmax, gradient"))
@@ -389,6 +430,13 @@ def format_plan(plan: Plan) -> str:
                 f"    {line.name:<38}{_gb(line.bytes)}  {line.note}" for line in lines]
     largest = max(plan.stages, key=lambda s: sum(line.bytes for line in plan.stages[s])) if plan.stages else "-"
     out.append(f"  {'total (the ' + largest + ' stage at its peak)':<40}{_gb(plan.total)}")
+    if plan.host:
+        out.append("host memory per process (at its peak, loading the models):")
+        out += [f"  {line.name:<40}{_gb(line.bytes)}  {line.note}" for line in plan.host]
+        out.append(f"  {'total':<40}{_gb(plan.host_total)}")
+        if plan.processes_per_node > 1:
+            out.append(f"host memory per node ({plan.processes_per_node} processes){'':<9}"
+                       f"{_gb(plan.host_total * plan.processes_per_node)}")
     for line in (plan.feature_cache, plan.checkpoint):
         if line is not None:
             size = "    unknown" if math.isnan(line.bytes) else _gb(line.bytes)

@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     from harmonifuse.assets import whisper_tiny_en_dir
     from harmonifuse.pretrained import CONFIG_NAME, WEIGHTS_NAME, find_model_folder
 
-    from whisper_reference import ENCODER_PREFIX as prefix  # scripts/ is on the path when run as a script
+    from harmonifuse.evaluation.whisper_reference import ENCODER_PREFIX as prefix
     folder = find_model_folder(args.model)
     if folder is None:
         parser.error(f"{args.model}: not a model folder")

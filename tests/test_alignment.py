@@ -1,13 +1,13 @@
 """The embedding-CTC head and the alignment stage (CTC alone, before the LLM takes part)."""
 import json
 import math
-import subprocess
 import types
 
 import pytest
 import torch
+from conftest import run_cli, torchrun
 from safetensors.torch import load_file
-from test_training import ENV, TORCHRUN_2, _cli, _final_weights, kill_and_resume
+from test_training import _final_weights, kill_and_resume
 from tiny import tiny_harmonifuse, write_tiny_run_config
 
 from harmonifuse.config import ConfigError
@@ -275,6 +275,7 @@ def test_an_unfrozen_encoder_learns_in_the_alignment_stage_and_the_lora_adapters
     assert all(torch.equal(after_align[n], fresh[n]) for n in lora)
 
 
+@pytest.mark.multiprocess
 def test_kill_during_alignment_then_resume_equals_uninterrupted_run(tmp_path):
     config_path = write_tiny_run_config(tmp_path, align={"max_steps": 30, "batch_size": 4, "eval_every": 1000},
                                         model={"projector": {"stack": 2, "hidden_size": 24, **CTC_SETTINGS}},
@@ -286,15 +287,15 @@ def test_kill_during_alignment_then_resume_equals_uninterrupted_run(tmp_path):
         assert torch.equal(a[name], b[name]), name
 
 
+@pytest.mark.multiprocess
 def test_alignment_under_ddp_equals_one_process_with_the_global_batch(tmp_path):
     config_path = write_tiny_run_config(tmp_path, align={"max_steps": 4, "batch_size": 4, "eval_every": 1000},
                                         model={"projector": {"stack": 2, "hidden_size": 24, **CTC_SETTINGS}},
                                         train={"max_steps": 2, "save_every": 2, "eval_every": 1000})
     single = load_run_config(config_path, [f"train.output_dir={tmp_path / 'single'}", "data.batch_size=4"])
     train(single, progress=False)
-    command = [*TORCHRUN_2, "-m", "harmonifuse.cli", "train", str(config_path),
-               f"train.output_dir={tmp_path / 'ddp'}", "data.batch_size=2", "align.batch_size=2", "-q"]
-    result = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=600)
+    result = torchrun(2, "-m", "harmonifuse.cli", "train", config_path, f"train.output_dir={tmp_path / 'ddp'}",
+                      "data.batch_size=2", "align.batch_size=2", "-q")
     assert result.returncode == 0, result.stderr[-3000:]
     a, b = _final_weights(tmp_path / "single"), _final_weights(tmp_path / "ddp")
     assert "ctc.blank_vector" in a
@@ -306,8 +307,8 @@ def test_alignment_under_ddp_equals_one_process_with_the_global_batch(tmp_path):
 
 def test_resume_with_a_config_that_changes_the_stages_is_refused(tmp_path):
     config_path = write_tiny_run_config(tmp_path, train={"max_steps": 2, "save_every": 2, "eval_every": 1000})
-    assert _cli("train", str(config_path), "-q").returncode == 0
-    result = _cli("train", str(config_path), "align.max_steps=5", "train.max_steps=4", "--resume", "-q")
+    assert run_cli("train", str(config_path), "-q").returncode == 0
+    result = run_cli("train", str(config_path), "align.max_steps=5", "train.max_steps=4", "--resume", "-q")
     assert result.returncode != 0 and "alignment stage" in result.stderr and "align.max_steps" in result.stderr
 
 

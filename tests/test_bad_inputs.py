@@ -19,6 +19,7 @@ from pathlib import Path
 import make_bad_inputs
 import pytest
 import torch
+from conftest import ENV
 from tiny import tiny_harmonifuse, tiny_wavlm_config, write_tiny_assets
 from transformers import WavLMConfig
 
@@ -32,8 +33,6 @@ from harmonifuse.tasks import EMOTION_LABELS
 from harmonifuse.training.run import load_run_config
 from harmonifuse.weights import WeightsError
 
-TESTS = Path(__file__).parent
-ENV = {**os.environ, "PYTHONPATH": str(TESTS), "OMP_NUM_THREADS": "1"}
 SPEECH = shutil.which("flite") is not None  # else the clips are speech-like tones the detector may not take for speech
 KINDS = {k.name: k for k in make_bad_inputs.KINDS}
 BY_GROUP = {g: [k.name for k in make_bad_inputs.KINDS if k.group == g] for g in ("audio", "manifest", "config", "model")}

@@ -1,14 +1,13 @@
 """`harmonifuse cache CONFIG`: every process builds its share of the feature cache (tiny encoder, gloo
 on the CPU); an interrupted build resumes; multi-node jobs refuse a cache folder the nodes do not share."""
 import json
-import os
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import ENV, TORCHRUN
 from tiny import write_tiny_run_config
 
 from harmonifuse import cli
@@ -17,9 +16,6 @@ from harmonifuse.data.feature_cache import FeatureCache
 from harmonifuse.training.feature_cache_build import cache_command
 from harmonifuse.training.run import load_run_config
 
-TESTS = Path(__file__).parent
-ENV = {**os.environ, "PYTHONPATH": str(TESTS), "OMP_NUM_THREADS": "1"}
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +35,7 @@ def _cache_in_process(capsys, config: Path, folder: Path, *extra: str) -> tuple[
     return status, (json.loads(lines[-1]) if status == 0 else None)
 
 
+@pytest.mark.multiprocess
 def test_two_processes_build_disjoint_shares_equal_to_one_process_build(config, tmp_path, capsys):
     # batch size 1: every clip is encoded alone in both builds, so the bytes cannot depend on which
     # clips shared a padded batch (float rounding), only on the sharing of the work
@@ -136,6 +133,7 @@ SHARED_CHECK = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.multiprocess
 def test_a_folder_the_nodes_do_not_share_fails_fast_naming_it(tmp_path):
     script = tmp_path / "check.py"
     script.write_text(SHARED_CHECK)
@@ -154,6 +152,7 @@ def test_a_folder_the_nodes_do_not_share_fails_fast_naming_it(tmp_path):
             "rank(s) 1 cannot see it") in out
 
 
+@pytest.mark.multiprocess
 def test_training_with_an_incomplete_cache_builds_it_with_every_process(config, tmp_path):
     folder = tmp_path / "features"
     result = subprocess.run([*TORCHRUN, "2", "-m", "harmonifuse.cli", "train", str(config),

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from conftest import ENV, TESTS
 from tiny import tiny_encoder, tiny_harmonifuse, write_tiny_run_config
 
 from harmonifuse import atomic, cli
@@ -32,8 +33,7 @@ from harmonifuse.training.lock import RunLockedError, output_dir_lock
 from harmonifuse.training.run import load_run_config, train
 from harmonifuse.weights import load_weights
 
-TESTS = Path(__file__).parent
-ENV = {**os.environ, "PYTHONPATH": str(TESTS), "OMP_NUM_THREADS": "1"}
+pytestmark = pytest.mark.faults
 
 
 def _weights(path: Path) -> dict:

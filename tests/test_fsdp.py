@@ -1,16 +1,17 @@
 """``train.parallel: fsdp`` (FSDP2, ``fully_shard``; gloo on the CPU here): the switch, what is sharded,
 the same losses as DDP, checkpoints that resume under fsdp, ddp and on one process, dev evaluation
-and the best-model export on a sharded model."""
+and the best-model export on a sharded model, and ranks that never run a different number of
+forward passes (every forward of a sharded model is a collective)."""
 import json
-import os
 import shutil
 import subprocess
-import sys
+import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from conftest import ENV, TORCHRUN
 from tiny import tiny_harmonifuse, write_tiny_run_config
 
 from harmonifuse.config import ConfigError, from_dict
@@ -18,9 +19,6 @@ from harmonifuse.config.run import TrainConfig
 from harmonifuse.training.sharding import (DDPParallel, FSDPParallel, Parallel, _by_index, _by_name, decoder_layers,
                                            fsdp_plan, make_parallel)
 
-TESTS = Path(__file__).parent
-ENV = {**os.environ, "PYTHONPATH": str(TESTS), "OMP_NUM_THREADS": "1"}
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
 CPU = torch.device("cpu")
 try:  # FSDP2; probed on torch 2.13 (CPU build): trains, gathers and reshards on gloo
     from torch.distributed.fsdp import fully_shard  # noqa: F401
@@ -96,10 +94,17 @@ def test_an_llm_whose_decoder_layers_cannot_be_found_is_refused_by_name(monkeypa
         decoder_layers(model)
 
 
-def test_a_rank_with_an_empty_batch_is_a_clear_error_under_fsdp():
-    model = tiny_harmonifuse()
-    with pytest.raises(RuntimeError, match=r"rank 0 has a batch without any usable utterance.*data.bad_samples: fail"):
-        FSDPParallel(CPU).zero_backward(model, model, sync=True)
+def test_prompt_vectors_computed_ahead_refuse_a_new_prompt_by_the_fields_to_change():
+    """Under fsdp the trainer computes every prompt's vector before sharding and fixes the set (a
+    hidden_state vector computed later would be an LLM forward on one rank alone)."""
+    model = tiny_harmonifuse(prompt={"vector": "hidden_state"})
+    encoder = model.prompt_encoder
+    encoder(["transcribe the audio"])
+    encoder.fixed = "computed ahead from model.tasks.prompts and model.tasks.train_prompts"
+    assert encoder(["transcribe the audio"]).shape == (1, model.llm.hidden_size)
+    with pytest.raises(ValueError, match=r"no prompt vector for \['write it down'\]: computed ahead from "
+                                         r"model.tasks.prompts and model.tasks.train_prompts; add the phrasing"):
+        encoder(["transcribe the audio", "write it down"])
 
 
 def test_optimizer_state_by_name_and_by_position_convert_both_ways():
@@ -171,6 +176,7 @@ def runs(tmp_path_factory):
     return root, config, summaries
 
 
+@pytest.mark.multiprocess
 @needs_fsdp2
 def test_fsdp_gives_ddps_losses_dev_scores_checkpoints_and_best_model(runs):
     root, _, summaries = runs
@@ -204,6 +210,7 @@ def test_fsdp_gives_ddps_losses_dev_scores_checkpoints_and_best_model(runs):
     assert (root / "fsdp" / "best" / "config.yaml").is_file()
 
 
+@pytest.mark.multiprocess
 @needs_fsdp2
 def test_checkpoints_resume_across_fsdp_ddp_and_one_process(runs):
     from harmonifuse.training.run import load_run_config, train
@@ -236,6 +243,7 @@ def test_checkpoints_resume_across_fsdp_ddp_and_one_process(runs):
     assert [r["step"] for r in _records(root / "one") if r["kind"] == "train"] == [1, 2, 3, 4]
 
 
+@pytest.mark.multiprocess
 @needs_fsdp2
 def test_bf16_frozen_weights_with_float32_adapters_and_a_tuned_encoder_shard_as_on_gpus(tmp_path):
     """What a GPU run does (model.llm.frozen_dtype bfloat16, bf16 autocast, no feature cache), here on
@@ -255,3 +263,88 @@ def test_bf16_frozen_weights_with_float32_adapters_and_a_tuned_encoder_shard_as_
     assert all(t.dtype == torch.float32 for t in b.values())  # the trained parts stay float32
     assert any(name.startswith("encoder.") for name in b)
     _assert_close(a, b, atol=2e-5)
+
+
+# -- every rank runs as many forward passes -------------------------------------------------------------
+
+
+PHRASINGS = {"asr": ["write down what is said", "hello world transcribe", "what is said here", "write the words",
+                     "transcribe what you hear"],
+             "ser": ["which feeling is in this voice", "what emotion does the speaker express", "the emotion please",
+                     "say the feeling", "which emotion answer with one word"]}
+
+
+@pytest.mark.multiprocess
+@needs_fsdp2
+def test_hidden_state_prompt_vectors_with_several_phrasings_under_fsdp(tmp_path):
+    """model.prompt.vector hidden_state computes a prompt's vector with a forward pass of the LLM the
+    first time the prompt appears; ranks draw new phrasings at different steps, so under fsdp one rank
+    ran extra gathers the other never matched (a hang). Every vector is now computed before sharding.
+    The draws are logged: at some step the ranks did meet different numbers of new phrasings."""
+    config = write_tiny_run_config(tmp_path, train={"max_steps": 4, "eval_every": 4, "save_every": 4,
+                                                    "collective_timeout_minutes": 1.0, "parallel": "fsdp"},
+                                   data={"batch_size": 2},
+                                   model={"prompt": {"vector": "hidden_state"}, "tasks": {"train_prompts": PHRASINGS}})
+    draws = tmp_path / "draws.jsonl"
+    program = tmp_path / "logged_draws.py"
+    program.write_text(textwrap.dedent(f"""
+        import json, os, sys
+        from harmonifuse.data.prompt_choice import PromptChoice
+        rank, choose = int(os.environ["RANK"]), PromptChoice.choose
+        def logged(self, tasks, ids, *, stage, step):
+            chosen = choose(self, tasks, ids, stage=stage, step=step)
+            with open({str(draws)!r}, "a") as log:
+                log.write(json.dumps([rank, step, chosen]) + "\\n")
+            return chosen
+        PromptChoice.choose = logged
+        from harmonifuse.cli import main
+        sys.exit(main(["train", {str(config)!r}, "-q"]))
+    """))
+    result = subprocess.run([*TORCHRUN, "2", str(program)], env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [s["steps"] for s in _summaries(result.stdout)] == [4, 4]
+    assert [r["kind"] for r in _records(tmp_path / "run")].count("dev") == 1
+    seen: dict[int, set] = {0: set(), 1: set()}
+    new: dict[int, list[int]] = {0: [], 1: []}  # per rank, per step: phrasings met for the first time
+    for rank, step, chosen in sorted(map(json.loads, draws.read_text().splitlines()), key=lambda d: (d[1], d[0])):
+        new[rank].append(len(set(chosen) - seen[rank]))
+        seen[rank] |= set(chosen)
+    assert new[0] != new[1], new  # what made one rank run forward passes the other did not
+
+
+@pytest.mark.multiprocess
+@needs_fsdp2
+def test_ranks_whose_searches_end_at_different_steps_decode_in_lock_step_under_fsdp(tmp_path):
+    """Under fsdp every rank decodes the same dev utterances, each step a forward pass that gathers the
+    decoder layers; numeric differences between ranks (kernels, another kind of GPU) can end one rank's
+    search sooner, and its next forward then met the other's gathers. Here rank 1's searches stop after
+    one token: it runs idle forward passes until rank 0 is done, and the run ends normally."""
+    config = write_tiny_run_config(tmp_path, train={"max_steps": 1, "eval_every": 1, "save_every": 1,
+                                                    "collective_timeout_minutes": 1.0, "parallel": "fsdp"},
+                                   data={"batch_size": 2})
+    idle = tmp_path / "idle.txt"
+    program = tmp_path / "rank_1_stops_early.py"
+    program.write_text(textwrap.dedent(f"""
+        import os, sys
+        import harmonifuse.modules.llm as llm
+        rank = int(os.environ["RANK"])
+        search, idle_forward = llm.beam_search, llm.SpeechLLM._idle_forward
+        def search_on_this_rank(*args, **kwargs):
+            if rank == 1:
+                kwargs["max_new_tokens"] = 1
+            return search(*args, **kwargs)
+        def counted(self):
+            with open({str(idle)!r}, "a") as log:
+                log.write(f"{{rank}}\\n")
+            return idle_forward(self)
+        llm.beam_search, llm.SpeechLLM._idle_forward = search_on_this_rank, counted
+        from harmonifuse.cli import main
+        sys.exit(main(["train", {str(config)!r}, "-q"]))
+    """))
+    result = subprocess.run([*TORCHRUN, "2", str(program)], env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [s["steps"] for s in _summaries(result.stdout)] == [1, 1]
+    waited = idle.read_text().split()
+    assert waited and set(waited) == {"1"}  # rank 1 alone waited, in forward passes
+    [dev] = [r for r in _records(tmp_path / "run") if r["kind"] == "dev"]
+    assert 0 <= dev["wer"]  # rank 0's scoring (its full searches) was logged

@@ -133,6 +133,38 @@ def test_chunked_ctc_keeps_the_joint_beam_search_and_training_loss_of_the_model(
 
 
 @pytest.mark.parametrize("learned_blank", [False, True])
+def test_under_bf16_autocast_the_whole_table_ctc_is_float32_as_the_chunked_one(learned_blank):
+    """The chunked CTC computes its logits in float32 whatever the autocast; the whole-table one ran its
+    (B, N, V) matmul in bf16 under autocast, so one config gave two different losses (and gradients)."""
+    from harmonifuse.modules.ctc import EmbeddingCTC
+
+    torch.manual_seed(0)
+    speech, table = torch.randn(2, 12, 16), torch.randn(300, 16)
+    targets, lengths = [[5, 9, 9, 40], [7, 250]], torch.tensor([12, 9])
+    heads = [EmbeddingCTC(3.0, blank_size=16 if learned_blank else None, vocab_chunk=chunk) for chunk in (0, 37)]
+    if learned_blank:
+        heads[1].blank_vector.data.copy_(heads[0].blank_vector.data.normal_())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        whole, chunked = (head(speech, lengths, targets, table, blank=0) for head in heads)
+        greedy = [head.decode(speech, lengths, table, blank=0) for head in heads]
+    assert whole.dtype == chunked.dtype == torch.float32
+    torch.testing.assert_close(whole, chunked, rtol=1e-5, atol=1e-5)  # bf16 logits: off by ~1e-2
+    assert greedy[0] == greedy[1]
+
+
+def test_the_ctc_vocabulary_is_chunked_by_default_above_64k_tokens():
+    """A 128-152k vocabulary's whole float32 (B, N, V) tables take gigabytes per batch."""
+    from harmonifuse.config import ModelConfig, from_dict
+    from harmonifuse.modules.ctc import resolve_vocab_chunk
+
+    assert from_dict(ModelConfig, {}, prefix="model").projector.ctc_vocab_chunk == "auto"
+    assert resolve_vocab_chunk("auto", 49152) == 0  # SmolLM2: the whole table, fastest
+    assert resolve_vocab_chunk("auto", 128256) == resolve_vocab_chunk("auto", 152064) == 8192
+    assert resolve_vocab_chunk(0, 152064) == 0 and resolve_vocab_chunk(37, 300) == 37  # a number: as given
+    assert tiny_harmonifuse().ctc.vocab_chunk == 0  # the tiny tokenizer's 300 tokens
+
+
+@pytest.mark.parametrize("learned_blank", [False, True])
 def test_transcripts_decoded_with_ctc_columns_on_demand_equal_the_whole_posteriors(learned_blank):
     """analyze with ``ctc_vocab_chunk``: the joint beam search reads CTC columns on demand
     (CTCPosteriors) and answers as with the whole (B, N, V) log-posteriors."""
@@ -365,7 +397,11 @@ def test_the_frozen_llm_loads_in_bfloat16_when_asked_and_the_trained_parts_stay_
 
     assert resolve_frozen_dtype("auto") == torch.float32  # no CUDA here
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert resolve_frozen_dtype("auto") == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert resolve_frozen_dtype("auto") == torch.bfloat16  # Ampere: native bf16
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    assert resolve_frozen_dtype("auto") == torch.float32  # pre-Ampere: bf16 only emulated
     monkeypatch.undo()
     encoder_dir, llm_dir = write_tiny_assets(tmp_path)
     models = {}

@@ -74,7 +74,8 @@ def test_evaluation_scores_each_speaker_and_writes_their_table(monkeypatch):
                "ser": [{"emotion": e, "emotion_confidence": c, "emotion_probs": {}}
                        for e, c in (("sad", 0.9), ("happy", 0.6), ("happy", 0.8))]}
     monkeypatch.setattr(evaluation, "predict", lambda model, utterances, task, **_: answers[task][:len(utterances)])
-    model = SimpleNamespace(config=SimpleNamespace(tasks=SimpleNamespace(emotion_labels=["happy", "sad"])), vad=None)
+    model = SimpleNamespace(config=SimpleNamespace(tasks=SimpleNamespace(emotion_labels=["happy", "sad"]),
+                                                   encoder=SimpleNamespace(max_seconds=30.0)), vad=None)
     result = evaluation.evaluate(model, {"asr": asr, "ser": ser}, progress=False)
     metrics, per_speaker = result["metrics"], result["metrics"]["per_speaker"]
     assert metrics["wer"] == pytest.approx(3 / 6)

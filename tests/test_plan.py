@@ -119,3 +119,19 @@ def test_fsdp_divides_the_llm_and_the_trained_state_by_the_gpus_and_adds_what_it
     # one GPU: nothing to shard over
     one = make_plan(load_config(RunConfig, PAPER, ["train.parallel=fsdp"]), gpus=1)
     assert "LLM weights (frozen)" in {line.name for line in one.per_gpu}
+
+
+def test_the_plan_reports_host_memory_per_process_and_per_node():
+    """Eight ranks of a node each load their models through host memory: the frozen encoder (built on
+    the host, then moved) and, no longer, the whole frozen LLM (it loads straight onto each GPU)."""
+    from harmonifuse.plan import GPUS_PER_NODE, format_plan
+
+    plan = make_plan(load_config(RunConfig, PAPER), gpus=16, gpu_memory_gb=80)
+    host = {line.name: line.bytes for line in plan.host}
+    assert host["LLM weights"] == 0
+    assert host["encoder weights, while loading"] == pytest.approx(4 * 315.5e6, rel=0.01)  # WavLM Large, float32
+    assert host["data-loader workers"] == 8 * 0.5 * 1024 ** 3  # the recipe's train.num_workers: 8
+    assert plan.processes_per_node == GPUS_PER_NODE == 8
+    out = format_plan(plan)
+    assert "host memory per process" in out and "host memory per node (8 processes)" in out
+    assert make_plan(load_config(RunConfig, PAPER), gpus=0).host == []  # a CPU process: its figure is host memory

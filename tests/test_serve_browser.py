@@ -1,7 +1,9 @@
 """The page in a real headless Chromium against `harmonifuse serve` with the shipped model: a test-split
 WAV uploaded, then the same clip recorded through Chromium's fake microphone. Both runs must show a
 transcript and four sorted probability bars, fetch nothing but the service, and fit a phone's width.
-Screenshots at desktop and phone width go to results/serve/.
+Screenshots at desktop and phone width go to a temporary folder, or to the folder named by
+HARMONIFUSE_SCREENSHOTS (`HARMONIFUSE_SCREENSHOTS=results/serve make test` refreshes the README's
+picture on purpose); `make test` leaves the committed ones untouched.
 
 Needs Debian's `chromium` and `chromium-driver` (the Makefile installs them) and selenium; skipped,
 saying which is missing, without them. Nothing is downloaded at run time.
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -23,7 +26,7 @@ import pytest
 import soundfile as sf
 
 ROOT = Path(__file__).resolve().parents[1]
-SHOTS = ROOT / "results" / "serve"
+COMMITTED_SHOTS = ROOT / "results" / "serve"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
 CORPUS = ROOT / "data" / "synthetic"
@@ -36,6 +39,7 @@ webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not in
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+from conftest import git_status  # noqa: E402
 from serve_tiny import free_socket  # noqa: E402
 
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -64,6 +68,13 @@ def clip(tmp_path_factory) -> Path:
     pad = np.zeros(int(0.3 * rate), dtype=np.float32)
     sf.write(out, np.concatenate([pad, wave, pad]), rate, subtype="PCM_16")
     return out
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory) -> Path:
+    """Where screenshots go: HARMONIFUSE_SCREENSHOTS, else a temporary folder."""
+    chosen = os.environ.get("HARMONIFUSE_SCREENSHOTS")
+    return Path(chosen) if chosen else tmp_path_factory.mktemp("screenshots")
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +121,7 @@ def wait_for_result(driver, seconds: float = 300) -> None:
     WebDriverWait(driver, seconds, poll_frequency=0.2).until(shown)
 
 
-def check_and_capture(driver, base: str, name: str) -> str:
+def check_and_capture(driver, base: str, name: str, shots: Path) -> str:
     transcript = driver.find_element(By.ID, "transcript").text
     assert transcript and not transcript.startswith("("), transcript
     rows = driver.find_elements(By.CSS_SELECTOR, "#emotions .emotion-row")
@@ -121,7 +132,7 @@ def check_and_capture(driver, base: str, name: str) -> str:
     assert driver.find_element(By.ID, "latency").text.endswith("ms round trip")
     fetched = driver.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
     assert fetched and all(url.startswith(base) for url in fetched), fetched  # nothing beyond the service
-    SHOTS.mkdir(parents=True, exist_ok=True)
+    shots.mkdir(parents=True, exist_ok=True)
     for label, (width, height) in (("desktop", DESKTOP), ("phone", PHONE)):
         driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {
             "width": width, "height": height, "deviceScaleFactor": 1, "mobile": label == "phone"})
@@ -132,18 +143,18 @@ def check_and_capture(driver, base: str, name: str) -> str:
         shot = driver.execute_cdp_cmd("Page.captureScreenshot", {
             "format": "png", "captureBeyondViewport": True,
             "clip": {"x": 0, "y": 0, "width": width, "height": full, "scale": 1}})
-        (SHOTS / f"{name}-{label}.png").write_bytes(base64.b64decode(shot["data"]))
+        (shots / f"{name}-{label}.png").write_bytes(base64.b64decode(shot["data"]))
     return transcript
 
 
-def test_the_page_answers_an_uploaded_test_clip(service, clip, tmp_path):
+def test_the_page_answers_an_uploaded_test_clip(service, clip, shots, tmp_path):
     driver = browser(tmp_path)
     try:
         driver.get(service + "/")
         WebDriverWait(driver, 30).until(lambda d: d.find_element(By.ID, "ready-text").text == "ready")
         driver.find_element(By.ID, "file-input").send_keys(str(clip))
         wait_for_result(driver)
-        transcript = check_and_capture(driver, service, "upload")
+        transcript = check_and_capture(driver, service, "upload", shots)
     finally:
         driver.quit()
     direct = httpx.post(service + "/v1/audio/transcriptions", files={"file": ("clip.wav", clip.read_bytes())},
@@ -151,7 +162,7 @@ def test_the_page_answers_an_uploaded_test_clip(service, clip, tmp_path):
     assert transcript.split()[:2] == direct.split()[:2]  # the browser's 16 kHz WAV reads like the file
 
 
-def test_the_page_answers_a_recording_from_the_fake_microphone(service, clip, tmp_path):
+def test_the_page_answers_a_recording_from_the_fake_microphone(service, clip, shots, tmp_path):
     seconds = sf.info(str(clip)).duration
     driver = browser(tmp_path, "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream",
                      f"--use-file-for-fake-audio-capture={clip}%noloop")
@@ -166,8 +177,17 @@ def test_the_page_answers_a_recording_from_the_fake_microphone(service, clip, tm
         assert driver.find_element(By.ID, "timer").text.startswith("0:0")
         record.click()
         wait_for_result(driver)
-        check_and_capture(driver, service, "microphone")
+        check_and_capture(driver, service, "microphone", shots)
         duration = float(driver.find_element(By.ID, "duration").text.split()[0])
         assert seconds - 0.5 < duration < seconds + 3, duration
     finally:
         driver.quit()
+
+
+def test_the_screenshots_leave_the_committed_ones_untouched(shots):
+    """Runs after the two page tests (file order): their screenshots exist, and unless asked for,
+    not one committed file under results/serve/ changed."""
+    assert sorted(p.name for p in shots.glob("*.png")) == [
+        "microphone-desktop.png", "microphone-phone.png", "upload-desktop.png", "upload-phone.png"]
+    if shots.resolve() != COMMITTED_SHOTS.resolve():
+        assert git_status(COMMITTED_SHOTS) == ""

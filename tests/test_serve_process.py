@@ -15,6 +15,8 @@ import httpx
 import pytest
 from serve_tiny import free_socket, multipart_chunks, wav_bytes
 
+pytestmark = pytest.mark.multiprocess
+
 psutil = pytest.importorskip("psutil")
 SCRIPT = Path(__file__).resolve().parent / "serve_tiny.py"
 

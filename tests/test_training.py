@@ -1,6 +1,5 @@
 """The trainer end to end on tiny models: learning, kill-and-resume, DDP equivalence, the CLI."""
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -10,20 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from conftest import ENV, run_cli, torchrun
 from tiny import tiny_harmonifuse, write_tiny_run_config
 
 from harmonifuse.training.run import load_run_config, train
 
-TESTS = Path(__file__).parent
-ENV = {**os.environ, "PYTHONPATH": str(TESTS), "OMP_NUM_THREADS": "1"}
-# two processes on this machine; --standalone lets the launcher pick a free port itself, so tests
-# running side by side (or anything else on a fixed port) never collide
-TORCHRUN_2 = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-
-
-def _cli(*args, **kwargs):
-    return subprocess.run([sys.executable, "-m", "harmonifuse.cli", *args], env=ENV, capture_output=True,
-                          text=True, timeout=600, **kwargs)
 
 
 def _final_weights(run_dir: Path) -> dict:
@@ -68,11 +58,12 @@ def kill_and_resume(config_path: Path, root: Path, kill_at: str, poll: float = 0
     process.send_signal(signal.SIGKILL)
     process.wait()
     at_kill = sorted(p.name for p in (killed_dir / "checkpoints").glob("step_*"))
-    resumed = _cli("train", str(config_path), f"train.output_dir={killed_dir}", "--resume", "-q")
+    resumed = run_cli("train", str(config_path), f"train.output_dir={killed_dir}", "--resume", "-q")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     return _final_weights(root / "reference"), _final_weights(killed_dir), at_kill
 
 
+@pytest.mark.multiprocess
 def test_kill_then_resume_equals_uninterrupted_run(tmp_path):
     settings = {"max_steps": 24, "save_every": 2, "eval_every": 1000}
     config_path = write_tiny_run_config(tmp_path, train=settings)
@@ -83,14 +74,14 @@ def test_kill_then_resume_equals_uninterrupted_run(tmp_path):
         assert torch.equal(a[name], b[name]), name
 
 
+@pytest.mark.multiprocess
 def test_ddp_two_processes_equal_one_process_with_the_global_batch(tmp_path):
     settings = {"max_steps": 4, "save_every": 4, "eval_every": 1000}
     config_path = write_tiny_run_config(tmp_path, train=settings)
     single = load_run_config(config_path, [f"train.output_dir={tmp_path / 'single'}", "data.batch_size=4"])
     train(single, progress=False)
-    command = [*TORCHRUN_2, "-m", "harmonifuse.cli", "train", str(config_path),
-               f"train.output_dir={tmp_path / 'ddp'}", "data.batch_size=2", "-q"]
-    result = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=600)
+    result = torchrun(2, "-m", "harmonifuse.cli", "train", config_path, f"train.output_dir={tmp_path / 'ddp'}",
+                      "data.batch_size=2", "-q")
     assert result.returncode == 0, result.stderr[-3000:]
     a, b = _final_weights(tmp_path / "single"), _final_weights(tmp_path / "ddp")
     for name in a:
@@ -104,7 +95,7 @@ def test_cli_evaluate_and_analyze_on_the_trained_tiny_model(trained_run, tmp_pat
     root, _ = trained_run
     model_dir = root / "run" / "best"
     manifest = root / "corpus" / "ser_test.jsonl"
-    result = _cli("evaluate", "--model", str(model_dir), "--manifest", str(root / "corpus" / "asr_test.jsonl"),
+    result = run_cli("evaluate", "--model", str(model_dir), "--manifest", str(root / "corpus" / "asr_test.jsonl"),
                   "--manifest", str(manifest), "--json", "--out", str(tmp_path / "report"),
                   "--log", str(root / "run" / "log.jsonl"), "-q")
     assert result.returncode == 0, result.stderr[-2000:]
@@ -119,7 +110,7 @@ def test_cli_evaluate_and_analyze_on_the_trained_tiny_model(trained_run, tmp_pat
     assert "## Per speaker" in (tmp_path / "report" / "summary.md").read_text()
 
     # another ASR prompt: the layer weights and gates reported are the ones that prompt reads
-    result = _cli("evaluate", "--model", str(model_dir), "--manifest", str(root / "corpus" / "asr_test.jsonl"),
+    result = run_cli("evaluate", "--model", str(model_dir), "--manifest", str(root / "corpus" / "asr_test.jsonl"),
                   "--prompt", "asr=Write down what is said.", "--out", str(tmp_path / "paraphrased"), "-q")
     assert result.returncode == 0, result.stderr[-2000:]
     trained, paraphrased = (json.loads((tmp_path / d / "task_profiles.json").read_text())
@@ -128,7 +119,7 @@ def test_cli_evaluate_and_analyze_on_the_trained_tiny_model(trained_run, tmp_pat
     assert paraphrased["asr"]["layer_weights"] != pytest.approx(trained["asr"]["layer_weights"], abs=1e-6)
 
     clips = sorted((root / "corpus" / "audio").glob("ser_*.wav"))[:3]
-    result = _cli("analyze", *map(str, clips), "--model", str(model_dir), "--json")
+    result = run_cli("analyze", *map(str, clips), "--model", str(model_dir), "--json")
     assert result.returncode == 0, result.stderr[-2000:]
     lines = [json.loads(line) for line in result.stdout.strip().splitlines()]
     assert [line["file"] for line in lines] == [str(c) for c in clips]
@@ -136,16 +127,16 @@ def test_cli_evaluate_and_analyze_on_the_trained_tiny_model(trained_run, tmp_pat
     assert [line["emotion"] for line in lines] == ["neutral", "happy", "sad"]
 
     # batched by duration inside each window, printed in input order all the same
-    result = _cli("analyze", *map(str, clips[::-1]), "--model", str(model_dir), "--json", "--batch-size", "2")
+    result = run_cli("analyze", *map(str, clips[::-1]), "--model", str(model_dir), "--json", "--batch-size", "2")
     assert result.returncode == 0, result.stderr[-2000:]
     reordered = [json.loads(line) for line in result.stdout.strip().splitlines()]
     assert [line["file"] for line in reordered] == [str(c) for c in clips[::-1]]
     assert [line["emotion"] for line in reordered] == ["sad", "happy", "neutral"]
-    result = _cli("analyze", *map(str, clips), "--model", str(model_dir), "--batch-size", "0")
+    result = run_cli("analyze", *map(str, clips), "--model", str(model_dir), "--batch-size", "0")
     assert result.returncode == 2 and "--batch-size" in result.stderr and "must be a whole number >= 1" in result.stderr
 
     # the LLM in bf16: same answers on this learned set, probabilities within bf16 rounding
-    result = _cli("analyze", *map(str, clips), "--model", str(model_dir), "--json", "--bf16")
+    result = run_cli("analyze", *map(str, clips), "--model", str(model_dir), "--json", "--bf16")
     assert result.returncode == 0, result.stderr[-2000:]
     halves = [json.loads(line) for line in result.stdout.strip().splitlines()]
     assert [h["emotion"] for h in halves] == ["neutral", "happy", "sad"]
@@ -153,22 +144,12 @@ def test_cli_evaluate_and_analyze_on_the_trained_tiny_model(trained_run, tmp_pat
         assert half["emotion_probs"] == pytest.approx(full["emotion_probs"], abs=0.05)
 
 
-def test_analyze_batches_files_of_similar_duration_within_input_order_windows():
-    from harmonifuse.cli import duration_batches
-
-    durations = [9.0, 1.0, 8.0, 2.0, 7.0, 3.0, 0.5]
-    plan = duration_batches(durations, batch_size=2, window_batches=2)
-    assert plan == [[[1, 3], [2, 0]], [[6, 5], [4]]]
-    # every file once; a later window never holds an earlier file
-    assert sorted(i for window in plan for batch in window for i in batch) == list(range(len(durations)))
-    assert duration_batches([], batch_size=8) == []
-
-
 def test_demo_evaluates_a_spread_out_subset_of_the_test_split(trained_run, tmp_path):
     root, _ = trained_run
     out = tmp_path / "demo"
     result = subprocess.run([sys.executable, "-m", "harmonifuse.demo", "--model", str(root / "run" / "best"),
-                             "--corpus", str(root / "corpus"), "--out", str(out), "--limit", "3"],
+                             "--corpus", str(root / "corpus"), "--out", str(out), "--limit", "3",
+                             "--real-speech", ""],
                             env=ENV, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "3 utterances per task, a fixed spread-out subset" in result.stdout and "| ua |" in result.stdout
@@ -185,19 +166,19 @@ def test_demo_evaluates_a_spread_out_subset_of_the_test_split(trained_run, tmp_p
 
 def test_cli_reports_bad_config_values_by_field(tmp_path):
     config_path = write_tiny_run_config(tmp_path)
-    result = _cli("train", str(config_path), "model.fusion.mode=layerwise", "-q")
+    result = run_cli("train", str(config_path), "model.fusion.mode=layerwise", "-q")
     assert result.returncode == 2
     assert "model.fusion.mode" in result.stderr and "'layerwise' is not one of" in result.stderr
-    result = _cli("train", str(config_path), "train.max_step=3", "-q")
+    result = run_cli("train", str(config_path), "train.max_step=3", "-q")
     assert result.returncode == 2 and "train.max_step" in result.stderr
 
 
 def test_cli_evaluate_refuses_malformed_prompts_and_unknown_tasks(trained_run):
     root, _ = trained_run
     common = ["evaluate", "--model", str(root / "run" / "best"), "--manifest", str(root / "corpus" / "asr_test.jsonl")]
-    result = _cli(*common, "--prompt", "Write down what is said.", "-q")
+    result = run_cli(*common, "--prompt", "Write down what is said.", "-q")
     assert result.returncode == 2 and "is not of the form task=TEXT" in result.stderr
-    result = _cli(*common, "--prompt", "sr=How does it sound?", "-q")
+    result = run_cli(*common, "--prompt", "sr=How does it sound?", "-q")
     assert result.returncode == 2 and "['sr']" in result.stderr and "['asr', 'ser']" in result.stderr
 
 
@@ -206,12 +187,12 @@ def test_cli_analyze_keeps_good_files_when_one_is_bad(trained_run, tmp_path):
     good = sorted((root / "corpus" / "audio").glob("ser_*.wav"))[0]
     bad = tmp_path / "broken.wav"
     bad.write_bytes(b"RIFF0000WAVEnot really")
-    result = _cli("analyze", str(good), str(bad), "--model", str(root / "run" / "best"), "--json")
+    result = run_cli("analyze", str(good), str(bad), "--model", str(root / "run" / "best"), "--json")
     assert result.returncode == 1
     lines = [json.loads(line) for line in result.stdout.strip().splitlines()]
     assert lines[0]["file"] == str(good) and "emotion" in lines[0]
     assert lines[1]["file"] == str(bad) and "broken.wav" in lines[1]["error"]
-    result = _cli("analyze", str(tmp_path / "absent.flac"), "--model", str(root / "run" / "best"))
+    result = run_cli("analyze", str(tmp_path / "absent.flac"), "--model", str(root / "run" / "best"))
     assert result.returncode == 1 and "absent.flac" in result.stdout
 
 

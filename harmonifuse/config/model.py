@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Union
 
 from harmonifuse.config.loading import _check
 from harmonifuse.tasks import EMOTION_LABELS, TASK_NAMES, TASKS
@@ -65,11 +65,12 @@ class ProjectorConfig:
     logits over 49k tokens stay flat); a fixed small one keeps outputs closer to the token embeddings."""
     ctc_learned_blank: bool = False
     """CTC blank as a learned vector instead of a special token of the LLM (see harmonifuse/modules/ctc.py)."""
-    ctc_vocab_chunk: int = 0
+    ctc_vocab_chunk: Union[int, Literal["auto"]] = "auto"
     """Compute the embedding-CTC over the LLM vocabulary in blocks of this many tokens, never the
     whole (B, N, V) logits at once (the loss: only the blank's and the targets' classes plus a
     chunked normaliser; same values and gradients). 0: the whole table at once, fastest for small
-    vocabularies; 8192 keeps a 152k vocabulary (Qwen2.5) within a few hundred MB per batch.
+    vocabularies; 8192 keeps a 152k vocabulary (Qwen2.5) within a few hundred MB per batch. auto:
+    8192 for a vocabulary above 64k tokens (Llama 3, Qwen2.5), else 0 (SmolLM2's 49k).
     ``token_mixture`` still forms the whole posterior."""
     token_mixture: bool = False
     """Feed the LLM each position's expected token embedding under the CTC posterior instead of the
@@ -84,8 +85,9 @@ class ProjectorConfig:
         _check(self.context_kernel >= 1 and self.context_kernel % 2 == 1, f"{prefix}.context_kernel",
                f"must be an odd number >= 1 (a centred window), got {self.context_kernel}")
         _check(self.ctc_scale > 0, f"{prefix}.ctc_scale", "must be > 0")
-        _check(self.ctc_vocab_chunk >= 0, f"{prefix}.ctc_vocab_chunk",
-               f"must be >= 0 (0: the whole vocabulary at once; e.g. 8192 for a 152k vocabulary), got {self.ctc_vocab_chunk}")
+        _check(self.ctc_vocab_chunk == "auto" or self.ctc_vocab_chunk >= 0, f"{prefix}.ctc_vocab_chunk",
+               f"must be auto or >= 0 (0: the whole vocabulary at once; e.g. 8192 for a 152k vocabulary), "
+               f"got {self.ctc_vocab_chunk}")
         _check(bool(self.ctc_tasks) and set(self.ctc_tasks) <= set(TASK_NAMES), f"{prefix}.ctc_tasks",
                f"must list some of {', '.join(TASK_NAMES)}; got {self.ctc_tasks!r}")
 
@@ -177,11 +179,25 @@ class DecodingConfig:
     llm_candidates: int = 8
     """The LLM's top tokens scored as extensions of each hypothesis per step; the tokens of the
     utterance's greedy CTC transcript are always scored too."""
+    draft: Literal["none", "ctc"] = "none"
+    """ctc: the CTC head's greedy transcript drafts the answer and the LLM checks up to
+    ``draft_tokens`` of it per forward pass: the same transcript as without (greedy, with or
+    without ``ctc_weight``), in fewer forward passes. Needs ``beam_size: 1``."""
+    draft_tokens: int = 4
+    """The most draft tokens one forward pass checks (``draft: ctc``); each costs a share of a
+    forward pass whether it is kept or not (docs/results.md)."""
+    int8: bool = False
+    """On a CPU, decode with the LLM's (LoRA merged into it) and the projector's Linear layers in
+    dynamic int8 (torch.ao quantize_dynamic), copies made at first use: faster, answers close to
+    float32's but not always equal. Training and saved models keep their float weights."""
 
     def validate(self, prefix: str) -> None:
         _check(self.beam_size >= 1, f"{prefix}.beam_size", "must be >= 1")
         _check(0.0 <= self.ctc_weight < 1.0, f"{prefix}.ctc_weight", "must be in [0, 1)")
         _check(self.llm_candidates >= 1, f"{prefix}.llm_candidates", "must be >= 1")
+        _check(self.draft == "none" or self.beam_size == 1, f"{prefix}.draft",
+               f"ctc drafts decode greedily: needs beam_size 1, got {self.beam_size}")
+        _check(self.draft_tokens >= 1, f"{prefix}.draft_tokens", "must be >= 1")
 
 
 @dataclass

@@ -159,6 +159,29 @@ WAVE_AUGMENT_ORDER: tuple[str, ...] = ("speed", "reverb", "noise", "band", "code
 
 
 @dataclass
+class MixSourceConfig:
+    """A further corpus drawn into one task's training set at a fixed share (``data.mix``).
+
+    Its utterances are repeated and/or subsampled (seeded by ``train.seed``) until they make up
+    ``share`` of the task's training items; batches still hold one task each, so batch
+    interleaving is unchanged. Its dev manifest joins the task's dev subset (``data.dev_limit``
+    split evenly over the sources), so the dev score that chooses the best model weighs it too.
+    """
+
+    train: str = ""
+    """Training manifest, relative to ``data.root`` or absolute (e.g. ``harmonifuse prepare
+    real-speech`` writes ``real_asr_train.jsonl``)."""
+    dev: str = ""
+    """Dev manifest scored during training beside ``data.dev``'s ('' : none)."""
+    share: float = 0.3
+    """Expected share of the task's training items drawn from this source, in (0, 1)."""
+
+    def validate(self, prefix: str) -> None:
+        _check(bool(self.train), f"{prefix}.train", "must name a training manifest")
+        _check(0 < self.share < 1, f"{prefix}.share", f"must be in (0, 1), got {self.share}")
+
+
+@dataclass
 class DataConfig:
     root: str = "data/synthetic"
     """Folder of the manifests; built with ``harmonifuse prepare synthetic`` when it is the built-in corpus."""
@@ -198,9 +221,18 @@ class DataConfig:
     dev_limit: int = 200
     """Utterances per task scored at each evaluation during training (the test split is scored in full)."""
     augment: WaveAugmentConfig = field(default_factory=WaveAugmentConfig)
+    mix: dict[str, list[MixSourceConfig]] = field(default_factory=dict)
+    """Further corpora per task, each drawn at a share of that task's training items, e.g. real
+    speech into ASR: ``{asr: [{train: real_asr_train.jsonl, dev: real_asr_dev.jsonl, share: 0.3}]}``."""
 
     def validate(self, prefix: str) -> None:
         _check(self.batch_size >= 1, f"{prefix}.batch_size", "must be >= 1")
+        for task, sources in self.mix.items():
+            _check(task in self.train, f"{prefix}.mix.{task}",
+                   f"mixes into a task without a training manifest; tasks in {prefix}.train: {sorted(self.train)}")
+            total = sum(source.share for source in sources)
+            _check(total < 1, f"{prefix}.mix.{task}",
+                   f"the shares add up to {total:g}; they must leave room for {prefix}.train.{task} (sum < 1)")
         _check(self.max_duration >= 0, f"{prefix}.max_duration", "must be >= 0 seconds (0: no duration budget)")
         _check(set(self.train) <= set(TASK_NAMES) and self.train, f"{prefix}.train",
                f"maps task names ({', '.join(TASK_NAMES)}) to manifests")
@@ -302,6 +334,12 @@ class TrainConfig:
     the GPUs, for an LLM too large for one GPU; every rank takes part in dev evaluation. A frozen encoder
     stays whole on each GPU. Checkpoints are the same either way (a run resumes under the other). Not with
     model.projector.ctc_learn_scale (a scalar parameter, which FSDP2 cannot shard)."""
+    collective_timeout_minutes: float = 30.0
+    """Several processes: how long one waits in a collective (a gradient all-reduce, the stop decision,
+    a checkpoint's barrier) for the others before the run stops with an error instead of hanging: the
+    process group's timeout (nccl's own default is 10 minutes). Dev scoring is split over the
+    processes, so no rank waits through it; raise it when ranks load their models at very different
+    speeds (a slow shared disk). Building the corpus or the feature cache waits apart, up to a day."""
     init_from: str = ""
     """Warm start: a trained model folder (or "harmonifuse-demo", the shipped model) whose trained
     weights replace the fresh ones before the first step; its config must match ``model`` in every
@@ -324,6 +362,8 @@ class TrainConfig:
                f"must be auto or >= 0 (0: load in the training process), got {self.num_workers!r}")
         _check(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None, f"{prefix}.device",
                f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        _check(self.collective_timeout_minutes > 0, f"{prefix}.collective_timeout_minutes",
+               f"must be > 0 minutes, got {self.collective_timeout_minutes}")
 
 
 @dataclass

@@ -38,10 +38,26 @@ import torch
 from torch import nn
 
 
+AUTO_CHUNK = 8192
+"""``projector.ctc_vocab_chunk: auto``: this many tokens per block for a vocabulary above :data:`AUTO_CHUNK_ABOVE`."""
+AUTO_CHUNK_ABOVE = 65536
+
+
+def resolve_vocab_chunk(setting: int | str, vocab_size: int) -> int:
+    """``projector.ctc_vocab_chunk`` for a vocabulary of ``vocab_size`` tokens: a number as given; auto:
+    :data:`AUTO_CHUNK` above 64k tokens (whole float32 (B, N, V) tables of a 128-152k vocabulary take
+    gigabytes per batch), else 0 (the whole table: fastest)."""
+    if setting == "auto":
+        return AUTO_CHUNK if vocab_size > AUTO_CHUNK_ABOVE else 0
+    return int(setting)
+
+
 def embedding_ctc_loss(speech: torch.Tensor, lengths: torch.Tensor, targets: list[list[int]],
                        embedding: torch.Tensor, blank: int, scale: torch.Tensor | float = 1.0) -> torch.Tensor:
     """speech (B, N, H), lengths (B,), token ids per item, embedding (V, H) -> mean CTC loss per target token."""
-    return ctc_loss_from_logits((speech.float() @ embedding.float().T) * scale, lengths, targets, blank)
+    with _float32(speech.device):
+        logits = (speech.float() @ embedding.float().T) * scale
+    return ctc_loss_from_logits(logits, lengths, targets, blank)
 
 
 def ctc_loss_from_logits(logits: torch.Tensor, lengths: torch.Tensor, targets: list[list[int]],
@@ -82,7 +98,8 @@ def _ctc_nll_on_subset(log_probs: torch.Tensor, lengths: torch.Tensor, targets: 
 
 def _float32(device: torch.device):
     """No autocast: the chunked CTC's normaliser and its recomputation in the backward pass (which runs
-    outside autocast) must see the same float32 logits."""
+    outside autocast) must see the same float32 logits; and the whole-table logits are float32 too, so
+    that both give one loss under bf16 autocast."""
     return torch.autocast(device.type, enabled=False)
 
 
@@ -213,11 +230,13 @@ class EmbeddingCTC(nn.Module):
         """speech (B, N, H), embedding (V, H) -> unscaled class logits (B, N, V or V+1) and the blank's class.
 
         A learned blank's logit is computed apart and appended: concatenating it to the table
-        instead would copy the 49k-row table and take its gradient at every step."""
-        logits = speech.float() @ embedding.float().T
-        if self.blank_vector is None:
-            return logits, blank
-        blank_logit = speech.float() @ self.blank_vector.float()  # (B, N)
+        instead would copy the 49k-row table and take its gradient at every step. float32 under
+        autocast too, as the chunked computation (``vocab_chunk``): one loss either way."""
+        with _float32(speech.device):
+            logits = speech.float() @ embedding.float().T
+            if self.blank_vector is None:
+                return logits, blank
+            blank_logit = speech.float() @ self.blank_vector.float()  # (B, N)
         return torch.cat([logits, blank_logit[..., None]], dim=-1), embedding.shape[0]
 
     def token_mixture(self, speech: torch.Tensor, embedding: torch.Tensor, blank: int) -> torch.Tensor:
@@ -330,11 +349,12 @@ class EmbeddingCTC(nn.Module):
         x = speech.float()
         best_value = x.new_full(x.shape[:-1], float("-inf"))
         best = torch.zeros(x.shape[:-1], dtype=torch.long, device=x.device)
-        for start in range(0, embedding.shape[0], self.vocab_chunk):
-            value, index = (x @ embedding[start:start + self.vocab_chunk].float().T).max(-1)
-            better = value > best_value  # strict: ties keep the lower id, as argmax over the whole table
-            best_value, best = torch.where(better, value, best_value), torch.where(better, index + start, best)
-        if self.blank_vector is not None:
-            blank = embedding.shape[0]
-            best = torch.where(x @ self.blank_vector.float() > best_value, blank, best)
+        with _float32(x.device):  # the whole-table decoding's float32 logits, block by block
+            for start in range(0, embedding.shape[0], self.vocab_chunk):
+                value, index = (x @ embedding[start:start + self.vocab_chunk].float().T).max(-1)
+                better = value > best_value  # strict: ties keep the lower id, as argmax over the whole table
+                best_value, best = torch.where(better, value, best_value), torch.where(better, index + start, best)
+            if self.blank_vector is not None:
+                blank = embedding.shape[0]
+                best = torch.where(x @ self.blank_vector.float() > best_value, blank, best)
         return collapse_ctc_path(best, lengths, blank)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from harmonifuse.decoding import Hypothesis, beam_search
+from harmonifuse.decoding import DraftStats, Hypothesis, beam_search, draft_greedy_search
 
 SPEECH_MARK = "<<speech>>"
 IGNORE_INDEX = -100
@@ -43,14 +43,44 @@ class LLMInputs:
 
 def resolve_frozen_dtype(name: str, device: torch.device | str | None = None) -> torch.dtype:
     """``model.llm.frozen_dtype`` -> a torch dtype: auto is bfloat16 when the model will run on a GPU
-    (``device``; None: whenever CUDA is available), else float32."""
+    (``device``; None: whenever CUDA is available) that computes in bf16 natively (Ampere or later),
+    else float32."""
     if name == "auto":
-        on_gpu = torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
-        return torch.bfloat16 if on_gpu else torch.float32
+        from harmonifuse.training.hardware import native_bf16
+
+        if device is None and torch.cuda.is_available():
+            device = torch.device("cuda", torch.cuda.current_device())
+        on_gpu = device is not None and torch.device(device).type == "cuda"
+        return torch.bfloat16 if on_gpu and native_bf16(torch.device(device)) else torch.float32
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
     if name not in dtypes:
         raise ValueError(f"model.llm.frozen_dtype must be auto, float32 or bfloat16, got {name!r}")
     return dtypes[name]
+
+
+INT8_KEEP_FLOAT = ("down_proj",)
+"""Linear layers :meth:`SpeechLLM.int8_copy` leaves in float: the MLP's output projection reads the
+"massive activations" of Llama-family models (Sun et al., 2024; on the shipped model up to 61,000
+times the median magnitude, in layers 11 and 28), which int8 activations quantised per tensor
+flatten. Every Linear in int8 cost the shipped model 0.48 WER against float32's 0.38 on 16 test
+clips (beam 4); with these float, 0.39, at about the same speed (docs/results.md)."""
+
+
+def quantize_linears(module: nn.Module, keep_float: tuple[str, ...] = ()) -> nn.Module:
+    """``module`` with its nn.Linear layers replaced, in place, by dynamically quantised ones (int8
+    weights per output channel, activations quantised per call: torch.ao.quantization.quantize_dynamic;
+    CPU only), except those whose name ends with one of ``keep_float``. A tied output layer becomes
+    an int8 copy; the embedding table stays float."""
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    chosen = {name: per_channel_dynamic_qconfig for name, m in module.named_modules()
+              if isinstance(m, nn.Linear) and not name.endswith(keep_float)}
+    with warnings.catch_warnings():  # torch.ao's own deprecation notices (quantised tensors still work)
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.ao\..*")
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=".*quantize_per_(tensor|channel).*")
+        warnings.filterwarnings("ignore", message=".*torch.ao.quantization.*")
+        return quantize_dynamic(module, chosen, inplace=True)
 
 
 def answer_positions(labels: torch.Tensor) -> torch.Tensor:
@@ -70,6 +100,10 @@ class SpeechLLM(nn.Module):
         """transformers' repetition penalty (1.0: none), in :meth:`generate` and :meth:`decode` alike."""
         self.generate_options: dict = {}
         """Extra keyword arguments for transformers' generate, e.g. a static KV cache (see benchmarks)."""
+        self.lockstep = False
+        """The processes of the default process group decode together, each forward a collective (an LLM
+        sharded by fsdp): :meth:`decode` and :meth:`generate` then run as many forward passes on every
+        rank, a rank whose search has ended running idle ones until every rank's has."""
         self.eos_token_id = tokenizer.eos_token_id
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self._layouts: dict[str, tuple[list[int], list[int]]] = {}
@@ -96,13 +130,16 @@ class SpeechLLM(nn.Module):
                         max_new_tokens: int = 96, attention: str = "sdpa", repetition_penalty: float = 1.0,
                         frozen_dtype: str = "float32", device: torch.device | str | None = None) -> "SpeechLLM":
         """``frozen_dtype``: float32, bfloat16, or auto (bfloat16 when ``device`` is a GPU); the frozen
-        weights load in it directly (a 7B model: 14 GB of host memory instead of 28), the LoRA
-        adapters stay float32."""
+        weights load in it directly (a 7B model: 14 GB instead of 28), the LoRA adapters stay float32.
+        On a GPU ``device`` they load straight onto it, tensor by tensor, never whole in host memory
+        (eight ranks of a node would otherwise hold eight copies of the LLM in host memory at once)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(path)
+        on_gpu = device is not None and torch.device(device).type == "cuda"
+        placement = {"device_map": {"": torch.device(device)}} if on_gpu else {}
         model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_frozen_dtype(frozen_dtype, device),
-                                                     attn_implementation=attention)
+                                                     attn_implementation=attention, **placement)
         return cls.wrap(model, tokenizer, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                         lora_targets=lora_targets, chat_template=chat_template, max_new_tokens=max_new_tokens,
                         repetition_penalty=repetition_penalty)
@@ -152,6 +189,21 @@ class SpeechLLM(nn.Module):
                 module.weight.data = module.weight.data.to(dtype)
                 count += 1
         return count
+
+    def int8_copy(self) -> "SpeechLLM":
+        """A copy for CPU inference: LoRA merged into the frozen weights (one Linear per projection),
+        then its Linear layers in dynamic int8 (:func:`quantize_linears`) but for
+        :data:`INT8_KEEP_FLOAT`. This model is left as it is."""
+        import copy
+
+        model = copy.deepcopy(self.model)
+        if hasattr(model, "merge_and_unload"):
+            model = model.merge_and_unload()
+        clone = SpeechLLM(quantize_linears(model.float(), INT8_KEEP_FLOAT), self.tokenizer,
+                          chat_template=self.use_chat_template, max_new_tokens=self.max_new_tokens,
+                          repetition_penalty=self.repetition_penalty)
+        clone.generate_options = dict(self.generate_options)
+        return clone
 
     @property
     def device(self) -> torch.device:
@@ -272,7 +324,7 @@ class SpeechLLM(nn.Module):
             inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
             max_new_tokens=max_new_tokens or self.max_new_tokens, do_sample=False, num_beams=1,
             logits_processor=processors, eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
-            **self.generate_options)
+            synced_gpus=self.lockstep, **self.generate_options)
         return [text.strip() for text in self.tokenizer.batch_decode(generated, skip_special_tokens=True)]
 
     @torch.no_grad()
@@ -280,7 +332,9 @@ class SpeechLLM(nn.Module):
                beam_size: int = 1, ctc_weight: float = 0.0, llm_candidates: int = 8,
                ctc_log_probs: torch.Tensor | None = None, ctc_lengths: torch.Tensor | None = None,
                blank: int | None = None, ctc_tokens: list[list[int]] | None = None,
-               max_new_tokens: int | None = None, max_tokens_per_position: float | None = 1.0) -> list[Hypothesis]:
+               max_new_tokens: int | None = None, max_tokens_per_position: float | None = 1.0,
+               drafts: list[list[int]] | None = None, draft_tokens: int = 4,
+               stats: DraftStats | None = None) -> list[Hypothesis]:
         """Joint CTC/LLM beam search (harmonifuse/decoding.py) with the KV cache: one hypothesis per item.
 
         speech (B, N, H), speech_lengths (B,); ``ctc_log_probs`` (B, T, C) and ``ctc_lengths`` (B,)
@@ -288,6 +342,11 @@ class SpeechLLM(nn.Module):
         :meth:`generate` returns (up to the length bound). ``max_tokens_per_position``: at most this many
         answer tokens per speech position (1.0 at the projector's 10 positions per second is 10 tokens
         per second, twice fast speech; None: only ``max_new_tokens``).
+
+        ``drafts`` (beam 1 only): a draft answer per item (its greedy CTC tokens): the same answer in
+        fewer forward passes, each checking up to ``draft_tokens`` draft tokens at once
+        (:func:`~harmonifuse.decoding.draft_greedy_search`). ``stats``: forward passes and drafts
+        counted into it.
         """
         context = self.build_inputs(speech, speech_lengths, prompts, left_pad=True)
         out = self.model(inputs_embeds=context.inputs_embeds, attention_mask=context.attention_mask,
@@ -306,6 +365,8 @@ class SpeechLLM(nn.Module):
 
         def step(tokens: torch.Tensor, parents: torch.Tensor) -> torch.Tensor:
             nonlocal mask, position, seen
+            if self.lockstep:
+                self._any_rank_decoding(True)
             if not torch.equal(parents, rows):  # greedy rows never move: spare copying the cache
                 cache.reorder_cache(parents)
                 mask, position = mask[parents], position[parents]
@@ -321,12 +382,79 @@ class SpeechLLM(nn.Module):
                 logits = torch.where(seen, penalised, logits)
             return logits
 
-        return beam_search(out.logits[:, -1], step, eos=self.eos_token_id,
-                           max_new_tokens=max_new_tokens or self.max_new_tokens, beam_size=beam_size,
-                           ctc_weight=ctc_weight, llm_candidates=llm_candidates, ctc_log_probs=ctc_log_probs,
-                           ctc_lengths=ctc_lengths, blank=blank, ctc_tokens=ctc_tokens,
-                           max_lengths=None if max_tokens_per_position is None else
-                           [max(1, int(n * max_tokens_per_position)) for n in speech_lengths.tolist()])
+        previous = {"n": 0, "seen": None}  # the last block verify read: its width, the tokens seen through each
+
+        def verify(tokens: torch.Tensor, widths: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+            """tokens (B, n), widths (B,), kept (B,) -> logits (B, n, V) (see decoding.VerifyFn). A token
+            not kept stays in the cache, masked out: the attention never reads it again."""
+            nonlocal mask, position, seen
+            if self.lockstep:
+                self._any_rank_decoding(True)
+            n_prev = previous["n"]
+            if n_prev:
+                keep = (torch.arange(n_prev, device=mask.device)[None] < kept[:, None]).long()  # (B, n_prev)
+                mask = torch.cat([mask[:, :-n_prev], mask[:, -n_prev:] * keep], dim=1)
+                position = position + kept
+                if seen is not None:
+                    seen = seen | previous["seen"][rows, kept - 1]
+                used = int(mask.any(0).nonzero().max()) + 1  # columns no row reads any more: off the cache
+                if used < mask.shape[1] and hasattr(cache, "crop"):
+                    cache.crop(used - mask.shape[1])
+                    mask = mask[:, :used]
+            n = tokens.shape[1]
+            offsets = torch.arange(n, device=mask.device)[None]
+            mask = torch.cat([mask, (offsets < widths[:, None]).long()], dim=1)
+            logits = self.model(inputs_embeds=self.embed(tokens), attention_mask=mask,
+                                position_ids=position[:, None] + offsets, use_cache=True,
+                                **{self._cache_arg: cache}).logits  # (B, n, V)
+            previous["n"] = n
+            if seen is not None:  # the penalty at block position j: the tokens generated and block[0..j]
+                read = torch.zeros_like(logits, dtype=torch.bool).scatter_(2, tokens[..., None], True)
+                read = read.cummax(1).values  # (B, n, V)
+                previous["seen"] = read
+                penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
+                logits = torch.where(seen[:, None] | read, penalised, logits)
+            return logits
+
+        search = dict(eos=self.eos_token_id, max_new_tokens=max_new_tokens or self.max_new_tokens,
+                      ctc_weight=ctc_weight, llm_candidates=llm_candidates, ctc_log_probs=ctc_log_probs,
+                      ctc_lengths=ctc_lengths, blank=blank, ctc_tokens=ctc_tokens,
+                      max_lengths=None if max_tokens_per_position is None else
+                      [max(1, int(n * max_tokens_per_position)) for n in speech_lengths.tolist()])
+        if drafts is not None and beam_size == 1:
+            hypotheses = draft_greedy_search(out.logits[:, -1], verify, drafts=drafts, draft_tokens=draft_tokens,
+                                             stats=stats, **search)
+        else:
+            steps = [0]
+
+            def counted_step(tokens: torch.Tensor, parents: torch.Tensor) -> torch.Tensor:
+                steps[0] += 1
+                return step(tokens, parents)
+
+            hypotheses = beam_search(out.logits[:, -1], counted_step, beam_size=beam_size, **search)
+            if stats is not None:  # step by step: one token per utterance and forward pass
+                stats.forwards += steps[0]
+                stats.row_passes += steps[0] * len(prompts)
+        if self.lockstep:
+            while self._any_rank_decoding(False):  # the others still decode: join their forward passes
+                self._idle_forward()
+        return hypotheses
+
+    def _any_rank_decoding(self, decoding: bool) -> bool:
+        """One round of lock-step decoding: whether any rank still decodes (this rank's flag, all-reduced);
+        every rank then runs one forward pass, a real step or :meth:`_idle_forward`."""
+        import torch.distributed as dist
+
+        flag = torch.tensor([float(decoding)], device=self.device)
+        dist.all_reduce(flag)
+        return bool(flag.item() > 0)
+
+    @torch.no_grad()
+    def _idle_forward(self) -> None:
+        """A one-token forward pass whose result nobody reads: the collectives of a decoding step (under
+        fsdp, each decoder layer's gathering) for a rank that has nothing left to decode."""
+        table = self.model.get_input_embeddings().weight
+        self.model(inputs_embeds=table.new_zeros(1, 1, table.shape[1]), use_cache=False, logits_to_keep=1)
 
     def _cache_of(self, output):
         return getattr(output, self._cache_arg)

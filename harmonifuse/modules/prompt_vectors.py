@@ -17,6 +17,8 @@ class MeanEmbeddingPrompt(nn.Module):
         super().__init__()
         self._llm = [llm]  # not a submodule: its weights belong to the LLM
         self._cache: dict[str, torch.Tensor] = {}
+        self.fixed: str | None = None
+        """Why no new prompt may be computed (every vector was computed ahead), or None: compute on first use."""
 
     @property
     def llm(self):
@@ -32,7 +34,10 @@ class MeanEmbeddingPrompt(nn.Module):
 
     def forward(self, prompts: list[str]) -> torch.Tensor:
         """B prompt strings -> (B, P) float32 vectors."""
-        for prompt in set(prompts) - set(self._cache):
+        new = sorted(set(prompts) - set(self._cache))
+        if new and self.fixed:
+            raise ValueError(f"no prompt vector for {new}: {self.fixed}; add the phrasing there")
+        for prompt in new:
             with torch.no_grad():
                 self._cache[prompt] = self.compute(prompt).detach()
         return torch.stack([self._cache[p] for p in prompts])

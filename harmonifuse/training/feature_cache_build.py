@@ -76,12 +76,15 @@ def format_summary(summary: dict) -> str:
 
 def run_utterances(config: RunConfig, *, progress: bool = True, rank: int = 0) -> list[Utterance]:
     """The utterances whose features training reads: train, and dev as sampled for evaluation."""
-    from harmonifuse.training.loaders import cached_utterances, ensure_corpus, read_split
+    from harmonifuse.training.loaders import cached_utterances, ensure_corpus, read_mix, read_split, spread_sample
 
     root = ensure_corpus(config.data, progress=progress and rank == 0)
     labels = config.model.tasks.emotion_labels
-    return cached_utterances(config.data, read_split(root, config.data.train, labels),
-                             read_split(root, config.data.dev, labels))
+    train, dev = read_split(root, config.data.train, labels), read_split(root, config.data.dev, labels)
+    dev = {task: spread_sample(utts, config.data.dev_limit) for task, utts in dev.items()}
+    read_mix(config.data, root, labels, train, dev, seed=config.train.seed)
+    unique = {id(u): u for utts in train.values() for u in utts}  # mixed sources repeat utterances
+    return cached_utterances(config.data, {"all": list(unique.values())}, dev)
 
 
 def cache_command(config: RunConfig, *, device: str | None = None, progress: bool = True,

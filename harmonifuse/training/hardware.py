@@ -7,6 +7,7 @@ import os
 import platform
 import re
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -29,7 +30,7 @@ def env_local_rank() -> int:
 
 
 def choose_device(requested: str = "auto", local_rank: int = 0, *, option: str = "--device") -> torch.device:
-    """The device a process runs on.
+    """The device a process runs on; a GPU is made the process's current one (:func:`use_gpu`).
 
     ``auto``: ``cuda:local_rank`` when CUDA is available, else the CPU. ``cuda``: ``cuda:local_rank``
     (each torchrun rank its own GPU). ``cuda:N``: that GPU (one process only). ``cpu``: the CPU.
@@ -57,24 +58,63 @@ def choose_device(requested: str = "auto", local_rank: int = 0, *, option: str =
     if gpu >= count:
         raise DeviceError(f"{option} {requested}: there is no GPU {gpu}, this machine shows {count} "
                           f"(cuda:0..cuda:{count - 1}); start at most {count} processes per node or name another GPU")
-    return torch.device("cuda", gpu)
+    device = torch.device("cuda", gpu)
+    use_gpu(device)
+    return device
 
 
-def init_distributed(device: torch.device | None = None) -> tuple[int, int]:
+def use_gpu(device: torch.device) -> None:
+    """Make ``device`` (a GPU) the process's current CUDA device, and let float32 matmuls use TF32.
+
+    Current device: work that names no index (the CUDA random generator, ``torch.cuda`` calls,
+    kernels' workspaces, nccl) would otherwise land on cuda:0 whatever ``--device cuda:N`` said.
+    TF32: the float32 matmuls that remain under bf16 autocast (the embedding-CTC over the whole
+    vocabulary, kept float32 on purpose) run on the tensor cores (Ampere and later) instead of at a
+    tenth of their speed; TF32 keeps float32's range with a 10-bit mantissa, as bf16 autocast's
+    inputs have 7."""
+    torch.cuda.set_device(device)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+
+def init_distributed(device: torch.device | None = None, *, timeout: timedelta | None = None) -> tuple[int, int]:
     """(rank, world size); initialises the process group under torchrun: nccl bound to ``device``
-    on CUDA (``set_device`` first, so every rank's CUDA work lands on its own GPU), gloo on the CPU."""
+    on CUDA (``set_device`` first, so every rank's CUDA work lands on its own GPU), gloo on the CPU.
+
+    ``timeout``: how long a collective waits for the other ranks before it fails (``train.collective_timeout_minutes``;
+    None: torch's default, 10 minutes under nccl, 30 under gloo)."""
     device = device if device is not None else torch.device("cpu")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
+        options = {"timeout": timeout} if timeout is not None else {}
         if device.type == "cuda":
-            dist.init_process_group("nccl", device_id=device)
+            dist.init_process_group("nccl", device_id=device, **options)
         else:
-            dist.init_process_group("gloo")
+            dist.init_process_group("gloo", **options)
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def is_collective_timeout(error: BaseException) -> bool:
+    """Whether ``error`` is a collective that waited past the process group's timeout (gloo raises it
+    in Python; nccl's watchdog ends the process itself, logging the timeout)."""
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and ("timed out waiting" in text or "collective operation timeout" in text)
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes in bf16 natively: a CPU (autocast decides by speed, :func:`choose_precision`),
+    or a GPU of compute capability 8.0 or later (Ampere); older GPUs only emulate it, several times slower."""
+    return device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def pre_ampere_note(device: torch.device) -> str:
+    """'NAME (compute capability X.Y) has no native bf16' for a GPU without it."""
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"{torch.cuda.get_device_name(device)} (compute capability {major}.{minor}) has no native bf16"
 
 
 def loader_settings(num_workers: int | str, pin_memory: bool | str, device: torch.device) -> tuple[int, bool]:
@@ -99,8 +139,17 @@ def loader_settings(num_workers: int | str, pin_memory: bool | str, device: torc
 
 
 def choose_precision(requested: str, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast where it measures faster than float32 (CUDA, CPUs with bf16 matrix units)."""
+    """bf16 autocast where it measures faster than float32 (CUDA, CPUs with bf16 matrix units).
+
+    A GPU older than Ampere only emulates bf16 (several times slower than float32): it trains in
+    float32, with a warning, whatever ``train.precision`` asked (float16 autocast would need loss
+    scaling, which the trainer does not do)."""
     if requested == "fp32":
+        return None
+    if device.type == "cuda" and not native_bf16(device):
+        log.warning("%s: training in float32 (train.precision %s would run emulated bf16, several times slower); "
+                    "model.llm.frozen_dtype auto keeps the LLM in float32 there too", pre_ampere_note(device),
+                    requested)
         return None
     if requested == "bf16" or device.type == "cuda":
         return torch.bfloat16

@@ -1,11 +1,14 @@
 """From a run's DataConfig to manifests, a feature cache and the batch-interleaved loader."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from harmonifuse.assets import cache_dir
@@ -35,10 +38,12 @@ def spread_sample(utterances: list[Utterance], limit: int) -> list[Utterance]:
     """A fixed, seeded subset: manifests are often sorted by speaker or label, so never the first N."""
     if len(utterances) <= limit:
         return utterances
-    import numpy as np
-
     keep = np.sort(np.random.default_rng(0).choice(len(utterances), size=limit, replace=False))
     return [utterances[i] for i in keep]
+
+
+CORPUS_WAIT = timedelta(hours=24)
+"""How long the other ranks wait for rank 0 to synthesise the built-in corpus."""
 
 
 def ensure_corpus(config: DataConfig, *, progress: bool = True) -> Path:
@@ -49,7 +54,40 @@ def ensure_corpus(config: DataConfig, *, progress: bool = True) -> Path:
     ``data.root`` must be absent, empty or a built-in corpus (whole or interrupted). Anything else,
     such as a mistyped manifest name in a folder of your own, is a FileNotFoundError naming the
     missing file and its config field; nothing is synthesised.
+
+    Under torchrun (a process group of several ranks; every rank calls this) rank 0 alone builds,
+    the others wait for it (on a gloo group of their own, up to :data:`CORPUS_WAIT`) and then read
+    what it wrote; an error of rank 0's is raised on every rank.
     """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return _ensure_corpus_here(config, progress=progress)
+    group = dist.new_group(backend="gloo", timeout=CORPUS_WAIT)  # collective: every rank, before any work
+    rank, outcome = dist.get_rank(), [None]
+    try:
+        if rank == 0:
+            try:
+                _ensure_corpus_here(config, progress=progress)
+            except Exception as error:  # noqa: BLE001 - every rank raises it, not rank 0 alone
+                outcome = [error]
+        dist.broadcast_object_list(outcome, src=0, group=group)
+    finally:
+        dist.destroy_process_group(group)
+    if outcome[0] is not None:
+        raise outcome[0]
+    if rank == 0:
+        return Path(config.root)
+    try:
+        return _ensure_corpus_here(dataclasses.replace(config, build_synthetic=False), progress=False)
+    except FileNotFoundError as error:  # rank 0 found or built them: this rank's node does not see that folder
+        raise FileNotFoundError(f"{error} (rank {rank}); rank 0 found or built the manifests in "
+                                f"data.root={config.root}, which this process does not see: put data.root on a "
+                                "filesystem every node shares, or write the manifests on every node first") from None
+
+
+def _ensure_corpus_here(config: DataConfig, *, progress: bool) -> Path:
+    """:func:`ensure_corpus` in one process."""
     root = Path(config.root)
     missing = {f"data.train.{task}": root / name for task, name in config.train.items()
                if not (root / name).is_file()}
@@ -94,6 +132,53 @@ def read_split(root: Path, split: dict[str, str], labels: list[str]) -> dict[str
         if path.is_file():
             out[task] = [u for u in read_manifest(path, labels=labels) if u.has_task(task)]
     return out
+
+
+def mix_in(base: list[Utterance], sources: Sequence[tuple[list[Utterance], float]], *,
+           seed: int) -> list[Utterance]:
+    """``base`` plus each source's utterances repeated and/or subsampled so that each source makes
+    up its share of the result (in count; seeded, so every rank and every resume draws the same)."""
+    room = 1.0 - sum(share for _, share in sources)
+    rng = np.random.default_rng(seed)
+    out = list(base)
+    for utterances, share in sources:
+        if not utterances:
+            continue
+        wanted = round(share / room * len(base)) if base else len(utterances)
+        copies, rest = divmod(wanted, len(utterances))
+        out += utterances * copies
+        out += [utterances[i] for i in np.sort(rng.choice(len(utterances), size=rest, replace=False))]
+    return out
+
+
+def _mix_path(root: Path, name: str) -> Path:
+    path = Path(name)
+    return path if path.is_absolute() else root / path
+
+
+def read_mix(config: DataConfig, root: Path, labels: list[str], train: dict[str, list[Utterance]],
+             dev: dict[str, list[Utterance]], *, seed: int) -> None:
+    """Draw ``data.mix``'s sources into ``train`` (at their shares) and ``dev`` (``data.dev_limit``
+    split evenly over the task's sources), in place."""
+    for task, sources in config.mix.items():
+        drawn, devs = [], [dev.get(task, [])]
+        for i, source in enumerate(sources):
+            field = f"data.mix.{task}[{i}]"
+            for split in ("train", "dev"):
+                name = getattr(source, split)
+                if name and not _mix_path(root, name).is_file():
+                    raise FileNotFoundError(f"{field}.{split}: manifest {_mix_path(root, name)} does not exist; "
+                                            f"write it first (e.g. `harmonifuse prepare real-speech DIR`)")
+            utterances = [u for u in read_manifest(_mix_path(root, source.train), labels=labels) if u.has_task(task)]
+            if not utterances:
+                raise ValueError(f"{field}.train: {source.train} has no utterance labelled for {task}")
+            drawn.append((utterances, source.share))
+            if source.dev:
+                devs.append([u for u in read_manifest(_mix_path(root, source.dev), labels=labels)
+                             if u.has_task(task)])
+        train[task] = mix_in(train[task], drawn, seed=seed)
+        share = max(1, config.dev_limit // len(devs))
+        dev[task] = [u for utts in devs for u in spread_sample(utts, share)]
 
 
 def uses_feature_cache(setting: str, device: torch.device | str) -> bool:
@@ -186,6 +271,7 @@ def build_run_data(config: DataConfig, encoder, labels: list[str], *, seed: int,
     dev = read_split(root, config.dev, labels)
     test = read_split(root, config.test, labels)
     dev = {task: spread_sample(utts, config.dev_limit) for task, utts in dev.items()}
+    read_mix(config, root, labels, train, dev, seed=seed)
     cache = feature_cache_for(encoder, config, device)
     if cache is not None:  # every rank its share, then all meet (a long wait: a gloo group of its own)
         from harmonifuse.training.feature_cache_build import CACHE_FIRST_HINT, build_shared

@@ -5,13 +5,16 @@ import contextlib
 import dataclasses
 import logging
 import random
+from datetime import timedelta
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from harmonifuse.config import load_config
 from harmonifuse.config.run import RunConfig
-from harmonifuse.training.hardware import choose_device, env_local_rank, init_distributed, loader_settings
+from harmonifuse.training.hardware import (choose_device, env_local_rank, init_distributed, is_collective_timeout,
+                                           loader_settings)
 from harmonifuse.training.loaders import build_run_data
 from harmonifuse.training.lock import output_dir_lock, refuse_to_overwrite
 from harmonifuse.training.shared_folders import check_shared_folder
@@ -36,23 +39,47 @@ def train(config: RunConfig, *, resume: bool = False, progress: bool = True, mod
 
     ``device`` (``harmonifuse train --device``) replaces ``train.device`` when given.
 
+    Under torchrun the process group is made here (its timeout ``train.collective_timeout_minutes``)
+    and taken down after a run that ended normally.
+
     Raises:
         DeviceError: the device cannot be used (CUDA asked for where there is none, ...).
         RunLockedError: another process is training into ``train.output_dir``.
         RunExistsError: without ``resume``, ``train.output_dir`` already holds a run.
+        CollectiveTimeoutError: another process did not reach a collective within the timeout.
     """
     if device is not None:
         config = dataclasses.replace(config, train=dataclasses.replace(config.train, device=device))
     where = choose_device(config.train.device, env_local_rank(),
                           option="--device" if device is not None else "train.device")
-    rank, world_size = init_distributed(where)
-    # several nodes: every rank reads rank 0's checkpoints on resume, so they must all see one folder
-    check_shared_folder(config.train.output_dir, "the output folder (train.output_dir)")
-    if not resume:  # every rank, on the folder they share: all refuse together
-        refuse_to_overwrite(config.train.output_dir)
-    # rank 0 alone: the other ranks of a DDP run share its folder (and write nothing into it)
-    with output_dir_lock(config.train.output_dir) if rank == 0 else contextlib.nullcontext():
-        return _train(config, rank, world_size, where, resume=resume, progress=progress, model=model)
+    ours = not dist.is_initialized()  # a group made by the caller is the caller's to take down
+    rank, world_size = init_distributed(where, timeout=timedelta(minutes=config.train.collective_timeout_minutes))
+    try:
+        # several nodes: every rank reads rank 0's checkpoints on resume, so they must all see one folder
+        check_shared_folder(config.train.output_dir, "the output folder (train.output_dir)")
+        if not resume:  # every rank, on the folder they share: all refuse together
+            refuse_to_overwrite(config.train.output_dir)
+        # rank 0 alone: the other ranks of a DDP run share its folder (and write nothing into it)
+        with output_dir_lock(config.train.output_dir) if rank == 0 else contextlib.nullcontext():
+            summary = _train(config, rank, world_size, where, resume=resume, progress=progress, model=model)
+    except Exception as error:  # the group is left as it is: another rank may still be inside a collective
+        if world_size > 1 and is_collective_timeout(error):
+            raise CollectiveTimeoutError(rank, config.train.collective_timeout_minutes, error) from error
+        raise
+    if ours and world_size > 1 and dist.is_initialized():
+        dist.destroy_process_group()
+    return summary
+
+
+class CollectiveTimeoutError(RuntimeError):
+    """A rank waited in a collective longer than ``train.collective_timeout_minutes`` for the others."""
+
+    def __init__(self, rank: int, minutes: float, error: BaseException) -> None:
+        super().__init__(f"rank {rank} waited more than {minutes:g} minutes (train.collective_timeout_minutes) for the "
+                         "other processes in a collective: another rank has stopped or is that far behind (its own "
+                         "error, if any, is above). If the ranks are merely slow (loading a model from a slow shared "
+                         f"disk, say), raise train.collective_timeout_minutes. ({type(error).__name__}: "
+                         f"{str(error).splitlines()[0] if str(error) else ''})")
 
 
 def _train(config: RunConfig, rank: int, world_size: int, device: torch.device, *, resume: bool, progress: bool,

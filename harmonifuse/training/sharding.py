@@ -26,6 +26,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from harmonifuse.evaluation.evaluate import ALONE, Share
+
 PARALLEL_CHOICES = ("ddp", "fsdp")
 
 
@@ -34,7 +36,8 @@ class Parallel:
 
     name = "single"
     evaluates_on_every_rank = False
-    """Whether every rank must take part in evaluation (a sharded model's forward is a collective)."""
+    """Whether every rank takes part in evaluation (ddp: each its share; fsdp: a sharded model's forward is
+    a collective)."""
 
     def wrap(self, model: nn.Module) -> nn.Module:
         """What training steps call; may change ``model``'s parameters (build optimisers afterwards)."""
@@ -43,13 +46,6 @@ class Parallel:
     def no_sync(self, module: nn.Module) -> contextlib.AbstractContextManager:
         """Accumulate gradients locally (a micro-batch that is not the step's last)."""
         return contextlib.nullcontext()
-
-    def zero_backward(self, model: nn.Module, module: nn.Module, sync: bool) -> None:
-        """A backward pass adding zero to every gradient, for a rank whose batch is empty (no usable
-        utterance), so that it still joins the others' gradient reduction."""
-        zero = sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
-        with contextlib.nullcontext() if sync else self.no_sync(module):
-            zero.backward()
 
     def trained_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """The trained parameters as full tensors on rank 0 (a collective under fsdp: call on every rank)."""
@@ -74,11 +70,18 @@ class Parallel:
         """Inside: the model's parts can be called directly (``analyze_hidden``, the CTC), not only ``forward``."""
         yield
 
+    def evaluation_share(self) -> Share:
+        """Which part of an evaluation this rank answers (:class:`~harmonifuse.evaluation.evaluate.Share`)."""
+        return ALONE
+
 
 class DDPParallel(Parallel):
-    """DistributedDataParallel: a full replica per rank, gradients all-reduced."""
+    """DistributedDataParallel: a full replica per rank, gradients all-reduced. Evaluation is split
+    over the ranks (each scores its share of the batches on its own replica, the answers gathered):
+    every rank busy, none waiting in a collective for the whole scoring."""
 
     name = "ddp"
+    evaluates_on_every_rank = True
 
     def __init__(self, device: torch.device, *, unused_parameters: bool) -> None:
         self.device, self.unused_parameters = device, unused_parameters
@@ -91,6 +94,9 @@ class DDPParallel(Parallel):
 
     def no_sync(self, module: nn.Module) -> contextlib.AbstractContextManager:
         return module.no_sync()
+
+    def evaluation_share(self) -> Share:
+        return Share(dist.get_rank(), dist.get_world_size())
 
 
 def decoder_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -135,8 +141,10 @@ class FSDPParallel(Parallel):
 
     Dev evaluation runs on every rank in step, on the same utterances: a sharded layer's forward is a
     collective, and gathering the whole model for rank 0 alone would need the memory FSDP is there to
-    spare. Same inputs and the same gathered weights give every rank the same decoding, so the same
-    number of forward passes (ranks on differing kinds of GPU could diverge and then wait on each other).
+    spare. Same inputs and the same gathered weights give every rank the same decoding in principle;
+    but numeric differences (kernels, another kind of GPU) can end one rank's search sooner, so the
+    LLM decodes in lock step (``SpeechLLM.lockstep``): a rank that has finished runs idle forwards
+    until every rank has.
     """
 
     name = "fsdp"
@@ -165,12 +173,6 @@ class FSDPParallel(Parallel):
             yield
         finally:
             module.set_requires_gradient_sync(True)
-
-    def zero_backward(self, model: nn.Module, module: nn.Module, sync: bool) -> None:
-        rank = dist.get_rank() if dist.is_initialized() else 0
-        raise RuntimeError(f"rank {rank} has a batch without any usable utterance; under "
-                           "train.parallel: fsdp every rank must run the model at every step. Remove or fix the "
-                           "unreadable files (data.bad_samples: fail names them), or train with train.parallel: ddp")
 
     def trained_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -213,11 +215,14 @@ class FSDPParallel(Parallel):
     @contextlib.contextmanager
     def evaluation(self, model: nn.Module) -> Iterator[None]:
         # evaluation calls the parts (fusion, gate, projector, embeddings) directly, not through
-        # forward: gather the root's parameters for its duration; the decoder layers gather themselves
+        # forward: gather the root's parameters for its duration; the decoder layers gather themselves,
+        # as many times on every rank (lock step)
         model.unshard()
+        model.llm.lockstep = True
         try:
             yield
         finally:
+            model.llm.lockstep = False
             model.reshard()
 
 

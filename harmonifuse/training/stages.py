@@ -31,8 +31,8 @@ class Stage:
     """What ``max_minutes`` counts: this stage's own minutes, or the whole run's (every stage)."""
     eval_every: int
     evaluate: Callable[[], bool]
-    """Scores dev on rank 0 (every rank under fsdp) and logs it; returns True to stop early (every rank
-    sees the same answer)."""
+    """Scores dev (on every rank: each its share under ddp, all in step under fsdp) and logs it; returns
+    True to stop early (every rank sees the same answer)."""
     grad_accum: int = 1
     step: int = 0
     seconds: float = 0.0

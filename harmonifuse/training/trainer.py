@@ -6,6 +6,11 @@ Every step takes one batch of one task (or a mixed batch for the ablation); all 
 same task at the same step, each its own shard, and DDP averages every stage's gradients. Only
 rank 0 writes logs and checkpoints. Whether to stop (time budget, a signal to any one rank, early
 stopping) is decided once for all ranks, so every rank leaves the loop at the same step.
+
+No rank ever waits on a collective the others do not run: a rank whose whole batch was unreadable
+still runs the step (a stand-in batch, its loss times zero); dev scoring is split over the ranks
+under ddp and runs on every rank in step under fsdp; every prompt vector is computed before fsdp
+shards the LLM. Each rank draws its own SpecAugment masks and dropout (seeded per rank and step).
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ import logging
 import math
 import signal
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +32,7 @@ from tqdm import tqdm
 from harmonifuse.atomic import atomic_write_text
 from harmonifuse.config import to_yaml
 from harmonifuse.config.run import RunConfig
+from harmonifuse.data.batch import MIXED_TASK, SpeechBatch
 from harmonifuse.data.prompt_choice import PromptChoice
 from harmonifuse.evaluation.evaluate import evaluate, evaluate_ctc
 from harmonifuse.evaluation.metrics import dev_score
@@ -53,6 +60,7 @@ class Trainer:
         self.device = model.llm.device  # where training/run.py put the model; every collective's tensors live here
         self._setup_memory()
         self._setup_precision()
+        self._setup_prompt_vectors()  # before the LLM is sharded
         self.module = self._setup_parallel(parallel)  # before the optimisers: FSDP replaces the parameters
         self.stages = self._setup_stages()
         self._setup_bookkeeping()
@@ -67,6 +75,21 @@ class Trainer:
         self.autocast_dtype = choose_precision(self.config.train.precision, self.device)
         if self.autocast_dtype is not None:  # bit-identical under autocast, without per-call weight casts
             self.model.llm.store_frozen_linears_in(self.autocast_dtype)
+
+    def _setup_prompt_vectors(self) -> None:
+        """Every prompt's vector (``model.tasks.prompts``, ``train_prompts``), now, on every rank.
+
+        With ``model.prompt.vector: hidden_state`` a prompt's vector is a forward pass of the LLM,
+        computed the first time the prompt appears; once fsdp has sharded the LLM that forward is a
+        collective, and ranks drawing new phrasings at different steps would run different numbers
+        of them. Under fsdp any other prompt is then refused by name instead."""
+        tasks = self.config.model.tasks
+        prompts = sorted({*tasks.prompts.values(), *(p for options in tasks.train_prompts.values() for p in options)})
+        with torch.no_grad(), self._autocast():
+            self.model.prompt_encoder(prompts)
+        if self.config.train.parallel == "fsdp" and self.world_size > 1:
+            self.model.prompt_encoder.fixed = ("under train.parallel fsdp every prompt vector is computed before the "
+                                               "LLM is sharded, from model.tasks.prompts and model.tasks.train_prompts")
 
     def _setup_stages(self) -> list[Stage]:
         """The alignment stage (when ``align.max_steps``), then the main stage."""
@@ -199,25 +222,46 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def _global_token_mean(self, out, stage: Stage) -> torch.Tensor:
+    def _global_token_mean(self, out, stage: Stage, *, tokens: int | None = None) -> torch.Tensor:
         """Under DDP, rescale so the averaged gradient is that of the mean over *all* ranks' answer
         tokens, exactly what one process with the global batch computes. Auxiliary terms (CTC) and the
         alignment stage's loss are means over items, which DDP's averaging over equal shards already
-        makes global."""
+        makes global. ``tokens``: what this rank adds to the count (0 for a stand-in batch)."""
         if self.world_size == 1 or stage.objective != "answer":
             return out.loss
-        total = torch.tensor([float(out.num_tokens)], device=self.device)
+        mine = out.num_tokens if tokens is None else tokens
+        total = torch.tensor([float(mine)], device=self.device)
         dist.all_reduce(total)
         answer = out.answer_loss if out.answer_loss is not None else out.loss
-        return answer * (out.num_tokens * self.world_size / float(total)) + (out.loss - answer)
+        return answer * (mine * self.world_size / max(float(total), 1.0)) + (out.loss - answer)
 
-    def _empty_step(self, stage: Stage, sync: bool) -> None:
-        """A zero-gradient step that still takes part in DDP's token count and gradient all-reduce."""
-        if self.world_size == 1:
-            return
-        if stage.objective == "answer":
-            dist.all_reduce(torch.zeros(1, device=self.device))  # matches the token count all-reduce of the other ranks
-        self.parallel.zero_backward(self.model, self.module, sync)
+    def _stand_in(self, batch: SpeechBatch, stage: Stage) -> SpeechBatch:
+        """What a rank whose whole batch was skipped (``data.bad_samples: skip``) runs instead, its loss
+        times zero: one second of quiet noise of the step's task, as the loader serves it (cached hidden
+        states or a waveform). Skipping the step would leave the rank out of its collectives (DDP's
+        buffer broadcast and gradient all-reduce, FSDP's gathers and reductions, the token count), and
+        the other ranks' would pair with its next ones: a hang or silently wrong gradients. Through
+        the wrapped model, with the step's own task, it takes part in every one and adds nothing."""
+        tasks = stage.loader.sampler.tasks
+        task = batch.task if batch.task != MIXED_TASK and batch.task in tasks else tasks[0]
+        generator = torch.Generator().manual_seed(0)
+        if self.data.cache is not None:
+            encoder = self.model.encoder
+            frames = 50
+            hidden = 0.1 * torch.randn(encoder.num_hidden_states, 1, frames, encoder.hidden_size, generator=generator)
+            inputs = {"hidden_states": hidden.half(), "frame_lengths": torch.tensor([frames])}
+        else:
+            inputs = {"waveforms": 0.01 * torch.randn(1, 16_000, generator=generator),
+                      "wave_lengths": torch.tensor([16_000])}
+        stand_in = SpeechBatch(task=task, tasks=[task], ids=["<stand-in>"],
+                               targets=[self.config.model.tasks.emotion_labels[0]], **inputs)
+        return stand_in.to(self.device)
+
+    def _step_seed(self, stage: Stage) -> int:
+        """The torch seed of a step on this rank, under several processes: each rank draws its own
+        SpecAugment masks and dropout (seeding every rank alike would mask the same frames of
+        different utterances), and a resumed run draws exactly what the uninterrupted one did."""
+        return zlib.crc32(f"{self.config.train.seed}|{stage.name}|{stage.step}|{self.rank}".encode())
 
     def _optimizer_step(self, stage: Stage, record: dict) -> None:
         """Clip the gradients of the stage's parameters (norm into the log record), step, schedule."""
@@ -279,6 +323,8 @@ class Trainer:
             while stage.step < stage.max_steps:
                 start = time.perf_counter()
                 stage.optimizer.zero_grad(set_to_none=True)
+                if self.world_size > 1:
+                    torch.manual_seed(self._step_seed(stage))
                 items, record = 0, {}
                 for micro in range(stage.grad_accum):
                     # pinned batches copy without blocking: the copy overlaps what the GPU still runs
@@ -286,15 +332,20 @@ class Trainer:
                     batch = self.prompt_choice(batch, stage=stage.name, step=stage.step)
                     items += len(batch)
                     sync = self.world_size == 1 or micro == stage.grad_accum - 1
-                    if len(batch) == 0:  # every sample was bad; under DDP this rank must still join in
-                        self._empty_step(stage, sync)
-                        continue
+                    empty = len(batch) == 0  # every sample was bad; under several processes it still joins in
+                    if empty:
+                        if self.world_size == 1:
+                            continue
+                        batch = self._stand_in(batch, stage)
                     accumulate = contextlib.nullcontext() if sync else self.parallel.no_sync(self.module)
                     with accumulate, self._autocast():
                         out = self.module(batch, objective=stage.objective)
-                        loss = self._global_token_mean(out, stage) / stage.grad_accum
+                        loss = self._global_token_mean(out, stage, tokens=0 if empty else None) / stage.grad_accum
+                        if empty:
+                            loss = loss * 0.0
                     loss.backward()
-                    self._track(stage, batch, out, running, record)
+                    if not empty:
+                        self._track(stage, batch, out, running, record)
                 self._optimizer_step(stage, record)
                 stage.step += 1
                 elapsed = time.perf_counter() - start
@@ -361,7 +412,7 @@ class Trainer:
 
     def evaluate_align(self) -> bool:
         """The projector's greedy-CTC WER and CTC label-scoring UA on the dev subsets of the
-        alignment stage's tasks (rank 0, or every rank in step under fsdp; no LLM pass). Never stops
+        alignment stage's tasks (no LLM pass; every rank, as :meth:`evaluate_dev`). Never stops
         early: returns False."""
         tasks = [t for t in self.config.model.projector.ctc_tasks if self.data.dev.get(t)]
         if not (self.is_main or self.parallel.evaluates_on_every_rank) or not tasks:
@@ -369,7 +420,7 @@ class Trainer:
         with self.parallel.evaluation(self.model), self._autocast():
             metrics = evaluate_ctc(self.model, {t: self.data.dev[t] for t in tasks},
                                    batch_size=self.config.align.batch_size, cache=self.data.cache,
-                                   progress=self.progress)["metrics"]
+                                   progress=self.progress, share=self.parallel.evaluation_share())["metrics"]
         self.logger.write({"kind": "align_dev", "step": self.align_stage.step, "minutes": self.total_seconds / 60,
                            **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}})
         if self.is_main:
@@ -384,15 +435,19 @@ class Trainer:
             self.model.save_pretrained(directory, trained=trained)
 
     def evaluate_dev(self) -> bool:
-        """Score the dev subset on rank 0 (every rank in step under fsdp: a sharded model's forward is a
-        collective; all score the same data, rank 0's verdict counts), export the best model; True when
-        early stopping triggers."""
+        """Score the dev subset, export the best model; True when early stopping triggers.
+
+        Every rank scores: under ddp each its share of the batches, the answers gathered (the same
+        metrics as one process, and no rank idles in a collective for the whole scoring, which would
+        outlast ``train.collective_timeout_minutes``); under fsdp all of them in step (a sharded
+        model's forward is a collective). Rank 0's verdict counts."""
         tc = self.config.train
         verdict = torch.zeros(3, dtype=torch.float64, device=self.device)  # rank 0's: (improved, stop, value)
         if (self.is_main or self.parallel.evaluates_on_every_rank) and self.data.dev:
             with self.parallel.evaluation(self.model), self._autocast():
                 result = evaluate(self.model, self.data.dev, batch_size=self.config.data.batch_size,
-                                  cache=self.data.cache, progress=self.progress)
+                                  cache=self.data.cache, progress=self.progress,
+                                  share=self.parallel.evaluation_share())
             metrics = result["metrics"]
             metrics["score"] = dev_score(metrics)
             value = metrics[tc.metric] if tc.metric != "wer" else -metrics["wer"]

@@ -3,8 +3,9 @@
 ``IMPORTERS`` maps the corpus names of ``harmonifuse prepare CORPUS SRC OUT`` to those functions.
 Each importer reads its corpus's own layout, measures durations with ``soundfile.info``, and writes
 JSONL manifests (see :mod:`harmonifuse.data.manifest`); options are keyword arguments documented
-on each ``prepare``. ``"synthetic"`` (the offline demo corpus) is registered lazily, so its
-dependencies load only when it is used.
+on each ``prepare``. ``"synthetic"`` (the offline demo corpus) and ``"real-speech"`` (human
+speech from two Debian game packages, fetched at prepare time) take no source folder
+(:data:`SOURCELESS`) and are registered lazily, so their dependencies load only when used.
 """
 from __future__ import annotations
 
@@ -12,11 +13,20 @@ import importlib
 from collections.abc import Callable
 from pathlib import Path
 
-from harmonifuse.data.importers import cremad, iemocap, kaldi, librispeech, pocketsphinx, ravdess
+from harmonifuse.data.importers import (
+    amazon_queen,
+    cremad,
+    drascula,
+    iemocap,
+    kaldi,
+    librispeech,
+    pocketsphinx,
+    ravdess,
+)
 from harmonifuse.data.importers._common import CorpusLayoutError
 from harmonifuse.data.importers.kaldi import KaldiFormatError
 
-__all__ = ["IMPORTERS", "CorpusLayoutError", "KaldiFormatError", "get_importer"]
+__all__ = ["IMPORTERS", "SOURCELESS", "CorpusLayoutError", "KaldiFormatError", "get_importer"]
 
 Importer = Callable[..., dict[str, Path]]
 
@@ -26,6 +36,11 @@ def _synthetic(out: Path, **options) -> dict[str, Path]:
     return importlib.import_module("harmonifuse.data.synthetic").prepare(out, **options)
 
 
+def _real_speech(out: Path, **options) -> dict[str, Path]:
+    """``harmonifuse prepare real-speech OUT``: fetches its own sources (Debian packages)."""
+    return importlib.import_module("harmonifuse.data.importers.real_speech").prepare(out, **options)
+
+
 IMPORTERS: dict[str, Importer] = {
     "librispeech": librispeech.prepare,
     "iemocap": iemocap.prepare,
@@ -33,8 +48,12 @@ IMPORTERS: dict[str, Importer] = {
     "ravdess": ravdess.prepare,
     "kaldi": kaldi.prepare,
     "pocketsphinx": pocketsphinx.prepare,
+    "amazon-queen": amazon_queen.prepare,
+    "drascula": drascula.prepare,
 }
 IMPORTERS["synthetic"] = _synthetic
+IMPORTERS["real-speech"] = _real_speech
+SOURCELESS = ("synthetic", "real-speech")  # `harmonifuse prepare CORPUS OUT`: no source folder
 
 
 def get_importer(corpus: str) -> Importer:
