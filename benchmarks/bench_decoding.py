@@ -125,6 +125,8 @@ def main() -> None:
     times: dict[str, list[float]] = {name: [] for name in names}
     answers: dict[str, list[str]] = {}
     stats: dict[str, DraftStats] = {}
+    with torch.no_grad():  # warm-up, untimed: the first decoding call pays for allocations and lazy set-up
+        model.analyze_hidden(*batches[0], tasks=["asr"])
     for _ in range(args.repeats):
         for name in names:
             v = parsed[name]

@@ -63,7 +63,7 @@ INT8_KEEP_FLOAT = ("down_proj",)
 "massive activations" of Llama-family models (Sun et al., 2024; on the shipped model up to 61,000
 times the median magnitude, in layers 11 and 28), which int8 activations quantised per tensor
 flatten. Every Linear in int8 cost the shipped model 0.48 WER against float32's 0.38 on 16 test
-clips (beam 4); with these float, 0.39, at about the same speed (docs/results.md)."""
+clips (beam 4); with these float, 0.39-0.40, at about the same speed (docs/results.md)."""
 
 
 def quantize_linears(module: nn.Module, keep_float: tuple[str, ...] = ()) -> nn.Module:
