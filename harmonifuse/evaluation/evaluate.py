@@ -176,7 +176,7 @@ def answer_any_length(model, utterances: Sequence[Utterance], task: str, *, batc
     """
     limit = model.config.encoder.max_seconds
     long = [i for i, u in enumerate(utterances) if u.duration > limit]
-    short = [i for i in range(len(utterances)) if i not in set(long)]
+    short = [i for i, u in enumerate(utterances) if u.duration <= limit]
     out: list[dict] = [{} for _ in utterances]
     speech = [True] * len(utterances)
     if short:
