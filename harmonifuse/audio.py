@@ -13,8 +13,10 @@ Conversions (silent, always applied):
   the tiny overshoot resampling can add is clipped to [-1, 1].
 
 Rejections: missing file, broken symlink or symlink loop, directory, unreadable (permissions), not
-audio / corrupt, empty, NaN or inf samples, too short (``min_seconds``), too long (``max_seconds``),
-silent (peak below ``silence_threshold``). A WAV cut short (its header announces more audio than
+audio / corrupt, empty, a header past :class:`HeaderLimits` (sample rate, channels, decoded size:
+a few KB of FLAC can declare gigabytes of samples, so this is judged before a sample is decoded),
+NaN or inf samples, too short (``min_seconds``), too long (``max_seconds``), silent (peak below
+``silence_threshold``). A WAV cut short (its header announces more audio than
 the file holds) is read as far as it goes, with a logged warning saying how much is missing.
 Durations are judged on the input before resampling.
 
@@ -37,6 +39,9 @@ import soxr
 __all__ = [
     "SAMPLE_RATE",
     "AudioError",
+    "AudioTooLarge",
+    "HeaderLimits",
+    "check_header",
     "check_readable",
     "load_audio",
     "to_mono_16k",
@@ -59,6 +64,56 @@ class AudioError(ValueError):
         super().__init__(f"{self.source}: {problem}; {fix}")
 
 
+class AudioTooLarge(AudioError):
+    """A file whose header declares more than :class:`HeaderLimits` allow; ``limit`` names which
+    (``"sample_rate"``, ``"channels"`` or ``"decoded_mb"``)."""
+
+    def __init__(self, source: str | os.PathLike, problem: str, fix: str, limit: str) -> None:
+        super().__init__(source, problem, fix)
+        self.limit = limit
+
+
+@dataclass(frozen=True)
+class HeaderLimits:
+    """What a file's header may declare before any of it is decoded.
+
+    The defaults fit real recordings (studio audio goes to 192 kHz; 7.1 surround has 8 channels)
+    and refuse "audio bombs": a small compressed file declaring an absurd rate or channel count,
+    whose decoding would take gigabytes. ``max_decoded_mb`` bounds frames x channels x 4 bytes
+    (the float32 samples decoding would produce; None: no bound), which is what a long recording
+    costs to read even in blocks.
+    """
+
+    max_sample_rate: int = 192_000
+    max_channels: int = 8
+    max_decoded_mb: float | None = None
+
+    def check(self, source: str, sample_rate: int, channels: int, frames: int) -> None:
+        """Raise :class:`AudioTooLarge` naming the first limit the header passes."""
+        if sample_rate > self.max_sample_rate:
+            raise AudioTooLarge(source, f"the header declares a sample rate of {sample_rate:,} Hz, over the limit "
+                                        f"of {self.max_sample_rate:,} Hz", "resample it (e.g. ffmpeg -i FILE -ar 16000 "
+                                        "out.wav); speech needs no more than 16 kHz", "sample_rate")
+        if channels > self.max_channels:
+            raise AudioTooLarge(source, f"the header declares {channels} channels, over the limit of "
+                                        f"{self.max_channels}", "mix it down (e.g. ffmpeg -i FILE -ac 1 out.wav)",
+                                "channels")
+        decoded_mb = frames * channels * 4 / 2**20
+        if self.max_decoded_mb is not None and decoded_mb > self.max_decoded_mb:
+            raise AudioTooLarge(source, f"decoded it would be {decoded_mb:,.0f} MB of samples ({frames:,} frames x "
+                                        f"{channels} channels), over the limit of {self.max_decoded_mb:g} MB",
+                                "send it in shorter parts, or mixed down to mono at 16 kHz "
+                                "(ffmpeg -i FILE -ac 1 -ar 16000 out.flac)", "decoded_mb")
+
+
+DEFAULT_LIMITS = HeaderLimits()
+
+
+def check_header(source: str | os.PathLike, info, limits: HeaderLimits = DEFAULT_LIMITS) -> None:
+    """Check a ``soundfile.info`` result against ``limits`` (raises :class:`AudioTooLarge`)."""
+    limits.check(os.fspath(source), int(info.samplerate), int(info.channels), int(info.frames))
+
+
 def load_audio(
     path: str | os.PathLike,
     *,
@@ -66,6 +121,7 @@ def load_audio(
     max_seconds: float | None = 30.0,
     min_seconds: float = 0.1,
     silence_threshold: float = 1e-4,
+    limits: HeaderLimits = DEFAULT_LIMITS,
 ) -> np.ndarray:
     """Read an audio file as a ``(S,)`` float32 mono waveform at ``sample_rate``, in [-1, 1].
 
@@ -74,7 +130,8 @@ def load_audio(
 
     Raises:
         AudioError: the file is missing, not audio, corrupt, empty, non-finite, silent, too
-            short or too long. The message names the file and what to do about it.
+            short or too long, or its header passes ``limits`` (:class:`AudioTooLarge`). The
+            message names the file and what to do about it.
     """
     source = os.fspath(path)
     check_readable(source)
@@ -87,6 +144,7 @@ def load_audio(
     if info.frames == 0:
         raise AudioError(source, "audio file contains no samples",
                          "re-extract or re-download it, or remove it from the manifest")
+    check_header(source, info, limits)
     _warn_if_truncated(source, info)
     # Reject long files from the header alone, before paying to decode them.
     _check_duration(source, info.frames / info.samplerate, min_seconds, max_seconds)

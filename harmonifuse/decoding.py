@@ -28,6 +28,8 @@ from typing import Callable
 
 import torch
 
+from harmonifuse.inference.cancellation import checkpoint
+
 NEG = -1e10
 """Log-probability of the impossible: finite, so differences of two impossible scores stay finite."""
 
@@ -290,6 +292,7 @@ def beam_search(first_logits: torch.Tensor, step: StepFn, *, eos: int, max_new_t
     best_finished = torch.full((B,), float("-inf"), device=device)
     first_row = torch.arange(B, device=device)[:, None] * W  # (B, 1)
     for length in range(max_new_tokens):
+        checkpoint()  # every token: an answer nobody waits for stops here
         at_limit = (limits <= length).repeat_interleave(W)[:, None]  # (R, 1): only eos may follow
         candidates, llm_c, psi, total = _step_totals(logp, scores, extra, at_limit, eos=eos, ctc_weight=ctc_weight,
                                                      llm_candidates=llm_candidates, scorer=scorer, state=state)
@@ -453,6 +456,7 @@ def draft_greedy_search(first_logits: torch.Tensor, verify: VerifyFn, *, eos: in
         return token, best[:, 0], llm_c[rows, k], extended
 
     while True:
+        checkpoint()
         # 1. every live utterance's next token, from the logits in hand
         out_of_room = active & (length >= max_new_tokens)  # the search's length limit: ends unfinished
         token, best, llm_t, extended = decide(logp, scores, state, length)

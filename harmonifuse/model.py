@@ -19,6 +19,7 @@ from torch import nn
 from harmonifuse.config import ModelConfig, from_dict, load_yaml, to_yaml
 from harmonifuse.decoding import DraftStats
 from harmonifuse.inference.batching import duration_batches, input_duration
+from harmonifuse.inference.cancellation import checkpoint
 from harmonifuse.lengths import lengths_to_mask
 from harmonifuse.modules.ctc import EmbeddingCTC, greedy_ctc_from_logits, resolve_vocab_chunk
 from harmonifuse.modules.encoders import EncoderOutput, SpeechEncoder, build_encoder
@@ -477,6 +478,7 @@ class HarmoniFuse(nn.Module):
         answer = {"transcript": self._transcribe_speech, "label": self._classify_speech}
         with self._inference_parts():
             for task in tasks:
+                checkpoint()
                 task_prompts = [(prompts or {}).get(task, self.config.tasks.prompts[task])] * B
                 speech = self.speech_embeddings(hidden_states, frame_lengths, [task] * B, task_prompts)
                 for r, out in zip(results, answer[get_task(task).answer](speech, task_prompts)):
@@ -563,6 +565,7 @@ class HarmoniFuse(nn.Module):
             # batch_size inputs at a time, grouped by duration: memory stays flat in the number of inputs
             plan = duration_batches([input_duration(items[i]) for i in short], max(1, batch_size))
             for batch in (b for window in plan for b in window):
+                checkpoint()
                 self._analyze_short([short[j] for j in batch], items, results, tasks, prompts)
         finally:
             self.train(was_training)
@@ -623,6 +626,7 @@ class HarmoniFuse(nn.Module):
         with tqdm(total=len(segments), unit="segment", desc=f"{Path(source.name).name}: answering",
                   disable=not progress, leave=False) as bar:
             for start in range(0, len(segments), batch_size):
+                checkpoint()
                 chunk = segments[start:start + batch_size]
                 answers += self.analyze([source.read(s) for s in chunk], tasks, prompts)
                 bar.update(len(chunk))

@@ -23,7 +23,8 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-from harmonifuse.audio import SAMPLE_RATE, AudioError, to_mono_16k
+from harmonifuse.audio import DEFAULT_LIMITS, SAMPLE_RATE, AudioError, HeaderLimits, check_header, to_mono_16k
+from harmonifuse.inference.cancellation import checkpoint
 from harmonifuse.modules.vad import WINDOW
 
 WINDOW_SECONDS = WINDOW / SAMPLE_RATE
@@ -44,12 +45,12 @@ class Segment:
 class AudioSource:
     """A recording read in pieces: 16 kHz mono blocks in order, or any stretch by seeking.
 
-    ``path``: an audio file (read with soundfile, never wholly in memory), or ``samples`` (S,) or
-    (S, C) with their ``rate`` (already in memory).
+    ``path``: an audio file (read with soundfile, never wholly in memory; its header checked
+    against ``limits`` first), or ``samples`` (S,) or (S, C) with their ``rate`` (already in memory).
     """
 
     def __init__(self, path: str | os.PathLike | None = None, samples: np.ndarray | None = None,
-                 rate: int | None = None) -> None:
+                 rate: int | None = None, limits: HeaderLimits = DEFAULT_LIMITS) -> None:
         self.path = None if path is None else os.fspath(path)
         self.samples = samples
         if self.path is not None:
@@ -58,6 +59,7 @@ class AudioSource:
             except (sf.LibsndfileError, RuntimeError) as error:
                 raise AudioError(self.path, f"not a readable audio file ({error})",
                                  "convert it to WAV or FLAC") from error
+            check_header(self.path, info, limits)
             self.rate, self.frames = info.samplerate, info.frames
         else:
             self.rate, self.frames = int(rate), len(samples)
@@ -86,6 +88,7 @@ class AudioSource:
                                                                                 dtype="float32")
         position = 0
         while position < self.frames:
+            checkpoint()  # between blocks: work nobody waits for any more stops here
             stop = min(self.frames, position + size)
             block = self._frames(position, stop)
             position = stop

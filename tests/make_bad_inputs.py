@@ -252,6 +252,14 @@ def _(d, s):
     return _write(d / "10ms.wav", s[RATE: RATE + RATE // 100], subtype="PCM_16")
 
 
+@kind("header_bomb", A, "an audio bomb: a 11 KB FLAC whose header declares 655,350 Hz x 8 channels", "error",
+      "sample rate of 655,350 Hz", "resample it")
+def _(d, s):
+    from serve_tiny import write_header_bomb
+
+    return write_header_bomb(d / "bomb.flac", 655_350, 8, 2.0)
+
+
 @kind("long_recording", A, "a recording longer than the encoder's window (40 s; the 2-hour case is "
       "benchmarks/bench_long_audio.py)", "answer", note="cut at pauses and answered segment by segment (`segments`)")
 def _(d, s):

@@ -53,6 +53,29 @@ class GatedModel:
         return self.model.analyze(audio, **options)
 
 
+def write_header_bomb(path, rate: int = 655_350, channels: int = 8, seconds: float = 29.0) -> Path:
+    """A real FLAC (or WAV, by the suffix) whose header declares ``rate`` Hz x ``channels`` x ``seconds`` of silence: a few
+    hundred KB on disk (FLAC stores a constant block in a few bytes) that would decode to gigabytes."""
+    path = Path(path)
+    block = np.zeros((rate, channels), dtype=np.int16)
+    with sf.SoundFile(path, "w", samplerate=rate, channels=channels, subtype="PCM_16") as out:  # format: the suffix
+        whole, rest = divmod(seconds, 1.0)
+        for _ in range(int(whole)):
+            out.write(block)
+        out.write(block[:int(rest * rate)])
+    return path
+
+
+def multipart_body(content: bytes, name: str = "clip.wav", boundary: str = "rawboundary",
+                   fields: dict[str, str] | None = None) -> tuple[bytes, str]:
+    """A multipart/form-data body with ``content`` as the ``file`` field: (body, content type)."""
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{key}"\r\n\r\n{value}\r\n'.encode()
+             for key, value in (fields or {}).items()]
+    parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n\r\n'.encode()
+                 + content + f"\r\n--{boundary}--\r\n".encode())
+    return b"".join(parts), f"multipart/form-data; boundary={boundary}"
+
+
 def multipart_chunks(total: int, size: int = 256 * 1024, fill: bytes = b"\x00"):
     """A multipart/form-data body with one ``file`` field of ``total`` bytes, yielded in chunks
     (httpx streams it without a Content-Length)."""

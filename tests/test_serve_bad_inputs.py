@@ -59,7 +59,8 @@ def test_every_uploadable_kind_ends_as_the_corpus_says(corpus, url):
         if kind.outcome == "error":
             assert response.status_code == 400, (kind.name, response.text)
             error = response.json()["error"]
-            assert error["code"] == "invalid_audio" and error["param"] == "file", (kind.name, error)
+            code = "sample_rate_too_high" if kind.name == "header_bomb" else "invalid_audio"
+            assert error["code"] == code and error["param"] == "file", (kind.name, error)
             assert name in error["message"] and kind.needles[0] in error["message"], (kind.name, error["message"])
             for secret in (tempfile.gettempdir(), "Traceback", 'File "'):
                 assert secret not in response.text, (kind.name, response.text)

@@ -5,17 +5,22 @@ and ``config.encoder.max_seconds``, such as :class:`harmonifuse.model.HarmoniFus
 ``loader`` that returns one. With a loader the app answers at once: ``/health`` is 200, and
 ``/health/ready`` and the audio endpoints are 503 until the model is loaded in the background.
 
-A request's path: the upload streams to a temporary file under the size limit
-(:mod:`.upload`); the form is checked; a thread decodes the audio and checks its length; the job
-joins the bounded queue of the inference worker (:mod:`.worker`), which batches it with others;
-the handler waits for the answer, its client's disconnect (the job leaves the queue) or the
-deadline (504), whichever comes first.
+A request's path: it takes a slot of the inference worker's bounded queue (:mod:`.worker`; a
+full queue is 503 before the body is read); the upload streams to a temporary file under the
+size limit and the upload timeouts (:mod:`.upload`); the form is checked; the file's header is
+checked against the decoding limits (rate, channels, decoded size) before a sample is decoded;
+a thread decodes it, at most ``decode_concurrency`` at once; the job joins the queue, charged
+one slot per encoder window of audio, and the worker batches it with others; the handler waits
+for the answer, its client's disconnect or the deadline (504), whichever comes first. A job
+nobody waits for leaves the queue, or stops its batch at the next checkpoint once no job in it
+is wanted. :mod:`.protocol` guards the connection below (header timeout, connection cap).
 """
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
+import math
 import re
 import shutil
 import tempfile
@@ -25,6 +30,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Callable
+from urllib.parse import urlsplit
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -43,7 +49,7 @@ log = logging.getLogger("harmonifuse.serve")
 HEALTH_PATHS = ("/health", "/health/ready")
 PAGE_PATHS = ("/",)  # a static page: a browser cannot attach a bearer token to opening it; its API calls can
 CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data:; "
-       "media-src blob:; connect-src 'self'; base-uri 'none'; form-action 'none'")
+       "media-src blob:; connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
 
 @dataclass
@@ -57,10 +63,34 @@ class ServeSettings:
     timeout: float = 300.0  # seconds from the end of the upload to the answer
     batch_wait: float = 0.005
     threads: int | None = None  # torch threads of the inference worker (None: torch's default)
+    # what an upload's header may declare (harmonifuse.audio.HeaderLimits), checked before decoding
+    max_sample_rate: int = 192_000
+    max_channels: int = 8
+    max_decoded_mb: float | None = 350.0  # float32 samples: 15 min of 48 kHz stereo is 330 MB
+    decode_concurrency: int = 2  # uploads decoded at once
+    # slow clients (harmonifuse.serve.protocol for the connection, .upload for the body)
+    header_timeout: float = 10.0  # seconds for a request line and headers to arrive
+    idle_timeout: float = 15.0  # seconds between two pieces of a body, else 408
+    upload_timeout: float = 120.0  # seconds for a whole body, else 408
+    keep_alive: float = 5.0  # seconds an idle kept-alive connection stays open
+    max_connections: int = 128  # open connections; more are answered 503 and closed
+    # without an API key: Host and Origin must name this server (or these, for a proxy; "*": any)
+    allowed_hosts: tuple[str, ...] = ()
+    allowed_origins: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        self.allowed_hosts = tuple(h.strip().lower() for h in self.allowed_hosts)
+        self.allowed_origins = tuple(o.strip().lower().rstrip("/") for o in self.allowed_origins)
 
     @property
     def limit_bytes(self) -> int:
         return int(self.max_upload_mb * MB)
+
+    @property
+    def header_limits(self):
+        from harmonifuse.audio import HeaderLimits
+
+        return HeaderLimits(self.max_sample_rate, self.max_channels, self.max_decoded_mb)
 
 
 @dataclass
@@ -73,6 +103,7 @@ class Service:
     tmpdir: str | None = None
     on_load_failed: Callable[[], None] | None = None
     started: float = field(default_factory=time.time)
+    decode_slots: asyncio.Semaphore | None = None
 
     def status(self) -> str:
         if self.draining:
@@ -107,12 +138,18 @@ def audio_error(error: Exception, upload: Upload, tmpdir: str | None) -> ApiErro
     return ApiError(400, f"{upload.filename}: {problem}; {fix}", param="file", code="invalid_audio")
 
 
+LIMIT_FLAGS = {"sample_rate": ("--max-sample-rate", "sample_rate_too_high"),
+               "channels": ("--max-channels", "too_many_channels"),
+               "decoded_mb": ("--max-decoded-mb", "audio_too_large")}
+
+
 def decode(service: Service, upload: Upload) -> tuple[Any, float]:
     """The audio to queue (a 16 kHz array, or the file's path for a recording longer than the
-    encoder's window, which the model reads in blocks) and its duration in seconds."""
+    encoder's window, which the model reads in blocks) and its duration in seconds. The header is
+    checked against the service's limits before a sample is decoded."""
     import soundfile as sf
 
-    from harmonifuse.audio import AudioError
+    from harmonifuse.audio import AudioError, AudioTooLarge, check_header
 
     model, settings = service.model, service.settings
     path = str(upload.path)
@@ -124,6 +161,12 @@ def decode(service: Service, upload: Upload) -> tuple[Any, float]:
     if info.frames <= 0 or info.samplerate <= 0:
         raise ApiError(400, f"{upload.filename}: audio file contains no samples; {AUDIO_FIX}", param="file",
                        code="invalid_audio")
+    try:
+        check_header(path, info, settings.header_limits)
+    except AudioTooLarge as error:
+        flag, code = LIMIT_FLAGS[error.limit]
+        raise ApiError(400, f"{upload.filename}: refused before decoding: {error.problem} ({flag}); {error.fix}",
+                       param="file", code=code) from None
     duration = info.frames / info.samplerate
     if settings.max_seconds and duration > settings.max_seconds:
         raise ApiError(400, f"{upload.filename}: the audio is {duration:.1f} s long, over this server's limit of "
@@ -148,7 +191,7 @@ def create_app(model: Any = None, *, loader: Callable[[], Any] | None = None,
     settings = settings or ServeSettings()
     worker = InferenceWorker(max_batch=settings.max_batch, max_queue=settings.max_queue,
                              batch_wait=settings.batch_wait, threads=settings.threads)
-    service = Service(settings, worker)
+    service = Service(settings, worker, decode_slots=asyncio.Semaphore(settings.decode_concurrency))
     page = _page(settings)
 
     def load() -> None:
@@ -241,7 +284,7 @@ def create_app(model: Any = None, *, loader: Callable[[], Any] | None = None,
     @app.get("/", response_class=HTMLResponse)
     async def index() -> Response:
         return HTMLResponse(page, headers={"Content-Security-Policy": CSP, "Cache-Control": "no-cache",
-                                           "X-Content-Type-Options": "nosniff"})
+                                           "X-Content-Type-Options": "nosniff", "X-Frame-Options": "DENY"})
 
     @app.post("/v1/audio/transcriptions")
     async def transcriptions(request: Request) -> Response:
@@ -278,11 +321,17 @@ async def answer(request: Request, service: Service, kind: str) -> Response:
                            "model_unavailable")
         raise overloaded("the model is still loading; retry shortly (GET /health/ready says when it is ready)", 5,
                          "model_loading")
-    worker.arrive()  # the worker may wait a moment for this request to join its next batch
+    try:  # a queue slot before the body is read: a full queue costs the client no upload
+        worker.arrive()  # and the worker may wait a moment for this request to join its next batch
+    except QueueFull as full:
+        raise _busy(settings, full) from None
+    except Closed:
+        raise overloaded("the server is shutting down; retry on another instance", 5, "shutting_down") from None
     upload, job = Upload(), None
     try:
         try:
-            upload = await read_upload(request, settings.limit_bytes, service.tmpdir)
+            upload = await read_upload(request, settings.limit_bytes, service.tmpdir,
+                                       idle_timeout=settings.idle_timeout, upload_timeout=settings.upload_timeout)
         except ClientDisconnect:
             return Response(status_code=499)
         form = upload.fields
@@ -301,13 +350,14 @@ async def answer(request: Request, service: Service, kind: str) -> Response:
                            code="invalid_value")
         _check_options(form)
         received = time.monotonic()
-        audio, duration = await run_in_threadpool(decode, service, upload)
+        async with service.decode_slots:
+            audio, duration = await run_in_threadpool(decode, service, upload)
         decoded = time.monotonic()
+        cost = math.ceil(duration / service.model.config.encoder.max_seconds)  # encoder windows of work
         try:
-            job = worker.submit(audio, upload.filename, decoded + settings.timeout, arrived=True)
+            job = worker.submit(audio, upload.filename, decoded + settings.timeout, arrived=True, cost=cost)
         except QueueFull as full:
-            raise overloaded(f"the server is busy: {settings.max_queue} requests are waiting; retry in "
-                             f"{full.retry_after} s (Retry-After)", full.retry_after) from None
+            raise _busy(settings, full) from None
         except Closed:
             raise overloaded("the server is shutting down; retry on another instance", 5, "shutting_down") from None
         try:
@@ -359,6 +409,11 @@ def _check_options(form: dict) -> None:
                             f"(got {form['language']!r})", param="language", code="unsupported_language")
 
 
+def _busy(settings: ServeSettings, full: QueueFull) -> ApiError:
+    return overloaded(f"the server is busy: its queue of {settings.max_queue} (--max-queue) is full; retry in "
+                      f"{full.retry_after} s (Retry-After)", full.retry_after)
+
+
 def _timeout(settings: ServeSettings) -> ApiError:
     return ApiError(504, f"no answer within this server's {settings.timeout:g} s deadline (--timeout): the queue was "
                          "long or the recording long; retry later or send a shorter recording", SERVER, None, "timeout")
@@ -391,7 +446,10 @@ async def _disconnected(receive) -> None:
 
 
 class Guard:
-    """Bearer-token check (all but the health endpoints and the page), and 503 while draining."""
+    """Before a request reaches an endpoint: without an API key, its Host and Origin must name this
+    server (a page elsewhere, or a DNS-rebinding one, cannot use the service through the browser);
+    with one, a single ``Authorization: Bearer KEY`` (all but the health endpoints and the page);
+    and 503 while draining."""
 
     def __init__(self, app, service: Service) -> None:
         self.app, self.service = app, service
@@ -399,9 +457,12 @@ class Guard:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http" and scope["path"] not in HEALTH_PATHS:
             error = None
-            key = self.service.settings.api_key
-            if key and scope["path"] not in PAGE_PATHS:
-                error = _check_key(dict(scope["headers"]).get(b"authorization", b"").decode("latin-1"), key)
+            settings = self.service.settings
+            key = settings.api_key
+            if not key:
+                error = _check_origin(scope, settings)
+            elif scope["path"] not in PAGE_PATHS:
+                error = _check_key([v for k, v in scope["headers"] if k == b"authorization"], key)
             if error is None and self.service.draining:
                 error = overloaded("the server is shutting down; retry on another instance", 5, "shutting_down")
                 error.headers["Connection"] = "close"
@@ -411,12 +472,75 @@ class Guard:
         await self.app(scope, receive, send)
 
 
-def _check_key(header: str, key: str) -> ApiError | None:
+def _check_key(headers: list[bytes], key: str) -> ApiError | None:
+    """One ``Authorization: Bearer KEY`` header whose key matches (UTF-8, compared in constant time)."""
     import hmac
 
-    scheme, _, given = header.partition(" ")
-    if scheme.lower() != "bearer" or not given.strip():
+    if len(headers) > 1:
+        return ApiError(400, "send one `Authorization` header, not several", param=None,
+                        code="duplicate_authorization")
+    scheme, _, given = (headers[0] if headers else b"").partition(b" ")
+    if scheme.lower() != b"bearer" or not given.strip():
         return unauthorized("missing API key: send the header `Authorization: Bearer KEY`")
-    if not hmac.compare_digest(given.strip().encode(), key.encode()):
+    if not hmac.compare_digest(given.strip(), key.encode("utf-8")):
         return unauthorized("incorrect API key")
     return None
+
+
+def _names_server(authority: str, scope, allowed: tuple[str, ...]) -> bool:
+    """Whether ``authority`` (``host[:port]``) names the address this connection reached, one of
+    its loopback names, or an entry of ``allowed`` (``host`` or ``host:port``; ``*``: any)."""
+    from harmonifuse.serve.server import is_loopback
+
+    if "*" in allowed:
+        return True
+    authority = authority.strip().lower()
+    if not authority:
+        return False
+    if authority in allowed:
+        return True
+    host, port = _split_authority(authority)
+    if host in allowed:
+        return True
+    server_host, server_port = (scope.get("server") or ("", None))
+    server_host = str(server_host).lower()
+    if port is not None and server_port is not None and port != int(server_port):
+        return False  # the name protects against rebinding; a missing port is the client's shorthand
+    names = {server_host.strip("[]")}
+    if is_loopback(server_host):
+        names |= {"localhost", "127.0.0.1", "::1"}
+    return host in names
+
+
+def _split_authority(authority: str) -> tuple[str, int | None]:
+    if authority.startswith("["):  # [::1]:8000
+        host, _, rest = authority[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    elif authority.count(":") == 1:
+        host, port = authority.split(":")
+    else:
+        host, port = authority, ""
+    return host, int(port) if port.isdigit() else None
+
+
+def _check_origin(scope, settings: ServeSettings) -> ApiError | None:
+    """Host and (when sent) Origin against this server's address and the allow-lists."""
+    headers = [(k, v) for k, v in scope["headers"] if k in (b"host", b"origin")]
+    hosts = [v.decode("latin-1") for k, v in headers if k == b"host"]
+    origins = [v.decode("latin-1") for k, v in headers if k == b"origin"]
+    if len(hosts) != 1 or not _names_server(hosts[0], scope, settings.allowed_hosts):
+        return ApiError(403, f"the Host header {hosts[0] if hosts else '(none)'!r} does not name this server; "
+                             "behind a proxy, start the server with --allowed-host NAME", code="host_not_allowed")
+    if origins and (len(origins) > 1 or not _origin_allowed(origins[0], scope, settings)):
+        return ApiError(403, f"requests from the page at {origins[0]!r} are not allowed: without an API key only "
+                             "this server's own page may call it; start the server with --allowed-origin ORIGIN, "
+                             "or with --api-key", code="origin_not_allowed")
+    return None
+
+
+def _origin_allowed(origin: str, scope, settings: ServeSettings) -> bool:
+    origin = origin.strip().lower()
+    if "*" in settings.allowed_origins or origin in settings.allowed_origins:
+        return True
+    parts = urlsplit(origin)
+    return parts.scheme in ("http", "https") and _names_server(parts.netloc, scope, settings.allowed_hosts)

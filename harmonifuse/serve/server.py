@@ -79,9 +79,14 @@ class DrainingServer(uvicorn.Server):
 
 
 def server_for(app, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> DrainingServer:
+    from harmonifuse.serve.protocol import ConnectionLimits, protocol_for
+
     service = app.state.service
+    settings = service.settings
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
-                            timeout_graceful_shutdown=service.settings.timeout + 30, server_header=False)
+                            timeout_graceful_shutdown=settings.timeout + 30, server_header=False,
+                            http=protocol_for(ConnectionLimits(settings.header_timeout, settings.max_connections)),
+                            timeout_keep_alive=settings.keep_alive)
     server = DrainingServer(config, service)
 
     def stop() -> None:

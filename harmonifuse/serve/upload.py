@@ -4,13 +4,18 @@ The ``file`` part goes to disk chunk by chunk; the other form fields (``model``,
 ``response_format``, ...) are kept as text up to :data:`FIELDS_LIMIT` bytes in all. A request
 whose ``Content-Length`` is over the limit is refused before a byte of its body is read; one that
 does not announce its length (chunked) is refused as soon as the count passes the limit. Either
-way the server holds at most one network chunk of it in memory.
+way the server holds at most one network chunk of it in memory. A body that stalls for
+``idle_timeout`` seconds between two chunks (a slow client, or a Content-Length that promises more
+than is sent), or takes longer than ``upload_timeout`` in all, is answered 408 and its
+connection closed.
 """
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +29,10 @@ MB = 1024 * 1024
 
 
 class TooLarge(Exception):
+    pass
+
+
+class FieldsTooLarge(Exception):
     pass
 
 
@@ -46,6 +55,19 @@ def too_large(limit_bytes: int) -> ApiError:
                          "or ask the operator to raise --max-upload-mb", param="file", code="file_too_large")
 
 
+def fields_too_large() -> ApiError:
+    return ApiError(413, f"the form fields other than `file` (and the part headers) are larger than "
+                         f"{FIELDS_LIMIT // 1024} KB; send short values (a `prompt` of a few sentences)",
+                    param=None, code="fields_too_large")
+
+
+def too_slow(seconds: float, idle: bool) -> ApiError:
+    what = (f"no part of the body arrived for {seconds:g} s (--idle-timeout)" if idle
+            else f"the body took longer than {seconds:g} s to arrive (--upload-timeout)")
+    return ApiError(408, f"upload timed out: {what}; check the connection and send it again, or a smaller "
+                         "(compressed) file", param="file", code="upload_timeout", headers={"Connection": "close"})
+
+
 def _safe_name(name: str) -> str:
     """The client's file name for messages: its last path part, printable, at most 100 characters."""
     name = re.split(r"[\\/]", name)[-1]
@@ -53,12 +75,14 @@ def _safe_name(name: str) -> str:
     return name[:100] or "audio"
 
 
-async def read_upload(request: Request, limit_bytes: int, directory: str | os.PathLike) -> Upload:
+async def read_upload(request: Request, limit_bytes: int, directory: str | os.PathLike, *,
+                      idle_timeout: float | None = None, upload_timeout: float | None = None) -> Upload:
     """The form of ``request``, its ``file`` part written to a new file in ``directory``.
 
     Raises:
         ApiError: 400 when the body is not multipart/form-data, 413 when the file (or the whole
-            body) exceeds ``limit_bytes``.
+            body) exceeds ``limit_bytes`` or the other fields :data:`FIELDS_LIMIT`, 408 when the
+            body stalls ``idle_timeout`` seconds or takes over ``upload_timeout`` in all.
         ClientDisconnect: the client went away during the upload.
     """
     content_type, params = parse_options_header(request.headers.get("content-type", ""))
@@ -86,7 +110,7 @@ async def read_upload(request: Request, limit_bytes: int, directory: str | os.Pa
     def on_header_end() -> None:
         state["field_bytes"] += len(state["field"]) + len(state["value"])
         if state["field_bytes"] > FIELDS_LIMIT:
-            raise TooLarge
+            raise FieldsTooLarge
         state["headers"][state["field"].decode("latin-1").lower()] = state["value"]
         state.update(field=b"", value=b"")
 
@@ -113,7 +137,7 @@ async def read_upload(request: Request, limit_bytes: int, directory: str | os.Pa
         elif state["text"] is not None:
             state["field_bytes"] += end - start
             if state["field_bytes"] > FIELDS_LIMIT:
-                raise TooLarge
+                raise FieldsTooLarge
             state["text"] += data[start:end]
 
     def on_part_end() -> None:
@@ -129,7 +153,7 @@ async def read_upload(request: Request, limit_bytes: int, directory: str | os.Pa
         "on_part_data": on_part_data, "on_part_end": on_part_end})
     received = 0
     try:
-        async for chunk in request.stream():
+        async for chunk in _timed(request.stream(), idle_timeout, upload_timeout):
             received += len(chunk)
             if received > body_limit:
                 raise TooLarge
@@ -138,6 +162,9 @@ async def read_upload(request: Request, limit_bytes: int, directory: str | os.Pa
     except TooLarge:
         _abandon(upload, state)
         raise too_large(limit_bytes) from None
+    except FieldsTooLarge:
+        _abandon(upload, state)
+        raise fields_too_large() from None
     except ClientDisconnect:
         _abandon(upload, state)
         raise
@@ -154,6 +181,26 @@ async def read_upload(request: Request, limit_bytes: int, directory: str | os.Pa
         raise ApiError(400, "the upload ended before the file was complete; send it again",
                        param="file", code="incomplete_upload")
     return upload
+
+
+async def _timed(chunks, idle_timeout: float | None, upload_timeout: float | None):
+    """``chunks`` (an async iterator) under the two timeouts (ApiError 408)."""
+    ends = None if upload_timeout is None else time.monotonic() + upload_timeout
+    iterator = chunks.__aiter__()
+    while True:
+        left = None if ends is None else ends - time.monotonic()
+        waits = [w for w in (idle_timeout, left) if w is not None]
+        wait = min(waits) if waits else None
+        if wait is not None and wait <= 0:
+            raise too_slow(upload_timeout, idle=False)
+        try:
+            chunk = await asyncio.wait_for(iterator.__anext__(), wait)
+        except StopAsyncIteration:
+            return
+        except asyncio.TimeoutError:
+            idle = ends is None or time.monotonic() < ends
+            raise too_slow(idle_timeout if idle else upload_timeout, idle=idle) from None
+        yield chunk
 
 
 def _abandon(upload: Upload, state: dict) -> None:

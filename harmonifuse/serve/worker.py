@@ -6,9 +6,14 @@ was busy), those that arrive within ``batch_wait`` seconds, and, up to ``arrival
 those whose upload the service is still receiving (:meth:`InferenceWorker.arrive`: the clients
 just answered send their next request while the worker would otherwise start a half-empty
 batch). It answers them with one call of the model's ``analyze`` (the Python API's code path).
-A full queue refuses new jobs at once (:class:`QueueFull`, with a retry estimate); a job
-cancelled while it waits (its client went away or its deadline passed) leaves the queue and frees
-its slot. Jobs past their deadline when the worker reaches them are not run.
+A full queue refuses new jobs at once (:class:`QueueFull`, with a retry estimate). Its room is
+counted in slots: a request being received holds one (so a full queue refuses the next request
+before its body is read), and a queued job holds ``cost`` slots, one per encoder window of
+audio (a 15-minute recording is charged as the 30 clips it takes the thread as long as). A job
+cancelled while it waits (its client went away or its deadline passed) leaves the queue and
+frees its slots; jobs past their deadline when the worker reaches them are not run; and a batch
+whose every job was abandoned stops at the next checkpoint of inference
+(:mod:`harmonifuse.inference.cancellation`: between blocks, segments and decoding steps).
 """
 from __future__ import annotations
 
@@ -20,6 +25,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
+
+from harmonifuse.inference.cancellation import Cancelled, cancel_when
 
 log = logging.getLogger("harmonifuse.serve")
 
@@ -45,9 +52,14 @@ class Job:
     deadline: float  # time.monotonic() after which the answer is no use
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
     enqueued: float = field(default_factory=time.monotonic)
+    cost: int = 1  # queue slots held while waiting
     started: float | None = None
     finished: float | None = None
     batch_size: int = 0
+    abandoned: bool = False  # nobody waits for the answer any more (client gone or answered 504)
+
+    def unwanted(self, now: float) -> bool:
+        return self.abandoned or now > self.deadline
 
 
 class InferenceWorker:
@@ -59,7 +71,8 @@ class InferenceWorker:
             raise ValueError("max_batch and max_queue must be >= 1")
         self.max_batch, self.max_queue, self.batch_wait = max_batch, max_queue, batch_wait
         self.arrival_wait = arrival_wait
-        self.arriving = 0  # requests being received or decoded, not yet queued
+        self.arriving = 0  # requests being received or decoded, not yet queued (one slot each)
+        self.queued_cost = 0  # slots held by the queued jobs
         self.tasks = tuple(tasks)
         self.analyze_options = analyze_options or {}
         self.threads = threads
@@ -89,9 +102,20 @@ class InferenceWorker:
         ahead = math.ceil((len(self._queue) + self.running) / self.max_batch)
         return max(1, math.ceil(ahead * self.batch_seconds))
 
+    @property
+    def load(self) -> int:
+        """Queue slots in use: the requests arriving and the queued jobs' costs."""
+        return self.arriving + self.queued_cost
+
     def arrive(self) -> None:
-        """A request is on its way (its upload is being received): worth waiting for, briefly."""
+        """A request is on its way (its upload is being received): it takes a queue slot now, so a
+        full queue refuses it before its body is read (:class:`QueueFull`); and it is worth waiting
+        for, briefly, when the worker gathers a batch."""
         with self._cond:
+            if self._closing:
+                raise Closed
+            if self.load >= self.max_queue:
+                raise QueueFull(self.retry_after())
             self.arriving += 1
 
     def depart(self) -> None:
@@ -100,28 +124,34 @@ class InferenceWorker:
             self.arriving -= 1
             self._cond.notify_all()
 
-    def submit(self, audio, name: str, deadline: float, arrived: bool = False) -> Job:
-        """Queue a job (``arrived``: announced by :meth:`arrive`, whose count it leaves once queued;
-        a refused one stays counted until the caller's :meth:`depart`)."""
-        job = Job(audio, name, deadline)
+    def submit(self, audio, name: str, deadline: float, arrived: bool = False, cost: int = 1) -> Job:
+        """Queue a job holding ``cost`` slots (``arrived``: announced by :meth:`arrive`, whose slot
+        it takes over; a refused one keeps that slot until the caller's :meth:`depart`). A job
+        costlier than the whole queue is charged the whole queue."""
+        job = Job(audio, name, deadline, cost=max(1, min(int(cost), self.max_queue)))
         with self._cond:
             if self._closing:
                 raise Closed
-            if len(self._queue) >= self.max_queue:
+            if self.load - int(arrived) + job.cost > self.max_queue:
                 raise QueueFull(self.retry_after())
             if arrived:
                 self.arriving -= 1
+            self.queued_cost += job.cost
             self._queue.append(job)
             self._cond.notify_all()
         return job
 
     def cancel(self, job: Job) -> bool:
-        """Take ``job`` out of the queue (True), or let its running batch finish and drop its answer."""
+        """Take ``job`` out of the queue (True); a job already running is marked abandoned: its
+        batch stops at the next checkpoint once no job in it is wanted (False)."""
         with self._cond:
+            job.abandoned = True
             try:
                 self._queue.remove(job)
             except ValueError:
                 return False
+            self.queued_cost -= job.cost
+            self._cond.notify_all()
         job.future.cancel()
         return True
 
@@ -141,11 +171,11 @@ class InferenceWorker:
                 if self._closing:
                     return []
                 self._cond.wait()
-            batch = [self._queue.popleft()]
+            batch = [self._pop()]
             began = time.monotonic()
             while len(batch) < self.max_batch:
                 if self._queue:
-                    batch.append(self._queue.popleft())
+                    batch.append(self._pop())
                     continue
                 wait = self.arrival_wait if self.arriving > 0 else self.batch_wait
                 left = began + wait - time.monotonic()
@@ -164,6 +194,11 @@ class InferenceWorker:
             self.running = len(live)
             return live
 
+    def _pop(self) -> Job:
+        job = self._queue.popleft()
+        self.queued_cost -= job.cost
+        return job
+
     def _loop(self) -> None:
         if self.threads:
             import torch
@@ -180,7 +215,11 @@ class InferenceWorker:
             for job in batch:
                 job.started, job.batch_size = start, len(batch)
             try:
-                results = self._answer([job.audio for job in batch])
+                with cancel_when(lambda: self._unwanted(batch)):
+                    results = self._answer([job.audio for job in batch])
+            except Cancelled as stopped:
+                log.info("stopped a batch of %d after %.1f s: %s", len(batch), time.monotonic() - start, stopped)
+                results = [DeadlineExceeded() if time.monotonic() > job.deadline else stopped for job in batch]
             except BaseException as error:  # noqa: BLE001 - every waiting request gets an answer
                 log.exception("inference failed for a batch of %d", len(batch))
                 results = [error] * len(batch)
@@ -196,6 +235,14 @@ class InferenceWorker:
                 else:
                     self.answered += 1
                     job.future.set_result(result)
+
+    @staticmethod
+    def _unwanted(batch: list[Job]) -> str | None:
+        """Why the batch may stop (every job in it abandoned or past its deadline), or None."""
+        now = time.monotonic()
+        if all(job.unwanted(now) for job in batch):
+            return "no client waits for its answers (gone, or past the deadline)"
+        return None
 
     def _answer(self, audio: list) -> list:
         """``model.analyze`` on the batch; when one input fails to decode, each one alone, so the
