@@ -24,10 +24,11 @@ def revoice(corpus: Path, out: Path, voices: dict[str, str], *, task: str = "asr
     the difference is the voices' alone (for example the test voices against training voices).
 
     Args:
-        corpus: a folder written by :func:`harmonifuse.data.synthetic.prepare` (its ``synthesis.jsonl`` holds the plan).
+        corpus: a folder written by :func:`harmonifuse.data.synthetic.prepare` (its ``synthesis.jsonl``
+            holds the plan).
         out: output folder for ``{task}_{split}.jsonl`` and its audio.
-        voices: voice name -> voice name (``harmonifuse.data.synthetic.VOICES`` names, e.g. ``{"flite-rms": "flite-slt"}``);
-            every voice of the split must be mapped.
+        voices: voice name -> voice name (``harmonifuse.data.synthetic.VOICES`` names, e.g.
+            ``{"flite-rms": "flite-slt"}``); every voice of the split must be mapped.
         limit: only the first ``limit`` utterances of the split, in manifest order.
 
     Returns:
@@ -51,7 +52,8 @@ def revoice(corpus: Path, out: Path, voices: dict[str, str], *, task: str = "asr
     if unmapped:
         raise ValueError(f"voices {unmapped} of {task}_{split} have no replacement in `voices`")
     items = [{**it, "speaker": voices[it["speaker"]]} for it in items]
-    frames = dict(synthetic._render((it, str(out))) for it in synthetic.tqdm(items, desc="revoice", unit="utt", disable=not progress))
+    bar = synthetic.tqdm(items, desc="revoice", unit="utt", disable=not progress)
+    frames = dict(synthetic._render((it, str(out))) for it in bar)
     path = out / synthetic.manifest_name(task, split)
     synthetic.write_manifest(path, synthetic._manifest_rows(items, out, frames))
     return path

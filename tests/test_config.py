@@ -247,6 +247,7 @@ def test_the_frozen_recipes_are_complete_and_mean_what_they_meant(monkeypatch):
     changed default cannot reach them."""
     import harmonifuse.pretrained
     from harmonifuse.config.renames import migrate
+    from harmonifuse.config.resolve import resolved_yaml
 
     monkeypatch.setattr(harmonifuse.pretrained, "find_model_folder", lambda name: name)  # runs/... of a fine-tune
     configs = DEMO_RECIPE.parent
@@ -261,8 +262,10 @@ def test_the_frozen_recipes_are_complete_and_mean_what_they_meant(monkeypatch):
         with warnings.catch_warnings():
             warnings.simplefilter("error", ConfigRenamedWarning)  # stored in the new form
             assert load_config(RunConfig, configs / name) == meant, name
-        raw = yaml.safe_load((configs / name).read_text())
+        text = (configs / name).read_text()
+        raw = yaml.safe_load(text)
         assert "extends" not in raw, name
+        assert resolved_yaml(RunConfig, configs / name) == text, f"{name}: not as `harmonifuse resolve` writes it"
 
         def keys(d, prefix=""):
             return {prefix + k for k, v in d.items()} | {x for k, v in d.items() if isinstance(v, dict) and v
