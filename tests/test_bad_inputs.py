@@ -60,7 +60,8 @@ def corpus(tmp_path_factory):
                            projector={"stack": 2, "hidden_size": 24}, vad={"enabled": True})
     model = HarmoniFuse.build(from_dict(ModelConfig, sections))
     model.save_pretrained(root / "model")
-    other = HarmoniFuse.build(from_dict(ModelConfig, {**sections, "projector": {**sections["projector"], "hidden_size": 32}}))
+    wider = {**sections, "projector": {**sections["projector"], "hidden_size": 32}}
+    other = HarmoniFuse.build(from_dict(ModelConfig, wider))
     other.save_pretrained(root / "other")
     kinds = make_bad_inputs.build(root / "corpus", root / "model", root / "other" / "trained.safetensors")
     built = {k.name: k for k in kinds}

@@ -207,7 +207,8 @@ def test_old_keys_in_overrides_and_dicts_move_and_removed_probe_settings_are_ref
     with pytest.warns(ConfigRenamedWarning, match=r"'model.projector.ctc_weight' is now 'model.ctc.loss_weight'"):
         config = load_config(RunConfig, None, ["model.projector.ctc_weight=0.7"])
     assert config.model.ctc.loss_weight == 0.7
-    with pytest.warns(ConfigRenamedWarning, match=r"'model.augment.time_masks' is now 'model.feature_masking.time_masks'"):
+    with pytest.warns(ConfigRenamedWarning, match=r"'model.augment.time_masks' is now "
+                                                  r"'model.feature_masking.time_masks'"):
         assert load_config(RunConfig, None, ["model.augment.time_masks=5"]).model.feature_masking.time_masks == 5
     with pytest.warns(ConfigRenamedWarning, match=r"'projector.ctc_vocab_chunk' is now 'ctc.vocab_chunk'"):
         assert from_dict(ModelConfig, {"projector": {"ctc_vocab_chunk": 64}}).ctc.vocab_chunk == 64

@@ -81,8 +81,8 @@ def plain_model(**sections) -> dict:
 
 def tiny_model_config(**sections) -> ModelConfig:
     # no voice activity detection: the tiny models read random noise
-    data = plain_model(projector={"stack": 2, "hidden_size": 24}, llm={"lora_rank": 4, "lora_alpha": 8.0, "max_new_tokens": 8},
-                  vad={"enabled": False})
+    data = plain_model(projector={"stack": 2, "hidden_size": 24},
+                       llm={"lora_rank": 4, "lora_alpha": 8.0, "max_new_tokens": 8}, vad={"enabled": False})
     for key, value in sections.items():
         data.setdefault(key, {}).update(value)
     return from_dict(ModelConfig, data)

@@ -196,7 +196,7 @@ def _merge(base: dict, top: dict) -> dict:
 def load_yaml_extends(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
     """A YAML file with its ``extends: other.yaml`` chain resolved (relative to the file naming it):
     a recipe that builds on another holds only what it changes. Each file's old keys are renamed
-    before the merge. ``harmonifuse config resolve`` writes the complete result."""
+    before the merge. ``harmonifuse resolve`` writes the complete result."""
     path = Path(path)
     data = load_yaml(path)
     parent = data.pop("extends", None)

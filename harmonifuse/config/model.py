@@ -50,8 +50,8 @@ class GateConfig:
 
 @dataclass
 class FeatureMaskingConfig:
-    """SpecAugment-style masking of the encoder's hidden states in training (see harmonifuse/modules/feature_masking.py);
-    on cached features too. Waveform augmentation is ``data.augment``."""
+    """SpecAugment-style masking of the encoder's hidden states in training, cached features too
+    (see harmonifuse/modules/feature_masking.py). Waveform augmentation is ``data.augment``."""
 
     time_masks: int = 2
     time_width: int = 10
@@ -152,7 +152,8 @@ class LLMConfig:
 class TasksConfig:
     prompts: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_PROMPTS))
     """The prompt each task answers by default (evaluation, analyze, dev scoring)."""
-    train_prompts: dict[str, list[str]] = field(default_factory=lambda: {k: list(v) for k, v in DEFAULT_TRAIN_PROMPTS.items()})
+    train_prompts: dict[str, list[str]] = field(
+        default_factory=lambda: {task: list(options) for task, options in DEFAULT_TRAIN_PROMPTS.items()})
     """Further phrasings per task for training: each training item reads ``prompts[task]`` or one of
     these, drawn uniformly (see harmonifuse/data/prompt_choice.py)."""
     emotion_labels: list[str] = field(default_factory=lambda: list(EMOTION_LABELS))

@@ -94,7 +94,8 @@ def _block(data: dict, indent: int = 0) -> list[str]:
     for key, value in data.items():
         head = f"{pad}{_flow(key)}:"
         leaf = isinstance(value, list) and not any(isinstance(v, dict) for v in value)
-        if not isinstance(value, (dict, list)) or not value or (leaf and len(head) + 1 + len(_flow(value)) <= FLOW_WIDTH):
+        short = leaf and len(head) + 1 + len(_flow(value)) <= FLOW_WIDTH
+        if not isinstance(value, (dict, list)) or not value or short:
             lines.append(f"{head} {_flow(value)}")
         elif isinstance(value, dict):
             lines += [head, *_block(value, indent + 2)]
