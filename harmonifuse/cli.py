@@ -1,4 +1,5 @@
-"""Command line: ``harmonifuse analyze | prepare | train | cache | evaluate | calibrate | experiment | plan | serve``.
+"""Command line: ``harmonifuse analyze | prepare | train | cache | evaluate | calibrate | average |
+experiment | plan | resolve | serve``.
 
 Each subcommand is a small function registered in ``COMMANDS``; heavy imports happen inside them
 so ``harmonifuse --help`` stays instant.
@@ -320,6 +321,19 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0 if plan.fits is not False else 4
 
 
+def cmd_resolve(args: argparse.Namespace) -> int:
+    from harmonifuse.atomic import atomic_write_text
+    from harmonifuse.config.resolve import resolved_yaml
+    from harmonifuse.config.run import RunConfig
+
+    text = resolved_yaml(RunConfig, args.config, args.overrides, note=args.note)
+    if args.output:
+        atomic_write_text(args.output, text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from harmonifuse.serve.command import serve
 
@@ -337,6 +351,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "average": cmd_average,
     "serve": cmd_serve,
     "plan": cmd_plan,
+    "resolve": cmd_resolve,
 }
 
 
@@ -442,6 +457,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float,
                    help="utterance length that sizes a batch (default: the longest training utterance, else "
                         "data.max_seconds)")
+    p = sub.add_parser("resolve", help="a run config written out complete: extends merged, old keys renamed, "
+                                       "every field set, comments kept (how frozen recipes are stored)")
+    p.add_argument("config", help="YAML run config, e.g. configs/demo.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=200")
+    p.add_argument("-o", "--output", help="write here (may be the config itself) instead of to stdout")
+    p.add_argument("--note", help="a comment line added under the file's header")
 
     from harmonifuse.serve.command import add_arguments as add_serve_arguments
 

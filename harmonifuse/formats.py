@@ -19,12 +19,6 @@ def cues(result: dict) -> list[tuple[float, float, str]]:
             if not s.get("no_speech") and s.get("transcript", "").strip()]
 
 
-def to_text(result: dict) -> str:
-    if result.get("no_speech"):
-        return "[no speech]"
-    return result.get("transcript", "")
-
-
 def to_srt(result: dict) -> str:
     import srt
 

@@ -58,18 +58,17 @@ class SpeechEmbeddings:
     lengths: torch.Tensor
     layer_weights: torch.Tensor
     gate_mean: torch.Tensor | None
-    projected: torch.Tensor | None = None
-    """(B, N, H) the projector output when the LLM reads its CTC token mixture instead; what CTC scores."""
 
     @property
     def ctc_input(self) -> torch.Tensor:
-        return self.projected if self.projected is not None else self.embeddings
+        """What the CTC head scores: the projector output, the same the LLM reads."""
+        return self.embeddings
 
 
 class HarmoniFuse(nn.Module):
     def __init__(self, config: ModelConfig, encoder: SpeechEncoder, prompt_encoder: nn.Module, fusion: LayerFusion,
                  gate: nn.Module, projector: FrameStackProjector, llm: SpeechLLM, ctc: EmbeddingCTC | None = None,
-                 augment: FeatureMasking | None = None, vad: SileroVAD | None = None) -> None:
+                 feature_masking: FeatureMasking | None = None, vad: SileroVAD | None = None) -> None:
         super().__init__()
         self.config = config
         self.encoder = encoder
@@ -79,7 +78,7 @@ class HarmoniFuse(nn.Module):
         self.projector = projector
         self.llm = llm
         self.ctc = ctc if ctc is not None else EmbeddingCTC()
-        self.augment = augment if augment is not None else FeatureMasking()
+        self.feature_masking = feature_masking if feature_masking is not None else FeatureMasking()
         self.vad = vad
         """Answers ``no_speech`` for audio without speech instead of transcribing it (None: off)."""
         self._segmenter = SileroVAD()  # cuts long recordings when no-speech answers are off (weights load on use)
@@ -118,18 +117,16 @@ class HarmoniFuse(nn.Module):
         gate = build_gate(config.gate.mode, encoder.hidden_size, prompt_encoder.dim)
         p = config.projector
         projector = FrameStackProjector(encoder.hidden_size, llm.hidden_size, stack=p.stack, hidden_size=p.hidden_size,
-                                        output_rms=llm.embedding_rms() if p.match_embedding_norm else None,
-                                        context_layers=p.context_layers, context_heads=p.context_heads,
-                                        context_kernel=p.context_kernel)
+                                        output_rms=llm.embedding_rms() if p.match_embedding_norm else None)
         vocabulary = llm.model.get_input_embeddings().weight.shape[0]
-        ctc = EmbeddingCTC(p.ctc_scale, learn_scale=p.ctc_learn_scale,
-                           blank_size=llm.hidden_size if p.ctc_learned_blank else None,
-                           vocab_chunk=resolve_vocab_chunk(p.ctc_vocab_chunk, vocabulary))
-        a = config.augment
-        augment = FeatureMasking(a.time_masks, a.time_width, a.channel_masks, a.channel_width)
+        c = config.ctc
+        ctc = EmbeddingCTC(c.scale, learn_scale=c.learn_scale, blank_size=llm.hidden_size if c.learned_blank else None,
+                           vocab_chunk=resolve_vocab_chunk(c.vocab_chunk, vocabulary))
+        m = config.feature_masking
+        masking = FeatureMasking(m.time_masks, m.time_width, m.channel_masks, m.channel_width)
         v = config.vad
         vad = SileroVAD(v.threshold, v.min_speech_seconds) if v.enabled else None
-        return cls(config, encoder, prompt_encoder, fusion, gate, projector, llm, ctc, augment, vad)
+        return cls(config, encoder, prompt_encoder, fusion, gate, projector, llm, ctc, masking, vad)
 
     @classmethod
     def from_pretrained(cls, source: str | os.PathLike | ModelConfig | None = None,
@@ -239,28 +236,20 @@ class HarmoniFuse(nn.Module):
         return self.encoder(waveforms, lengths)
 
     def speech_embeddings(self, hidden_states: torch.Tensor, frame_lengths: torch.Tensor, tasks: Sequence[str],
-                          prompts: Sequence[str] | None = None, *, for_llm: bool = True) -> SpeechEmbeddings:
-        """hidden states (L+1, B, T, D) -> LLM-width speech embeddings (B, N, H) for each item's task.
-
-        ``for_llm=False``: only what CTC needs (no token mixture), for the alignment stage."""
+                          prompts: Sequence[str] | None = None) -> SpeechEmbeddings:
+        """hidden states (L+1, B, T, D) -> LLM-width speech embeddings (B, N, H) for each item's task."""
         prompts = list(prompts) if prompts is not None else self.prompts_for(tasks)
         prompt_vectors = self.prompt_encoder(prompts).to(hidden_states.device)
         task_ids = self.task_ids(tasks)
         fused = self.fusion(hidden_states, prompt_vectors, task_ids)
         gated, gate = self.gate(fused, prompt_vectors)
         embeddings, lengths = self.projector(gated, frame_lengths)
-        projected = None
-        if self.config.projector.token_mixture and for_llm:
-            projected = embeddings
-            embeddings = self.ctc.token_mixture(projected, self.llm.model.get_input_embeddings().weight,
-                                                self.llm.ctc_blank_id)
         gate_mean = None
         if gate is not None:
             valid = lengths_to_mask(frame_lengths, gate.shape[1]).to(gate.dtype)
             valid = valid if gate.shape[1] > 1 else torch.ones_like(valid[:, :1])
             gate_mean = (gate.mean(-1) * valid).sum(1) / valid.sum(1)
-        return SpeechEmbeddings(embeddings, lengths, self.fusion.weights(prompt_vectors, task_ids), gate_mean,
-                                projected)
+        return SpeechEmbeddings(embeddings, lengths, self.fusion.weights(prompt_vectors, task_ids), gate_mean)
 
     def _hidden(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Hidden states of a training batch, cached or from the encoder, masked in training mode:
@@ -270,13 +259,13 @@ class HarmoniFuse(nn.Module):
         else:
             encoded = self.encode(batch.waveforms, batch.wave_lengths)
             hidden, lengths = encoded.hidden_states, encoded.lengths
-        return self.augment(hidden, lengths), lengths
+        return self.feature_masking(hidden, lengths), lengths
 
     def _ctc_loss(self, speech: SpeechEmbeddings, tasks: Sequence[str],
                   targets: Sequence[str]) -> tuple[torch.Tensor | None, int]:
-        """Embedding-CTC over the items of ``projector.ctc_tasks`` in a batch (None when it has none),
+        """Embedding-CTC over the items of ``ctc.tasks`` in a batch (None when it has none),
         and the number of target tokens it scored."""
-        chosen = [i for i, task in enumerate(tasks) if task in self.config.projector.ctc_tasks]
+        chosen = [i for i, task in enumerate(tasks) if task in self.config.ctc.tasks]
         if not chosen:
             return None, 0
         index = torch.tensor(chosen, device=speech.embeddings.device)
@@ -290,7 +279,7 @@ class HarmoniFuse(nn.Module):
         """The projector's CTC input for a whole batch of one task (its training prompt by default)."""
         B = hidden_states.shape[1]
         prompts = [prompt or self.config.tasks.prompts[task]] * B
-        return self.speech_embeddings(hidden_states, frame_lengths, [task] * B, prompts, for_llm=False)
+        return self.speech_embeddings(hidden_states, frame_lengths, [task] * B, prompts)
 
     def forward(self, batch: Any, prompts: Sequence[str] | None = None, *,
                 objective: Literal["answer", "align"] = "answer") -> ModelOutput:
@@ -308,7 +297,7 @@ class HarmoniFuse(nn.Module):
         num_tokens = int((inputs.labels[:, 1:] != IGNORE_INDEX).sum())
         loss = self.llm(inputs)
         answer_loss, ctc = loss, None
-        weight = self.config.projector.ctc_weight
+        weight = self.config.ctc.loss_weight
         if weight > 0 and self.training:
             ctc, _ = self._ctc_loss(speech, batch.tasks, batch.targets)
             if ctc is not None:
@@ -318,18 +307,17 @@ class HarmoniFuse(nn.Module):
         return ModelOutput(loss, num_tokens, speech.layer_weights, speech.gate_mean, ctc, answer_loss)
 
     def alignment_loss(self, batch: Any) -> ModelOutput:
-        """The embedding-CTC alone on a batch of ``projector.ctc_tasks``: the alignment stage, no LLM pass.
+        """The embedding-CTC alone on a batch of ``ctc.tasks``: the alignment stage, no LLM pass.
 
         Trains fusion, gate and projector (a learned CTC scale, a trainable encoder) to put each answer token's
         embedding where the speech carries it, before the LLM has to learn to read them.
         """
-        others = sorted(set(batch.tasks) - set(self.config.projector.ctc_tasks))
+        others = sorted(set(batch.tasks) - set(self.config.ctc.tasks))
         if others:
-            raise ValueError(f"the alignment stage takes batches of model.projector.ctc_tasks "
-                             f"{self.config.projector.ctc_tasks} only, got tasks {others}")
+            raise ValueError(f"the alignment stage takes batches of model.ctc.tasks "
+                             f"{self.config.ctc.tasks} only, got tasks {others}")
         hidden, frame_lengths = self._hidden(batch)
-        speech = self.speech_embeddings(hidden, frame_lengths, batch.tasks, getattr(batch, "prompts", None),
-                                        for_llm=False)
+        speech = self.speech_embeddings(hidden, frame_lengths, batch.tasks, getattr(batch, "prompts", None))
         loss, num_tokens = self._ctc_loss(speech, batch.tasks, batch.targets)
         return ModelOutput(loss, num_tokens, speech.layer_weights, speech.gate_mean, loss)
 

@@ -14,7 +14,7 @@ Memory per GPU (per process with ``--gpus 0``, the CPU) is estimated as
 * activations of the larger of the two stages at its configured batch, from the architectures'
   sizes: what each layer keeps for the backward pass (its inputs only, under
   ``train.gradient_checkpointing``), the hidden states the fusion reads, the answer logits, and
-  the CTC over the vocabulary (whole or in ``model.projector.ctc_vocab_chunk`` blocks);
+  the CTC over the vocabulary (whole or in ``model.ctc.vocab_chunk`` blocks);
 * with ``--gpus 0``, the process itself (Python, torch, transformers), as measured here.
 
 Host memory is reported too, per process and per node (up to :data:`GPUS_PER_NODE` processes, one
@@ -252,11 +252,9 @@ def make_plan(config, *, gpus: int = 1, gpu_memory_gb: float | None = None, seco
                               temperature=m.fusion.temperature, layer_norm=m.fusion.layer_norm),
                  build_gate(m.gate.mode, shape.width, H),
                  FrameStackProjector(shape.width, H, stack=m.projector.stack, hidden_size=m.projector.hidden_size,
-                                     output_rms=1.0 if m.projector.match_embedding_norm else None,
-                                     context_layers=m.projector.context_layers, context_heads=m.projector.context_heads,
-                                     context_kernel=m.projector.context_kernel),
-                 EmbeddingCTC(m.projector.ctc_scale, learn_scale=m.projector.ctc_learn_scale,
-                              blank_size=H if m.projector.ctc_learned_blank else None)]
+                                     output_rms=1.0 if m.projector.match_embedding_norm else None),
+                 EmbeddingCTC(m.ctc.scale, learn_scale=m.ctc.learn_scale,
+                              blank_size=H if m.ctc.learned_blank else None)]
     n_encoder = sum(p.numel() for p in encoder.parameters())
     n_llm = sum(p.numel() for p in llm.parameters())
     n_parts = sum(p.numel() for part in parts for p in part.parameters() if p.requires_grad)
@@ -395,11 +393,11 @@ def _stage_lines(config, shape: EncoderShape, llm_config, batch: int, seconds: f
                       4 * B * (T // m.projector.stack + 1) * m.projector.hidden_size * 3, ""))
     N_speech = T // m.projector.stack + 1
     V, H = llm_config.vocab_size, llm_config.hidden_size
-    ctc_on = (not with_llm) or m.projector.ctc_weight > 0
+    ctc_on = (not with_llm) or m.ctc.loss_weight > 0
     if ctc_on:
         from harmonifuse.modules.ctc import resolve_vocab_chunk
 
-        chunk = resolve_vocab_chunk(m.projector.ctc_vocab_chunk, V)
+        chunk = resolve_vocab_chunk(m.ctc.vocab_chunk, V)
         width, copies = (chunk, 3) if chunk else (V, 4)
         lines.append(Line("CTC over the vocabulary", 4.0 * B * N_speech * min(width, V) * copies,
                           f"blocks of {chunk} tokens" if chunk else f"(B, N, {V}) logits, log-softmax, gradient"))
@@ -413,8 +411,6 @@ def _stage_lines(config, shape: EncoderShape, llm_config, batch: int, seconds: f
         lines.append(Line("LLM layers", act * B * N * kept + 2 * act * B * N * H,
                           f"{N} positions" + (", layer inputs + one layer recomputed" if checkpointing else "")))
         lines.append(Line("answer logits", 4.0 * B * K * V * 3, f"{K} answer positions x {V} (logits_to_keep)"))
-        if m.projector.token_mixture:
-            lines.append(Line("CTC token mixture", 4.0 * B * N_speech * V * 3, ""))
     return lines
 
 
@@ -447,6 +443,6 @@ def format_plan(plan: Plan) -> str:
         out.append(f"{verdict} in {plan.gpu_memory_gb:g} GB per {'GPU' if plan.gpus else 'process'}"
                    f" ({plan.total / GB:.1f} GB estimated)")
         if not plan.fits:
-            out.append("  to save memory: train.gradient_checkpointing: true, model.projector.ctc_vocab_chunk: 8192, "
+            out.append("  to save memory: train.gradient_checkpointing: true, model.ctc.vocab_chunk: 8192, "
                        "a smaller data.batch_size or data.max_duration, or more GPUs with a smaller batch each")
     return "\n".join(out)

@@ -24,8 +24,10 @@ from pathlib import Path
 import torch
 
 from harmonifuse.data.manifest import read_manifest
-from harmonifuse.evaluation.calibration import (DRIFT, ScoreStore, calibration_report, drifted, fit_temperature,
-                                                label_scores, load_clips)
+from score_store import ScoreStore
+
+from harmonifuse.evaluation.calibration import (DRIFT, calibration_report, drifted, fit_temperature, label_scores,
+                                                load_clips)
 from harmonifuse.evaluation.metrics import ser_metrics
 from harmonifuse.model import HarmoniFuse
 

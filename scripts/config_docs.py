@@ -148,6 +148,15 @@ def _sections(cls: type, prefix: str = "") -> list[tuple[str, type]]:
     return found
 
 
+def _renames() -> tuple[dict[str, str], dict[str, Any]]:
+    """Old keys of a run config: renamed (old -> new) and removed (-> old default)."""
+    from harmonifuse.config import renames
+
+    moved = {f"model.{old}": f"model.{new}" for old, new in renames.MODEL_RENAMES.items()}
+    removed = {**{f"model.{k}": v for k, v in renames.MODEL_REMOVED.items()}, **renames.RUN_REMOVED}
+    return moved, removed
+
+
 def render() -> str:
     """The whole of docs/configuration.md."""
     root = root_config()
@@ -170,9 +179,21 @@ def render() -> str:
         "holds the `model` section alone, without the `model.` prefix.",
         "",
         "A run config may build on another with a top-level `extends: other.yaml` (relative to the",
-        "file naming it): mappings merge key by key, anything else (lists too) is replaced. The",
-        "frozen recipes in `configs/recipes/` are built on this way and never edited, so an",
-        "experiment or recipe that names one keeps its meaning when `configs/demo.yaml` moves on.",
+        "file naming it): mappings merge key by key, anything else (lists too) is replaced.",
+        "`harmonifuse resolve CONFIG [-o FILE]` writes a config complete: its `extends` chain merged,",
+        "old keys renamed, every field set (the defaults too), its comments kept. The recipes in",
+        "`configs/` are stored that way, so a changed default never changes what they mean.",
+        "The model section's defaults are the shipped recipe's (`configs/demo.yaml`): `ModelConfig()`",
+        "builds the shipped model's architecture.",
+        "",
+        "Old keys (`harmonifuse/config/renames.py`) still load, in YAML files, saved models and",
+        "overrides alike: a renamed key moves to its new place with a warning naming both; a removed",
+        "setting is an error unless it holds its old default (then a warning).",
+        "",
+        "| old key | now |",
+        "|---|---|",
+        *[f"| `{old}` | `{new}` |" for old, new in _renames()[0].items()],
+        *[f"| `{old}` | removed (old default `{format_default(default)}`) |" for old, default in _renames()[1].items()],
         "",
         "Types: `a | b | c` is a choice of exactly these values. The meaning is the field's",
         "docstring in the source; an empty cell means the field has none yet.",

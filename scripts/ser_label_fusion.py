@@ -30,7 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     from sklearn.metrics import recall_score
 
     from harmonifuse.data.manifest import read_manifest
-    from harmonifuse.evaluation.calibration import ScoreStore, calibration_report, fit_temperature, label_scores
+    from score_store import ScoreStore  # scripts/score_store.py
+
+    from harmonifuse.evaluation.calibration import calibration_report, fit_temperature, label_scores
     from harmonifuse.evaluation.evaluate import map_batches
     from harmonifuse.model import HarmoniFuse
 

@@ -23,7 +23,7 @@ import pytest
 TESTS = Path(__file__).parent
 ROOT = TESTS.parent
 # subprocesses find tests/tiny.py and friends; one thread each, as two processes share two cores
-ENV = {**os.environ, "PYTHONPATH": str(TESTS), "OMP_NUM_THREADS": "1"}
+ENV = {**os.environ, "PYTHONPATH": str(TESTS) + os.pathsep + str(ROOT), "OMP_NUM_THREADS": "1"}
 # --standalone: the launcher picks a free port, so runs side by side never collide
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
 

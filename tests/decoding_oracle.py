@@ -1,7 +1,8 @@
 """Test oracles: the joint CTC/LLM beam search as it was before it was vectorised (git 39254b1,
 harmonifuse/decoding.py), kept verbatim apart from names (and float64 kept float64): the CTC prefix scorer's loop over
 frames, and the search's Python loop over candidates. The package's versions must give the same
-scores and hypotheses (tests/test_decoding.py)."""
+scores and hypotheses (tests/test_decoding.py). And :func:`hf_generate`, transformers' own greedy
+``generate`` on the same inputs, which greedy ``SpeechLLM.decode`` must equal."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -201,3 +202,21 @@ def loop_beam_search(first_logits: torch.Tensor, step: StepFn, *, eos: int, max_
                                                       finished=False))
     return [max(hyps, key=lambda h: h.score) if hyps else Hypothesis([], NEG, 0.0, finished=False)
             for hyps in finished]
+
+
+@torch.no_grad()
+def hf_generate(llm, speech: torch.Tensor, speech_lengths: torch.Tensor, prompts: list[str],
+                max_new_tokens: int | None = None) -> list[str]:
+    """transformers' greedy decoding with the KV cache, batched (left padded), of a SpeechLLM."""
+    from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
+
+    inputs = llm.build_inputs(speech, speech_lengths, prompts, left_pad=True)
+    # the penalty as our own processor: transformers' built-in one skips as many generated tokens
+    # as a row has left padding when the prompt comes as embeddings (transformers 5.x)
+    processors = LogitsProcessorList([RepetitionPenaltyLogitsProcessor(float(llm.repetition_penalty))]
+                                     if llm.repetition_penalty != 1.0 else [])
+    generated = llm.model.generate(
+        inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
+        max_new_tokens=max_new_tokens or llm.max_new_tokens, do_sample=False, num_beams=1,
+        logits_processor=processors, eos_token_id=llm.eos_token_id, pad_token_id=llm.pad_token_id)
+    return [text.strip() for text in llm.tokenizer.batch_decode(generated, skip_special_tokens=True)]

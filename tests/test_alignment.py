@@ -11,11 +11,14 @@ from test_training import _final_weights, kill_and_resume
 from tiny import tiny_harmonifuse, write_tiny_run_config
 
 from harmonifuse.config import ConfigError
-from harmonifuse.modules.ctc import EmbeddingCTC, embedding_ctc_loss
+from ctc_oracle import embedding_ctc_loss
+
+from harmonifuse.modules.ctc import EmbeddingCTC
 from harmonifuse.training.run import load_run_config, train
 
-CTC_SETTINGS = {"ctc_weight": 0.3, "ctc_learn_scale": True, "ctc_learned_blank": True, "ctc_scale": 4.0,
-                "match_embedding_norm": True}
+CTC_SETTINGS = {"loss_weight": 0.3, "learn_scale": True, "learned_blank": True, "scale": 4.0, "tasks": ["asr"]}
+MATCHED = {"match_embedding_norm": True}
+CTC_MODEL = {"projector": {"stack": 2, "hidden_size": 24, **MATCHED}, "ctc": CTC_SETTINGS}  # a tiny run's model section
 
 
 def test_greedy_decode_merges_repeats_and_drops_blanks_up_to_the_length():
@@ -48,41 +51,9 @@ def test_learned_blank_is_an_extra_class_outside_the_vocabulary():
 def test_a_fixed_scale_and_token_blank_add_no_trained_parameters():
     plain = tiny_harmonifuse(seed=0)
     assert not any(name.startswith("ctc.") for name in plain.trained_state_dict())
-    learned = tiny_harmonifuse(seed=0, projector=CTC_SETTINGS)
+    learned = tiny_harmonifuse(seed=0, projector=MATCHED, ctc=CTC_SETTINGS)
     assert {n for n in learned.trained_state_dict() if n.startswith("ctc.")} == {"ctc.log_scale", "ctc.blank_vector"}
     assert float(learned.ctc.log_scale) == pytest.approx(math.log(4.0))
-
-
-def test_token_mixture_is_the_posterior_weighted_class_embedding():
-    torch.manual_seed(0)
-    table = torch.randn(5, 3)
-    head = EmbeddingCTC(init_scale=2.0, blank_size=3)
-    with torch.no_grad():
-        head.blank_vector.copy_(torch.tensor([1.0, -1.0, 0.5]))
-    speech = torch.randn(2, 4, 3)
-    classes = torch.cat([table, head.blank_vector.detach()[None]])  # (6, 3)
-    probs = (2.0 * speech @ classes.T).softmax(-1)
-    expected = probs @ classes
-    assert torch.allclose(head.token_mixture(speech, table, blank=0), expected, atol=1e-6)
-    # a confident position is (almost) the token's own embedding
-    sharp, eye = EmbeddingCTC(init_scale=50.0), torch.eye(3)
-    mixed = sharp.token_mixture(eye[2][None, None] * 3, eye, blank=0)
-    assert torch.allclose(mixed[0, 0], eye[2], atol=1e-3)
-
-
-def test_with_token_mixture_the_llm_reads_mixtures_and_ctc_scores_the_projector_output():
-    model = tiny_harmonifuse(seed=0, projector={**CTC_SETTINGS, "token_mixture": True}).train()
-    batch = _asr_batch(model)
-    speech = model.speech_embeddings(batch.hidden_states, batch.frame_lengths, batch.tasks)
-    table = model.llm.model.get_input_embeddings().weight
-    expected = model.ctc.token_mixture(speech.projected, table, model.llm.ctc_blank_id)
-    assert torch.allclose(speech.embeddings, expected) and speech.ctc_input is speech.projected
-    # the alignment stage skips the mixture; CTC sees the same projector output either way
-    light = model.speech_embeddings(batch.hidden_states, batch.frame_lengths, batch.tasks, for_llm=False)
-    assert light.projected is None and torch.allclose(light.ctc_input, speech.projected)
-    out = model(batch)
-    out.loss.backward()
-    assert model.projector.mlp[0].weight.grad.abs().sum() > 0  # the answer loss reaches the projector
 
 
 def _asr_batch(model, tasks=("asr", "asr"), targets=("hello world", "the lazy dog")):
@@ -94,7 +65,7 @@ def _asr_batch(model, tasks=("asr", "asr"), targets=("hello world", "the lazy do
 
 
 def test_alignment_loss_trains_fusion_gate_projector_and_ctc_head_but_not_the_llm():
-    model = tiny_harmonifuse(seed=0, projector=CTC_SETTINGS).train()
+    model = tiny_harmonifuse(seed=0, projector=MATCHED, ctc=CTC_SETTINGS).train()
     out = model.alignment_loss(_asr_batch(model))
     out.loss.backward()
     grads = {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
@@ -102,21 +73,21 @@ def test_alignment_loss_trains_fusion_gate_projector_and_ctc_head_but_not_the_ll
     for part in ("projector.", "fusion.", "gate.", "ctc.log_scale", "ctc.blank_vector"):
         assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if n.startswith(part)), part
     assert out.num_tokens == len(model.llm.tokenize("hello world")) + len(model.llm.tokenize("the lazy dog"))
-    with pytest.raises(ValueError, match=r"ctc_tasks \['asr'\] only, got tasks \['ser'\]"):
+    with pytest.raises(ValueError, match=r"model.ctc.tasks \['asr'\] only, got tasks \['ser'\]"):
         model.alignment_loss(_asr_batch(model, tasks=("asr", "ser"), targets=("hello world", "sad")))
 
 
 def test_with_ser_among_the_ctc_tasks_its_label_word_is_a_ctc_target_too():
-    model = tiny_harmonifuse(seed=0, projector={**CTC_SETTINGS, "ctc_tasks": ["asr", "ser"]}).train()
+    model = tiny_harmonifuse(seed=0, projector=MATCHED, ctc={**CTC_SETTINGS, "tasks": ["asr", "ser"]}).train()
     batch = _asr_batch(model, tasks=("asr", "ser"), targets=("hello world", "sad"))
     out = model.alignment_loss(batch)
     assert out.num_tokens == len(model.llm.tokenize("hello world")) + len(model.llm.tokenize("sad"))
-    speech = model.speech_embeddings(batch.hidden_states, batch.frame_lengths, batch.tasks, for_llm=False)
+    speech = model.speech_embeddings(batch.hidden_states, batch.frame_lengths, batch.tasks)
     table = model.llm.model.get_input_embeddings().weight
     expected = model.ctc(speech.ctc_input, speech.lengths, [model.llm.tokenize(t) for t in batch.targets], table,
                          blank=model.llm.ctc_blank_id)
     assert float(out.loss) == pytest.approx(float(expected), rel=1e-5)
-    asr_only = tiny_harmonifuse(seed=0, projector=CTC_SETTINGS).train()  # same weights, SER item left out
+    asr_only = tiny_harmonifuse(seed=0, projector=MATCHED, ctc=CTC_SETTINGS).train()  # same weights, SER left out
     expected_asr = asr_only.ctc(speech.ctc_input[:1], speech.lengths[:1], [model.llm.tokenize("hello world")],
                                 table, blank=model.llm.ctc_blank_id)
     assert float(asr_only.train()(batch).ctc_loss) == pytest.approx(float(expected_asr), rel=1e-5)
@@ -141,7 +112,7 @@ def test_candidate_nll_is_each_whole_sequence_ctc_loss_and_infinite_when_it_cann
 
 
 def test_ctc_transcripts_read_back_what_the_projector_puts_on_token_embeddings():
-    model = tiny_harmonifuse(seed=0, projector=CTC_SETTINGS).eval()
+    model = tiny_harmonifuse(seed=0, projector=MATCHED, ctc=CTC_SETTINGS).eval()
     ids = model.llm.tokenize("hello world")
     table = model.llm.model.get_input_embeddings().weight
     with torch.no_grad():  # the words' tokens on orthogonal directions, every other token near zero
@@ -155,7 +126,7 @@ def test_ctc_transcripts_read_back_what_the_projector_puts_on_token_embeddings()
     # a projector that emits each token twice, blanks between them ("hello" has a double "l")
     rows = [blank] + [row for i in ids for row in (table[i] * 5, table[i] * 5, blank)]
     speech = torch.stack(rows)[None]
-    model.speech_embeddings = lambda hidden, lengths, tasks, prompts, for_llm: types.SimpleNamespace(
+    model.speech_embeddings = lambda hidden, lengths, tasks, prompts: types.SimpleNamespace(
         ctc_input=speech, lengths=torch.tensor([speech.shape[1]]))
     assert model.ctc_transcribe_hidden(torch.zeros(1, 1, 1, 1), torch.tensor([1])) == ["hello world"]
     # closed-set scoring: of the emotion labels, the one whose tokens the projector spells wins
@@ -178,7 +149,7 @@ def aligned_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("align")
     path = write_tiny_run_config(root, align={"max_steps": 60, "eval_every": 30, "batch_size": 4, "lr": 1e-2,
                                               "warmup_steps": 0},
-                                 model={"projector": {"stack": 2, "hidden_size": 24, **CTC_SETTINGS}},
+                                 model=CTC_MODEL,
                                  train={"max_steps": 6, "eval_every": 6, "save_every": 3, "keep_last": 10})
     summary = train(load_run_config(path), progress=False)
     return root, summary
@@ -209,8 +180,8 @@ def test_alignment_stage_lowers_ctc_loss_before_the_main_stage(aligned_run):
 
 def test_an_alignment_stage_over_both_tasks_interleaves_them_and_scores_ser_by_its_labels(tmp_path):
     path = write_tiny_run_config(tmp_path, align={"max_steps": 6, "eval_every": 6, "batch_size": 4},
-                                 model={"projector": {"stack": 2, "hidden_size": 24, **CTC_SETTINGS,
-                                                      "ctc_tasks": ["asr", "ser"]}},
+                                 model={"projector": {"stack": 2, "hidden_size": 24, **MATCHED},
+                                        "ctc": {**CTC_SETTINGS, "tasks": ["asr", "ser"]}},
                                  train={"max_steps": 2, "eval_every": 1000, "save_every": 1000})
     train(load_run_config(path), progress=False)
     records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
@@ -222,7 +193,7 @@ def test_an_alignment_stage_over_both_tasks_interleaves_them_and_scores_ser_by_i
 def test_the_alignment_stage_alone_trains_the_front_end_and_exports_it(tmp_path):
     path = write_tiny_run_config(tmp_path, align={"max_steps": 40, "eval_every": 40, "batch_size": 4, "lr": 1e-2,
                                                   "warmup_steps": 0},
-                                 model={"projector": {"stack": 2, "hidden_size": 24, **CTC_SETTINGS}},
+                                 model=CTC_MODEL,
                                  train={"max_steps": 0, "eval_every": 5, "save_every": 25})
     summary = train(load_run_config(path), progress=False)
     assert (summary["steps"], summary["align_steps"], summary["stop_reason"]) == (0, 40, "max_steps")
@@ -278,7 +249,7 @@ def test_an_unfrozen_encoder_learns_in_the_alignment_stage_and_the_lora_adapters
 @pytest.mark.multiprocess
 def test_kill_during_alignment_then_resume_equals_uninterrupted_run(tmp_path):
     config_path = write_tiny_run_config(tmp_path, align={"max_steps": 30, "batch_size": 4, "eval_every": 1000},
-                                        model={"projector": {"stack": 2, "hidden_size": 24, **CTC_SETTINGS}},
+                                        model=CTC_MODEL,
                                         train={"max_steps": 4, "save_every": 2, "eval_every": 1000})
     a, b, at_kill = kill_and_resume(config_path, tmp_path, "step_0000006", poll=0.02)
     assert "step_0000030" not in at_kill, "killed after the alignment stage"
@@ -290,7 +261,7 @@ def test_kill_during_alignment_then_resume_equals_uninterrupted_run(tmp_path):
 @pytest.mark.multiprocess
 def test_alignment_under_ddp_equals_one_process_with_the_global_batch(tmp_path):
     config_path = write_tiny_run_config(tmp_path, align={"max_steps": 4, "batch_size": 4, "eval_every": 1000},
-                                        model={"projector": {"stack": 2, "hidden_size": 24, **CTC_SETTINGS}},
+                                        model=CTC_MODEL,
                                         train={"max_steps": 2, "save_every": 2, "eval_every": 1000})
     single = load_run_config(config_path, [f"train.output_dir={tmp_path / 'single'}", "data.batch_size=4"])
     train(single, progress=False)
@@ -318,10 +289,10 @@ def test_bad_alignment_settings_name_the_field(tmp_path):
         load_run_config(config_path, ["align.batch_size=0"])
     with pytest.raises(ConfigError, match="align.max_steps"):
         load_run_config(config_path, ["align.max_steps=-1"])
-    with pytest.raises(ConfigError, match="model.projector.ctc_scale"):
-        load_run_config(config_path, ["model.projector.ctc_scale=0"])
-    with pytest.raises(ConfigError, match="model.projector.ctc_tasks"):
-        load_run_config(config_path, ["model.projector.ctc_tasks=[asr, speaker]"])
+    with pytest.raises(ConfigError, match="model.ctc.scale"):
+        load_run_config(config_path, ["model.ctc.scale=0"])
+    with pytest.raises(ConfigError, match="model.ctc.tasks"):
+        load_run_config(config_path, ["model.ctc.tasks=[asr, speaker]"])
     no_asr = load_run_config(config_path, ["align.max_steps=5", "data.train={ser: ser_train.jsonl}"])
     with pytest.raises(ValueError, match=r"no manifest for \['asr'\].*align.max_steps=0"):
         train(no_asr, progress=False)

@@ -45,7 +45,7 @@ def test_masks_hit_every_layer_alike_and_stay_inside_the_utterance():
 
 
 def test_the_model_masks_in_training_only():
-    model = tiny_harmonifuse(seed=0, augment={"time_masks": 2, "time_width": 4, "channel_masks": 2})
+    model = tiny_harmonifuse(seed=0, feature_masking={"time_masks": 2, "time_width": 4, "channel_masks": 2})
     torch.manual_seed(1)
     encoded = model.encode(torch.randn(2, 16000) * 0.1, torch.tensor([16000, 12000]))
     batch = types.SimpleNamespace(hidden_states=encoded.hidden_states, frame_lengths=encoded.lengths,
@@ -55,10 +55,10 @@ def test_the_model_masks_in_training_only():
         clean = float(model(batch).loss)
         model.train()
         assert float(model(batch).loss) != pytest.approx(clean, rel=1e-6)
-        model.augment.time_masks = model.augment.channel_masks = 0
+        model.feature_masking.time_masks = model.feature_masking.channel_masks = 0
         assert float(model(batch).loss) == pytest.approx(clean, rel=1e-6)
 
 
 def test_bad_mask_settings_name_the_field():
-    with pytest.raises(ConfigError, match="model.augment.time_width"):
-        from_dict(ModelConfig, {"augment": {"time_width": 0}}, prefix="model")
+    with pytest.raises(ConfigError, match="model.feature_masking.time_width"):
+        from_dict(ModelConfig, {"feature_masking": {"time_width": 0}}, prefix="model")

@@ -342,9 +342,10 @@ def test_bad_augment_values_name_the_field(override, field, problem):
 
 def test_augmenting_a_frozen_cached_encoder_is_refused():
     with pytest.raises(ConfigError, match="'data.augment'.*model.encoder.trainable: true or data.feature_cache: \"off\""):
-        load_config(RunConfig, None, ["data.augment.noise.p=0.5"])
+        load_config(RunConfig, None, ["data.augment.noise.p=0.5", "model.encoder.trainable=false"])
     load_config(RunConfig, None, ["data.augment.noise.p=0.5", "model.encoder.trainable=true"])
-    load_config(RunConfig, None, ["data.augment.noise.p=0.5", "data.feature_cache='off'"])
+    load_config(RunConfig, None, ["data.augment.noise.p=0.5", "model.encoder.trainable=false",
+                                  "data.feature_cache='off'"])
     # and build_run_data itself, for a DataConfig made without a run config (before any corpus work)
     data = load_config(RunConfig, None, ["data.augment.gain.p=1", "data.feature_cache='off'"]).data
     data.feature_cache = "auto"

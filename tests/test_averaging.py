@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from tiny import perturbed, write_tiny_assets
+from tiny import perturbed, plain_model, write_tiny_assets
 
 from harmonifuse import cli
 from harmonifuse.config import ConfigError, from_dict
@@ -21,16 +21,16 @@ def folders(tmp_path_factory):
     """Three tiny models of one architecture, trained parts moved apart (seeds 1-3), temperatures set."""
     root = tmp_path_factory.mktemp("averaging")
     encoder_dir, llm_dir = write_tiny_assets(root / "assets")
-    sections = {"encoder": {"source": str(encoder_dir)},
-                "llm": {"source": str(llm_dir), "lora_rank": 4, "lora_alpha": 8.0, "max_new_tokens": 4},
-                "projector": {"stack": 2, "hidden_size": 24}, "vad": {"enabled": False}}
+    sections = plain_model(encoder={"source": str(encoder_dir)},
+                           llm={"source": str(llm_dir), "lora_rank": 4, "lora_alpha": 8.0, "max_new_tokens": 4},
+                           projector={"stack": 2, "hidden_size": 24}, vad={"enabled": False})
     out = []
     for seed in (1, 2, 3):
         config = from_dict(ModelConfig, {**sections, "calibration": {"ser_temperature": 1.5 + seed},
                                          "decoding": {"beam_size": seed}})
         model = perturbed(HarmoniFuse.build(config), seed=seed)
         out.append(model.save_pretrained(root / f"model{seed}"))
-    wider = from_dict(ModelConfig, {**sections, "projector": {"stack": 2, "hidden_size": 32}})
+    wider = from_dict(ModelConfig, {**sections, "projector": {**sections["projector"], "hidden_size": 32}})
     return {"models": out, "other": HarmoniFuse.build(wider).save_pretrained(root / "other"), "root": root}
 
 

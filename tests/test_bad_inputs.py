@@ -20,7 +20,7 @@ import make_bad_inputs
 import pytest
 import torch
 from conftest import ENV
-from tiny import tiny_harmonifuse, tiny_wavlm_config, write_tiny_assets
+from tiny import plain_model, tiny_harmonifuse, tiny_wavlm_config, write_tiny_assets
 from transformers import WavLMConfig
 
 from harmonifuse import cli
@@ -55,12 +55,13 @@ def corpus(tmp_path_factory):
     settings.pop("num_feat_extract_layers", None)
     torch.manual_seed(0)
     SSLSpeechEncoder.from_config(WavLMConfig(**settings)).model.save_pretrained(encoder_dir)
-    sections = {"encoder": {"source": str(encoder_dir), "max_seconds": 8.0},
-                "llm": {"source": str(llm_dir), "lora_rank": 4, "lora_alpha": 8.0, "max_new_tokens": 4},
-                "projector": {"stack": 2, "hidden_size": 24}, "vad": {"enabled": True}}
+    sections = plain_model(encoder={"source": str(encoder_dir), "max_seconds": 8.0},
+                           llm={"source": str(llm_dir), "lora_rank": 4, "lora_alpha": 8.0, "max_new_tokens": 4},
+                           projector={"stack": 2, "hidden_size": 24}, vad={"enabled": True})
     model = HarmoniFuse.build(from_dict(ModelConfig, sections))
     model.save_pretrained(root / "model")
-    other = HarmoniFuse.build(from_dict(ModelConfig, {**sections, "projector": {"stack": 2, "hidden_size": 32}}))
+    wider = {**sections, "projector": {**sections["projector"], "hidden_size": 32}}
+    other = HarmoniFuse.build(from_dict(ModelConfig, wider))
     other.save_pretrained(root / "other")
     kinds = make_bad_inputs.build(root / "corpus", root / "model", root / "other" / "trained.safetensors")
     built = {k.name: k for k in kinds}

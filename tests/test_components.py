@@ -139,48 +139,6 @@ def test_projector_output_rms_fixes_the_scale_of_every_position_but_not_its_dire
         FrameStackProjector(4, 8, output_rms=0.0)
 
 
-def test_projector_context_layers_mix_positions_but_never_read_padding():
-    torch.manual_seed(3)
-    projector = FrameStackProjector(4, 8, stack=2, hidden_size=6, context_layers=1, context_heads=2).eval()
-    plain = FrameStackProjector(4, 8, stack=2, hidden_size=6)
-    features, lengths = torch.randn(2, 6, 4), torch.tensor([6, 3])
-    out, out_lengths = projector(features, lengths)
-    assert out.shape == (2, 3, 8) and out_lengths.tolist() == [3, 2]
-    # a change in the first frame reaches the last position only through the context layer
-    changed = features.clone()
-    changed[0, 0] += 1.0
-    assert not torch.allclose(projector(changed, lengths)[0][0, 2], out[0, 2])
-    assert torch.allclose(plain(changed, lengths)[0][0, 2], plain(features, lengths)[0][0, 2])
-    # frames past an item's length (here the second item's frames 4-5: its position 2) change nothing valid
-    padded = features.clone()
-    padded[1, 4:] = 100.0
-    assert torch.allclose(projector(padded, lengths)[0][1, :2], out[1, :2], atol=1e-6)
-    with pytest.raises(ValueError, match="context_heads .*must divide"):
-        FrameStackProjector(4, 8, context_layers=1, context_heads=3)
-
-
-def test_projector_context_kernel_reads_neighbour_positions_only_and_never_padding():
-    torch.manual_seed(4)
-    projector = FrameStackProjector(4, 8, stack=2, hidden_size=6, context_kernel=3)
-    features, lengths = torch.randn(2, 8, 4), torch.tensor([8, 5])
-    out, out_lengths = projector(features, lengths)
-    assert out.shape == (2, 4, 8) and out_lengths.tolist() == [4, 3]
-    # frame 0 lies in position 0: it reaches position 1 (kernel 3) but not position 2
-    changed = features.clone()
-    changed[0, 0] += 1.0
-    moved = projector(changed, lengths)[0][0]
-    assert not torch.allclose(moved[1], out[0, 1]) and torch.allclose(moved[2], out[0, 2])
-    # the second item's frames past its length (5-7), even inside its last position, change nothing
-    padded = features.clone()
-    padded[1, 5:] = 100.0
-    assert torch.allclose(projector(padded, lengths)[0][1, :3], out[1, :3], atol=1e-6)
-    # the item alone gives what it gives in the batch
-    alone, _ = projector(features[1:, :5], lengths[1:])
-    assert torch.allclose(alone[0], out[1, :3], atol=1e-6)
-    with pytest.raises(ValueError, match="odd number"):
-        FrameStackProjector(4, 8, context_kernel=2)
-
-
 def test_lengths_to_mask_marks_valid_frames_and_refuses_non_vector_lengths():
     lengths = torch.tensor([3, 0, 5])
     expected = torch.tensor([[1, 1, 1, 0], [0, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)

@@ -153,7 +153,14 @@ def test_the_real_speech_importer_writes_ten_normalised_utterances(tmp_path):
 
 
 def test_stored_label_scores_are_reused_for_the_same_weights_only(tmp_path):
-    from harmonifuse.evaluation.calibration import ScoreStore
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "score_store.py"  # a research helper
+    spec = importlib.util.spec_from_file_location("score_store", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    ScoreStore = module.ScoreStore
 
     model = perturbed(tiny_harmonifuse(seed=0)).eval()
     store = ScoreStore(tmp_path / "scores.pt", model)

@@ -43,8 +43,8 @@ pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available()
 GPU = torch.device("cuda", 0)
 # the tiny model's vocabulary has 300 tokens: blocks of 37 exercise the chunked CTC (loss, posteriors, decoding)
 GPU_RUN = {
-    "model": {"projector": {"stack": 2, "hidden_size": 24, "ctc_weight": 0.3, "ctc_learned_blank": True,
-                            "ctc_vocab_chunk": 37},
+    "model": {"projector": {"stack": 2, "hidden_size": 24},
+              "ctc": {"loss_weight": 0.3, "learned_blank": True, "vocab_chunk": 37},
               "decoding": {"beam_size": 3, "ctc_weight": 0.5}},
     "data": {"batch_size": 2, "feature_cache": "auto"},  # auto: no cache on CUDA, the encoder runs in the forward
     "align": {"max_steps": 2, "eval_every": 2, "batch_size": 2},

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from decoding_oracle import hf_generate
 from tiny import perturbed, tiny_harmonifuse
 
 from harmonifuse.config import ConfigError, ModelConfig, from_dict
@@ -129,7 +130,7 @@ def test_greedy_decoding_equals_transformers_generate_and_beams_keep_the_batch_a
     encoded = model.encode(torch.randn(3, 16000) * 0.1, lengths)
     speech = model.speech_embeddings(encoded.hidden_states, encoded.lengths, ["asr"] * 3)
     prompts = model.prompts_for(["asr"] * 3)
-    reference = model.llm.generate(speech.embeddings, speech.lengths, prompts)
+    reference = hf_generate(model.llm, speech.embeddings, speech.lengths, prompts)
     greedy = model.llm.decode(speech.embeddings, speech.lengths, prompts)
     assert [model.llm.detokenize(h.tokens) for h in greedy] == reference
     log_probs, blank = model.ctc_log_probs(speech)
@@ -385,7 +386,9 @@ def test_model_decoding_draft_ctc_answers_as_without_and_counts_its_forward_pass
 def test_drafts_need_greedy_decoding():
     with pytest.raises(ConfigError, match="needs beam_size 1"):
         from_dict(ModelConfig, {"decoding": {"draft": "ctc", "beam_size": 4}})
-    assert from_dict(ModelConfig, {"decoding": {"draft": "ctc"}}).decoding.draft_tokens == 4
+    with pytest.raises(ConfigError, match="needs beam_size 1"):  # the default beam of 4 too
+        from_dict(ModelConfig, {"decoding": {"draft": "ctc"}})
+    assert from_dict(ModelConfig, {"decoding": {"draft": "ctc", "beam_size": 1}}).decoding.draft_tokens == 4
 
 
 # -- dynamic int8 on the CPU (model.decoding.int8) --------------------------------------------------

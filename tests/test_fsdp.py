@@ -28,7 +28,7 @@ except ImportError:
 needs_fsdp2 = pytest.mark.skipif(not FSDP2, reason="this torch has no torch.distributed.fsdp.fully_shard (FSDP2)")
 # the alignment stage (LoRA out of the graph, rank-0-only CTC scoring before) and the CTC in the main stage
 # (the root unit's learned blank) both run under the sharded model
-SETTINGS = ["model.projector.ctc_weight=0.3", "model.projector.ctc_learned_blank=true", "align.max_steps=2",
+SETTINGS = ["model.ctc.loss_weight=0.3", "model.ctc.learned_blank=true", "align.max_steps=2",
             "align.eval_every=2", "align.batch_size=2"]
 
 
@@ -49,10 +49,10 @@ def test_a_learned_ctc_scale_is_refused_under_fsdp_by_its_field():
     """FSDP2 shards every parameter along a dimension; the learned CTC scale is a scalar."""
     from harmonifuse.config.run import RunConfig
 
-    from_dict(RunConfig, {"train": {"parallel": "ddp"}, "model": {"projector": {"ctc_learn_scale": True}}})
-    with pytest.raises(ConfigError, match=r"'model.projector.ctc_learn_scale': is true and train.parallel is fsdp"):
-        from_dict(RunConfig, {"train": {"parallel": "fsdp"}, "model": {"projector": {"ctc_learn_scale": True}}})
-    model = tiny_harmonifuse(projector={"ctc_learn_scale": True})
+    from_dict(RunConfig, {"train": {"parallel": "ddp"}, "model": {"ctc": {"learn_scale": True}}})
+    with pytest.raises(ConfigError, match=r"'model.ctc.learn_scale': is true and train.parallel is fsdp"):
+        from_dict(RunConfig, {"train": {"parallel": "fsdp"}, "model": {"ctc": {"learn_scale": True}}})
+    model = tiny_harmonifuse(ctc={"learn_scale": True})
     with pytest.raises(ValueError, match=r"cannot shard a scalar parameter, and ctc.log_scale is one that trains"):
         fsdp_plan(model)
     with pytest.raises(ValueError, match=r"ctc.log_scale"):  # before any process group is needed

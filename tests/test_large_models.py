@@ -3,6 +3,7 @@ label scoring that keeps only the logits it reads, greedy decoding that ignores 
 sampling settings, the prompt layout under real chat templates, and the memory switches."""
 import pytest
 import torch
+from decoding_oracle import hf_generate
 from tiny import perturbed, tiny_harmonifuse, tiny_llama, tiny_tokenizer
 
 from harmonifuse.modules.ctc import EmbeddingCTC
@@ -97,9 +98,9 @@ def test_chunked_ctc_scores_decodes_and_log_posteriors_equal_the_whole_table(lea
 
 
 def test_chunked_ctc_keeps_the_joint_beam_search_and_training_loss_of_the_model():
-    """The model with ``projector.ctc_vocab_chunk``: the same CTC training loss and gradients, and the
+    """The model with ``ctc.vocab_chunk``: the same CTC training loss and gradients, and the
     same joint CTC/LLM hypotheses (the prefix scorer reads the chunked log-posteriors)."""
-    models = [tiny_harmonifuse(seed=0, projector={"ctc_weight": 0.5, "ctc_vocab_chunk": chunk}) for chunk in (0, 37)]
+    models = [tiny_harmonifuse(seed=0, ctc={"loss_weight": 0.5, "vocab_chunk": chunk}) for chunk in (0, 37)]
     assert models[1].ctc.vocab_chunk == 37
     torch.manual_seed(5)
     noise = {n: torch.randn_like(p) * 0.3 for n, p in models[0].named_parameters() if p.requires_grad}
@@ -157,7 +158,7 @@ def test_the_ctc_vocabulary_is_chunked_by_default_above_64k_tokens():
     from harmonifuse.config import ModelConfig, from_dict
     from harmonifuse.modules.ctc import resolve_vocab_chunk
 
-    assert from_dict(ModelConfig, {}, prefix="model").projector.ctc_vocab_chunk == "auto"
+    assert from_dict(ModelConfig, {}, prefix="model").ctc.vocab_chunk == "auto"
     assert resolve_vocab_chunk("auto", 49152) == 0  # SmolLM2: the whole table, fastest
     assert resolve_vocab_chunk("auto", 128256) == resolve_vocab_chunk("auto", 152064) == 8192
     assert resolve_vocab_chunk(0, 152064) == 0 and resolve_vocab_chunk(37, 300) == 37  # a number: as given
@@ -166,13 +167,12 @@ def test_the_ctc_vocabulary_is_chunked_by_default_above_64k_tokens():
 
 @pytest.mark.parametrize("learned_blank", [False, True])
 def test_transcripts_decoded_with_ctc_columns_on_demand_equal_the_whole_posteriors(learned_blank):
-    """analyze with ``ctc_vocab_chunk``: the joint beam search reads CTC columns on demand
+    """analyze with ``ctc.vocab_chunk``: the joint beam search reads CTC columns on demand
     (CTCPosteriors) and answers as with the whole (B, N, V) log-posteriors."""
-    sections = dict(decoding={"beam_size": 3, "ctc_weight": 0.5},
-                    projector={"ctc_learned_blank": learned_blank})
+    sections = dict(decoding={"beam_size": 3, "ctc_weight": 0.5}, ctc={"learned_blank": learned_blank})
     answers = []
     for chunk in (0, 37):
-        chunked = {**sections, "projector": {**sections["projector"], "ctc_vocab_chunk": chunk}}
+        chunked = {**sections, "ctc": {**sections["ctc"], "vocab_chunk": chunk}}
         model = perturbed(tiny_harmonifuse(**chunked))
         torch.manual_seed(1)
         encoded = model.encode(torch.randn(3, 16000) * 0.1, torch.tensor([16000, 9000, 12000]))
@@ -279,14 +279,14 @@ def test_greedy_decoding_ignores_the_llms_sampling_and_repetition_settings():
                                          max_tokens_per_position=None)] == reference
     for seed in (0, 1):
         torch.manual_seed(seed)
-        generated = llm.generate(speech.embeddings, speech.lengths, prompts, max_new_tokens=12)
+        generated = hf_generate(llm, speech.embeddings, speech.lengths, prompts, max_new_tokens=12)
         assert generated == [llm.detokenize(row) for row in reference]
 
 
 def test_a_repetition_penalty_applies_only_when_the_config_asks_for_it():
     """model.llm.repetition_penalty: our beam-search decoding and transformers' generate agree (batched,
-    left padded: our generate passes its own penalty processor, see SpeechLLM.generate), and the
-    answer differs from the plain argmax."""
+    left padded: the oracle passes its own penalty processor, see tests/decoding_oracle.py's
+    hf_generate), and the answer differs from the plain argmax."""
     model = _model_with_sampling_defaults(repetition_penalty=1.5)
     llm = model.llm
     assert llm.repetition_penalty == 1.5
@@ -294,7 +294,7 @@ def test_a_repetition_penalty_applies_only_when_the_config_asks_for_it():
     plain = _argmax_loop(llm, llm.build_inputs(speech.embeddings, speech.lengths, prompts), 12)
     ours = [h.tokens for h in llm.decode(speech.embeddings, speech.lengths, prompts, max_new_tokens=12,
                                          max_tokens_per_position=None)]
-    theirs = llm.generate(speech.embeddings, speech.lengths, prompts, max_new_tokens=12)
+    theirs = hf_generate(llm, speech.embeddings, speech.lengths, prompts, max_new_tokens=12)
     assert [llm.detokenize(row) for row in ours] == theirs
     assert ours != plain
 
@@ -376,7 +376,7 @@ def test_chat_template_models_decode_a_padded_batch_as_single_items(family):
     singles = [llm.decode(speech.embeddings[i:i + 1, : int(speech.lengths[i])], speech.lengths[i:i + 1],
                           prompts[i:i + 1])[0].tokens for i in range(3)]
     assert batched == singles
-    assert llm.generate(speech.embeddings, speech.lengths, prompts) == [llm.detokenize(t) for t in batched]
+    assert hf_generate(llm, speech.embeddings, speech.lengths, prompts) == [llm.detokenize(t) for t in batched]
 
 
 # -- memory for large models: a bfloat16 frozen LLM, checkpointing that reaches the encoder ------------
@@ -474,8 +474,8 @@ def test_gradient_checkpointing_reaches_a_trainable_encoder_and_keeps_the_gradie
 def test_the_new_model_fields_name_themselves_when_wrong():
     from harmonifuse.config import ConfigError, ModelConfig, from_dict
 
-    with pytest.raises(ConfigError, match=r"model\.projector\.ctc_vocab_chunk.*>= 0"):
-        from_dict(ModelConfig, {"projector": {"ctc_vocab_chunk": -1}}, prefix="model")
+    with pytest.raises(ConfigError, match=r"model\.ctc\.vocab_chunk.*>= 0"):
+        from_dict(ModelConfig, {"ctc": {"vocab_chunk": -1}}, prefix="model")
     with pytest.raises(ConfigError, match=r"model\.llm\.repetition_penalty"):
         from_dict(ModelConfig, {"llm": {"repetition_penalty": 0}}, prefix="model")
     with pytest.raises(ConfigError, match=r"model\.llm\.frozen_dtype"):

@@ -4,6 +4,7 @@ import types
 import numpy as np
 import pytest
 import torch
+from decoding_oracle import hf_generate
 from tiny import perturbed, tiny_harmonifuse, tiny_llama
 
 from harmonifuse.model import HarmoniFuse
@@ -72,10 +73,11 @@ def test_batched_generation_equals_single(model):
     enc = _hidden(model)
     speech = model.speech_embeddings(enc.hidden_states, enc.lengths, ["asr", "asr"])
     prompts = model.prompts_for(["asr", "asr"])
-    batched = model.llm.generate(speech.embeddings, speech.lengths, prompts)
-    singles = [model.llm.generate(speech.embeddings[i:i + 1, : int(speech.lengths[i])], speech.lengths[i:i + 1],
-                                  prompts[i:i + 1])[0] for i in range(2)]
-    assert batched == singles
+    batched = [model.llm.detokenize(h.tokens) for h in model.llm.decode(speech.embeddings, speech.lengths, prompts)]
+    singles = [model.llm.detokenize(model.llm.decode(speech.embeddings[i:i + 1, : int(speech.lengths[i])],
+                                                     speech.lengths[i:i + 1], prompts[i:i + 1])[0].tokens)
+               for i in range(2)]
+    assert batched == singles == hf_generate(model.llm, speech.embeddings, speech.lengths, prompts)
     assert any(text for text in batched)  # the perturbed model does say something
 
 
@@ -234,9 +236,9 @@ def test_matched_embedding_norm_puts_speech_at_the_scale_of_the_llm_token_embedd
 
 
 def test_auxiliary_ctc_adds_to_the_loss_of_asr_items_in_training_only():
-    from harmonifuse.modules.ctc import embedding_ctc_loss
+    from ctc_oracle import embedding_ctc_loss
 
-    model = tiny_harmonifuse(seed=0, projector={"ctc_weight": 0.5}).train()
+    model = tiny_harmonifuse(seed=0, ctc={"loss_weight": 0.5}).train()
     enc = _hidden(model, seed=1)
     batch = types.SimpleNamespace(hidden_states=enc.hidden_states, frame_lengths=enc.lengths,
                                   tasks=["asr", "ser"], targets=["hello world", "sad"])

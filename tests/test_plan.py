@@ -57,7 +57,7 @@ def test_the_paper_recipe_plans_offline_and_the_memory_switches_lower_the_estima
     weights = {line.name: line.bytes for line in plan.per_gpu}
     assert weights["LLM weights (frozen)"] == pytest.approx(2 * 7.616e9, rel=2e-3)  # bf16 on GPUs
     assert plan.fits
-    whole = make_plan(load_config(RunConfig, PAPER, ["model.projector.ctc_vocab_chunk=0"]), gpus=8)
+    whole = make_plan(load_config(RunConfig, PAPER, ["model.ctc.vocab_chunk=0"]), gpus=8)
     kept = make_plan(load_config(RunConfig, PAPER, ["train.gradient_checkpointing=false"]), gpus=8)
     trained = make_plan(load_config(RunConfig, PAPER, ["model.encoder.trainable=true"]), gpus=8)
     assert plan.activations < whole.activations and plan.activations < kept.activations

@@ -86,7 +86,7 @@ def test_both_training_stages_feed_every_phrasing_to_the_model(tmp_path, monkeyp
         asr = {p for tasks, prompts in calls for t, p in zip(tasks, prompts) if t == "asr"}
         ser = {p for tasks, prompts in calls for t, p in zip(tasks, prompts) if t == "ser"}
         assert asr == {"Transcribe the audio.", "What is said?", "Type the words."}, stage
-        # the alignment stage here sees ASR only (model.projector.ctc_tasks)
+        # the alignment stage here sees ASR only (model.ctc.tasks)
         assert ser == ({config.model.tasks.prompts["ser"]} if stage == "answer" else set()), stage
 
 

@@ -370,10 +370,21 @@ def test_sizes_and_errors(tmp_path, monkeypatch):
         synthetic.prepare(tmp_path / "z", size="tiny")
 
 
+def _revoice_script():
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "revoice.py"  # a research helper
+    spec = importlib.util.spec_from_file_location("revoice", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_revoice_rereads_the_same_sentences_and_prosody_with_other_voices(tiny, tmp_path):
+    revoice = _revoice_script().revoice
     swap = {"flite-rms": "flite-slt", "espeak-en-us+m7": "espeak-en-us+m1",
             "espeak-en-gb-x-rp+f5": "espeak-en-gb-x-rp+f3"}
-    path = synthetic.revoice(tiny, tmp_path / "seen", swap, task="asr", split="test", progress=False)
+    path = revoice(tiny, tmp_path / "seen", swap, task="asr", split="test", progress=False)
     original, copy = read_manifest(tiny / "asr_test.jsonl"), read_manifest(path)
     assert [(u.id, u.text) for u in copy] == [(u.id, u.text) for u in original]
     assert [u.speaker for u in copy] == [swap[u.speaker] for u in original]
@@ -386,10 +397,10 @@ def test_revoice_rereads_the_same_sentences_and_prosody_with_other_voices(tiny, 
     assert np.array_equal(sf.read(copy[0].audio)[0], sf.read(again / plan[copy[0].id]["audio"])[0])
 
     with pytest.raises(ValueError, match="have no replacement"):
-        synthetic.revoice(tiny, tmp_path / "x", {"flite-rms": "flite-slt"}, progress=False)
+        revoice(tiny, tmp_path / "x", {"flite-rms": "flite-slt"}, progress=False)
     with pytest.raises(ValueError, match="unknown voice"):
-        synthetic.revoice(tiny, tmp_path / "x", {**swap, "flite-rms": "flite-nobody"}, progress=False)
+        revoice(tiny, tmp_path / "x", {**swap, "flite-rms": "flite-nobody"}, progress=False)
     with pytest.raises(ValueError, match="other than the corpus"):
-        synthetic.revoice(tiny, tiny, swap, progress=False)
+        revoice(tiny, tiny, swap, progress=False)
     with pytest.raises(FileNotFoundError, match="synthesis.jsonl"):
-        synthetic.revoice(tmp_path / "nowhere", tmp_path / "x", swap, progress=False)
+        revoice(tmp_path / "nowhere", tmp_path / "x", swap, progress=False)

@@ -58,10 +58,31 @@ def tiny_encoder(seed: int = 0) -> SSLSpeechEncoder:
     return SSLSpeechEncoder.from_config(tiny_wavlm_config(), name="tiny-wavlm")
 
 
+PLAIN_MODEL = {
+    "encoder": {"trainable": False}, "feature_masking": {"time_masks": 0, "channel_masks": 0},
+    "projector": {"match_embedding_norm": False},
+    "ctc": {"loss_weight": 0.0, "tasks": ["asr"], "scale": 1.0, "learned_blank": False},
+    "llm": {"attention": "sdpa"}, "tasks": {"train_prompts": {}}, "decoding": {"beam_size": 1, "ctc_weight": 0.0},
+}
+"""The tiny models' plain architecture: none of the shipped recipe's extras (the config's defaults),
+so that each test turns on what it tests: a frozen encoder, no feature masking, no embedding-CTC
+loss (a CTC head scoring ASR, blank from the vocabulary, scale 1), one prompt per task, greedy decoding."""
+
+
+def plain_model(**sections) -> dict:
+    """PLAIN_MODEL with ``sections`` merged into it, section by section."""
+    import copy
+
+    data = copy.deepcopy(PLAIN_MODEL)
+    for key, value in sections.items():
+        data.setdefault(key, {}).update(value)
+    return data
+
+
 def tiny_model_config(**sections) -> ModelConfig:
     # no voice activity detection: the tiny models read random noise
-    data = {"projector": {"stack": 2, "hidden_size": 24}, "llm": {"lora_rank": 4, "lora_alpha": 8.0,
-                                                                  "max_new_tokens": 8}, "vad": {"enabled": False}}
+    data = plain_model(projector={"stack": 2, "hidden_size": 24},
+                       llm={"lora_rank": 4, "lora_alpha": 8.0, "max_new_tokens": 8}, vad={"enabled": False})
     for key, value in sections.items():
         data.setdefault(key, {}).update(value)
     return from_dict(ModelConfig, data)
@@ -149,9 +170,9 @@ def write_tiny_run_config(root, **sections):
     encoder_dir, llm_dir = write_tiny_assets(root / "assets")
     write_tiny_corpus(root / "corpus")
     config = {
-        "model": {"encoder": {"source": str(encoder_dir)}, "llm": {"source": str(llm_dir), "lora_rank": 4,
-                                                                    "lora_alpha": 8.0, "max_new_tokens": 8},
-                  "projector": {"stack": 2, "hidden_size": 24}, "vad": {"enabled": False}},
+        "model": plain_model(encoder={"source": str(encoder_dir)}, llm={"source": str(llm_dir), "lora_rank": 4,
+                                                                   "lora_alpha": 8.0, "max_new_tokens": 8},
+                        projector={"stack": 2, "hidden_size": 24}, vad={"enabled": False}),
         "data": {"root": str(root / "corpus"), "build_synthetic": False, "batch_size": 4,
                  "feature_cache": str(root / "features")},
         "optim": {"lr": 1e-2, "lora_lr": 1e-2, "warmup_steps": 0, "schedule": "constant"},
@@ -159,7 +180,14 @@ def write_tiny_run_config(root, **sections):
                   "precision": "fp32", "threads": 1, "log_every": 1},
     }
     for key, value in sections.items():
-        config.setdefault(key, {}).update(value)
+        if key == "model":  # each model section merged into the tiny one's (the plain architecture stays)
+            for name, section in value.items():
+                if isinstance(section, dict):
+                    config["model"].setdefault(name, {}).update(section)
+                else:
+                    config["model"][name] = section
+        else:
+            config.setdefault(key, {}).update(value)
     path = root / "run.yaml"
     path.write_text(yaml.safe_dump(config))
     return path

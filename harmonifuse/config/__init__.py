@@ -1,5 +1,6 @@
 """Typed configuration: the loader (YAML, ``extends``, dotted overrides, checks) in ``loading``,
-the model's config in ``model``, a training run's config in ``run``."""
+the model's config in ``model``, a training run's config in ``run``, old keys and where they went
+in ``renames``."""
 from harmonifuse.config.loading import (
     ConfigError,
     apply_overrides,
@@ -14,10 +15,12 @@ from harmonifuse.config.loading import (
 )
 from harmonifuse.config.model import (
     DEFAULT_PROMPTS,
-    AugmentConfig,
+    DEFAULT_TRAIN_PROMPTS,
     CalibrationConfig,
+    CTCConfig,
     DecodingConfig,
     EncoderConfig,
+    FeatureMaskingConfig,
     FusionConfig,
     GateConfig,
     LLMConfig,
@@ -27,8 +30,10 @@ from harmonifuse.config.model import (
     TasksConfig,
     VADConfig,
 )
+from harmonifuse.config.renames import ConfigRenamedWarning
 
 __all__ = ["ConfigError", "apply_overrides", "from_dict", "load_config", "load_yaml", "load_yaml_extends",
-           "parse_overrides", "to_dict", "to_yaml", "validate", "DEFAULT_PROMPTS", "AugmentConfig", "CalibrationConfig",
-           "DecodingConfig", "EncoderConfig", "FusionConfig", "GateConfig", "LLMConfig", "ModelConfig",
+           "parse_overrides", "to_dict", "to_yaml", "validate", "DEFAULT_PROMPTS", "DEFAULT_TRAIN_PROMPTS",
+           "CalibrationConfig", "ConfigRenamedWarning", "CTCConfig", "DecodingConfig", "EncoderConfig",
+           "FeatureMaskingConfig", "FusionConfig", "GateConfig", "LLMConfig", "ModelConfig",
            "PromptConfig", "ProjectorConfig", "TasksConfig", "VADConfig"]

@@ -87,7 +87,12 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
 
 
 def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
-    """Build dataclass ``cls`` from a nested dict, rejecting unknown keys and ill-typed values."""
+    """Build dataclass ``cls`` from a nested dict, rejecting unknown keys and ill-typed values (old
+    keys of a model or run config are renamed first: harmonifuse/config/renames.py)."""
+    if getattr(cls, "config_scope", None) and isinstance(data, dict):
+        from harmonifuse.config.renames import migrate
+
+        data = migrate(data)
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     dotted = (prefix + ".") if prefix else ""
@@ -140,8 +145,13 @@ def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any]]:
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """A copy of ``data`` with each dotted key set; the named leaf is replaced, so a mapping value
     (``data.train={asr: a.jsonl}``) replaces the whole mapping instead of merging into it."""
+    from harmonifuse.config.renames import migrate_override
+
     data = copy.deepcopy(data)
     for parts, value in parse_overrides(overrides):
+        parts = migrate_override(parts, value)
+        if parts is None:  # a removed setting at its old default: ignored (with a warning)
+            continue
         node = data
         for i, part in enumerate(parts[:-1]):
             child = node.setdefault(part, {})
@@ -167,7 +177,9 @@ def load_yaml(path: str | Path) -> dict:
         raise ConfigError(f"config file {path} is not UTF-8 text (byte {error.start}); point at a YAML file") from error
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
-    return data
+    from harmonifuse.config.renames import migrate
+
+    return migrate(data, str(path))  # old keys renamed (one warning each), removed settings checked
 
 
 def _merge(base: dict, top: dict) -> dict:
@@ -183,7 +195,8 @@ def _merge(base: dict, top: dict) -> dict:
 
 def load_yaml_extends(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
     """A YAML file with its ``extends: other.yaml`` chain resolved (relative to the file naming it):
-    a recipe that builds on a frozen one holds only what it changes."""
+    a recipe that builds on another holds only what it changes. Each file's old keys are renamed
+    before the merge. ``harmonifuse resolve`` writes the complete result."""
     path = Path(path)
     data = load_yaml(path)
     parent = data.pop("extends", None)

@@ -2,19 +2,28 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Union
+from typing import ClassVar, Literal, Union
 
 from harmonifuse.config.loading import _check
 from harmonifuse.tasks import EMOTION_LABELS, TASK_NAMES, TASKS
 
 DEFAULT_PROMPTS = {name: task.default_prompt for name, task in TASKS.items()}
+DEFAULT_TRAIN_PROMPTS = {
+    "asr": ["What does the speaker say?", "Repeat exactly what you hear.", "Convert this speech to text.",
+            "Please transcribe this recording word for word.", "Type out the spoken words."],
+    "ser": ["How does the speaker feel? Answer with one word.", "Name the emotion in this voice.",
+            "Which emotion do you hear? One word.", "Tell me the mood of the speaker in one word.",
+            "Classify the speaker's emotion in one word."],
+}
+"""The shipped recipe's further phrasings per task in training (configs/demo.yaml)."""
 
 
 @dataclass
 class EncoderConfig:
     source: str = "whisper-tiny.en"
     """Built-in name, local folder or hub id of the speech encoder."""
-    trainable: bool = False
+    trainable: bool = True
+    """Fine-tune the encoder with the rest (``optim.encoder_lr``); frozen, its features are cached."""
     pad_to_30s: bool = False
     """Whisper only: run on 30 s of padded audio, as Whisper was trained (slower)."""
     max_seconds: float = 30.0
@@ -40,73 +49,71 @@ class GateConfig:
 
 
 @dataclass
-class ProjectorConfig:
-    stack: int = 5
-    """Frames stacked into one LLM position (50 Hz -> 10 Hz for Whisper)."""
-    hidden_size: int = 1024
-    context_layers: int = 0
-    """Transformer layers over the projected positions (0: each position sees only its own frames)."""
-    context_heads: int = 8
-    context_kernel: int = 1
-    """Width, in projected positions, of the projector's first layer as a 1-D convolution (odd;
-    1: each position alone)."""
-    ctc_weight: float = 0.0
-    """Weight of an auxiliary CTC loss on the projector output against the LLM's token embeddings
-    (items of ``ctc_tasks``, training only; 0 disables it)."""
-    ctc_tasks: list[str] = field(default_factory=lambda: ["asr"])
-    """Tasks whose answer the embedding-CTC targets, in the alignment stage and as the auxiliary
-    loss: the transcript for ASR, the label word for SER (the SER path then starts aligned too)."""
-    match_embedding_norm: bool = False
-    """Scale every projected position to the RMS of the LLM's token embeddings (fixed, not learned)."""
-    ctc_scale: float = 1.0
-    """Logit scale of the embedding-CTC (its start value when learned)."""
-    ctc_learn_scale: bool = False
-    """Learn the CTC logit scale. With ``match_embedding_norm`` the scale must exceed 1 (unit-scale
-    logits over 49k tokens stay flat); a fixed small one keeps outputs closer to the token embeddings."""
-    ctc_learned_blank: bool = False
-    """CTC blank as a learned vector instead of a special token of the LLM (see harmonifuse/modules/ctc.py)."""
-    ctc_vocab_chunk: Union[int, Literal["auto"]] = "auto"
-    """Compute the embedding-CTC over the LLM vocabulary in blocks of this many tokens, never the
-    whole (B, N, V) logits at once (the loss: only the blank's and the targets' classes plus a
-    chunked normaliser; same values and gradients). 0: the whole table at once, fastest for small
-    vocabularies; 8192 keeps a 152k vocabulary (Qwen2.5) within a few hundred MB per batch. auto:
-    8192 for a vocabulary above 64k tokens (Llama 3, Qwen2.5), else 0 (SmolLM2's 49k).
-    ``token_mixture`` still forms the whole posterior."""
-    token_mixture: bool = False
-    """Feed the LLM each position's expected token embedding under the CTC posterior instead of the
-    projector output itself (the projector output is then what the CTC scores)."""
+class FeatureMaskingConfig:
+    """SpecAugment-style masking of the encoder's hidden states in training, cached features too
+    (see harmonifuse/modules/feature_masking.py). Waveform augmentation is ``data.augment``."""
 
-    def validate(self, prefix: str) -> None:
-        _check(self.stack >= 1, f"{prefix}.stack", "must be >= 1")
-        _check(self.ctc_weight >= 0, f"{prefix}.ctc_weight", "must be >= 0")
-        _check(self.hidden_size >= 1, f"{prefix}.hidden_size", "must be >= 1")
-        _check(self.context_layers >= 0, f"{prefix}.context_layers", "must be >= 0")
-        _check(self.context_heads >= 1, f"{prefix}.context_heads", "must be >= 1")
-        _check(self.context_kernel >= 1 and self.context_kernel % 2 == 1, f"{prefix}.context_kernel",
-               f"must be an odd number >= 1 (a centred window), got {self.context_kernel}")
-        _check(self.ctc_scale > 0, f"{prefix}.ctc_scale", "must be > 0")
-        _check(self.ctc_vocab_chunk == "auto" or self.ctc_vocab_chunk >= 0, f"{prefix}.ctc_vocab_chunk",
-               f"must be auto or >= 0 (0: the whole vocabulary at once; e.g. 8192 for a 152k vocabulary), "
-               f"got {self.ctc_vocab_chunk}")
-        _check(bool(self.ctc_tasks) and set(self.ctc_tasks) <= set(TASK_NAMES), f"{prefix}.ctc_tasks",
-               f"must list some of {', '.join(TASK_NAMES)}; got {self.ctc_tasks!r}")
-
-
-@dataclass
-class AugmentConfig:
-    """SpecAugment-style masking of the encoder's hidden states in training (see harmonifuse/modules/feature_masking.py)."""
-
-    time_masks: int = 0
+    time_masks: int = 2
     time_width: int = 10
     """Frames per time mask at most (Whisper: 50 frames per second)."""
-    channel_masks: int = 0
-    channel_width: int = 16
+    channel_masks: int = 2
+    channel_width: int = 32
 
     def validate(self, prefix: str) -> None:
         _check(self.time_masks >= 0, f"{prefix}.time_masks", "must be >= 0")
         _check(self.channel_masks >= 0, f"{prefix}.channel_masks", "must be >= 0")
         _check(self.time_width >= 1, f"{prefix}.time_width", "must be >= 1")
         _check(self.channel_width >= 1, f"{prefix}.channel_width", "must be >= 1")
+
+
+@dataclass
+class ProjectorConfig:
+    stack: int = 5
+    """Frames stacked into one LLM position (50 Hz -> 10 Hz for Whisper)."""
+    hidden_size: int = 1024
+    match_embedding_norm: bool = True
+    """Scale every projected position to the RMS of the LLM's token embeddings (fixed, not learned)."""
+
+    def validate(self, prefix: str) -> None:
+        _check(self.stack >= 1, f"{prefix}.stack", "must be >= 1")
+        _check(self.hidden_size >= 1, f"{prefix}.hidden_size", "must be >= 1")
+
+
+@dataclass
+class CTCConfig:
+    """The embedding-CTC head: CTC of the projector output against the LLM's token embeddings (see
+    harmonifuse/modules/ctc.py). Alone in the alignment stage, then an auxiliary training loss; its
+    scores also guide the joint beam search (``decoding.ctc_weight``, a search weight)."""
+
+    loss_weight: float = 0.3
+    """Weight of the embedding-CTC as an auxiliary training loss beside the LLM's (items of
+    ``tasks``; 0 disables it; the alignment stage trains it alone whatever this is)."""
+    tasks: list[str] = field(default_factory=lambda: ["asr", "ser"])
+    """Tasks whose answer the embedding-CTC targets, in the alignment stage and as the auxiliary
+    loss: the transcript for ASR, the label word for SER (the SER path then starts aligned too)."""
+    scale: float = 3.0
+    """Logit scale of the embedding-CTC (its start value when learned)."""
+    learn_scale: bool = False
+    """Learn the CTC logit scale. With ``projector.match_embedding_norm`` the scale must exceed 1
+    (unit-scale logits over 49k tokens stay flat); a fixed small one keeps outputs closer to the
+    token embeddings."""
+    learned_blank: bool = True
+    """CTC blank as a learned vector instead of a special token of the LLM (see harmonifuse/modules/ctc.py)."""
+    vocab_chunk: Union[int, Literal["auto"]] = "auto"
+    """Compute the embedding-CTC over the LLM vocabulary in blocks of this many tokens, never the
+    whole (B, N, V) logits at once (the loss: only the blank's and the targets' classes plus a
+    chunked normaliser; same values and gradients). 0: the whole table at once, fastest for small
+    vocabularies; 8192 keeps a 152k vocabulary (Qwen2.5) within a few hundred MB per batch. auto:
+    8192 for a vocabulary above 64k tokens (Llama 3, Qwen2.5), else 0 (SmolLM2's 49k)."""
+
+    def validate(self, prefix: str) -> None:
+        _check(self.loss_weight >= 0, f"{prefix}.loss_weight", "must be >= 0")
+        _check(self.scale > 0, f"{prefix}.scale", "must be > 0")
+        _check(self.vocab_chunk == "auto" or self.vocab_chunk >= 0, f"{prefix}.vocab_chunk",
+               f"must be auto or >= 0 (0: the whole vocabulary at once; e.g. 8192 for a 152k vocabulary), "
+               f"got {self.vocab_chunk}")
+        _check(bool(self.tasks) and set(self.tasks) <= set(TASK_NAMES), f"{prefix}.tasks",
+               f"must list some of {', '.join(TASK_NAMES)}; got {self.tasks!r}")
 
 
 @dataclass
@@ -124,7 +131,7 @@ class LLMConfig:
     chat_template: bool = True
     """Wrap speech and prompt in the tokenizer's chat template when it has one."""
     max_new_tokens: int = 96
-    attention: Literal["sdpa", "eager"] = "sdpa"
+    attention: Literal["sdpa", "eager"] = "eager"
     """transformers attention kernel; eager made training steps 1.24x faster on a 2-core CPU at
     these short sequences (benchmarks/bench_train_step.py)."""
     frozen_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
@@ -145,7 +152,8 @@ class LLMConfig:
 class TasksConfig:
     prompts: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_PROMPTS))
     """The prompt each task answers by default (evaluation, analyze, dev scoring)."""
-    train_prompts: dict[str, list[str]] = field(default_factory=dict)
+    train_prompts: dict[str, list[str]] = field(
+        default_factory=lambda: {task: list(options) for task, options in DEFAULT_TRAIN_PROMPTS.items()})
     """Further phrasings per task for training: each training item reads ``prompts[task]`` or one of
     these, drawn uniformly (see harmonifuse/data/prompt_choice.py)."""
     emotion_labels: list[str] = field(default_factory=lambda: list(EMOTION_LABELS))
@@ -171,11 +179,12 @@ class TasksConfig:
 class DecodingConfig:
     """How ASR answers are decoded: joint CTC/LLM beam search (harmonifuse/decoding.py)."""
 
-    beam_size: int = 1
+    beam_size: int = 4
     """Hypotheses kept per utterance (1: greedy)."""
-    ctc_weight: float = 0.0
-    """w in score = (1 - w) log p_LLM + w log p_CTC-prefix: how much the projector's CTC head, which
-    only writes what it hears, restrains the LLM's prior (0: the LLM alone)."""
+    ctc_weight: float = 0.3
+    """Search weight w in score = (1 - w) log p_LLM + w log p_CTC-prefix: how much the CTC head
+    (``model.ctc``), which only writes what it hears, restrains the LLM's prior (0: the LLM alone).
+    Not the training loss's weight (``ctc.loss_weight``)."""
     llm_candidates: int = 8
     """The LLM's top tokens scored as extensions of each hypothesis per step; the tokens of the
     utterance's greedy CTC transcript are always scored too."""
@@ -184,10 +193,10 @@ class DecodingConfig:
     ``draft_tokens`` of it per forward pass: the same transcript as without (greedy, with or
     without ``ctc_weight``), in fewer forward passes; faster only when most drafts are kept (with
     the shipped model's CTC head a fifth are: 21-28 % fewer passes, up to 28 % more time on a CPU;
-    docs/results.md). Needs ``beam_size: 1``."""
+    docs/research/results.md). Needs ``beam_size: 1``."""
     draft_tokens: int = 4
     """The most draft tokens one forward pass checks (``draft: ctc``); each costs a share of a
-    forward pass whether it is kept or not (docs/results.md)."""
+    forward pass whether it is kept or not (docs/research/results.md)."""
     int8: bool = False
     """On a CPU, answer with the LLM's (LoRA merged into it) and the projector's Linear layers in
     dynamic int8 (torch.ao quantize_dynamic; the MLPs' output projections stay float), copies made
@@ -231,11 +240,17 @@ class CalibrationConfig:
 
 @dataclass
 class ModelConfig:
+    """The model; every default is the shipped recipe's (configs/demo.yaml), so ``ModelConfig()``
+    builds the shipped architecture (only the fitted ``calibration`` differs)."""
+
+    config_scope: ClassVar[str] = "model"
+    """Where this config sits in a run config: old keys are renamed by harmonifuse/config/renames.py."""
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    feature_masking: FeatureMaskingConfig = field(default_factory=FeatureMaskingConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    ctc: CTCConfig = field(default_factory=CTCConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
     tasks: TasksConfig = field(default_factory=TasksConfig)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Literal, Union, get_args
+from typing import Any, ClassVar, Literal, Union, get_args
 
 from harmonifuse.config.loading import _check
 from harmonifuse.config.model import ModelConfig
@@ -136,7 +136,8 @@ class WaveAugmentConfig:
     resumed or multi-process run draws the same. It needs waveforms in the batches: set
     ``model.encoder.trainable: true`` or ``data.feature_cache: "off"`` (quoted: YAML reads a bare
     off as false). A frozen encoder's cached features cannot be augmented: the combination is
-    refused. Dev and test audio are never augmented. Not to be confused with ``model.augment`` (masking of the encoder's hidden states).
+    refused. Dev and test audio are never augmented. Not to be confused with
+    ``model.feature_masking`` (masking of the encoder's hidden states).
     """
 
     stages: list[Literal["main", "align"]] = field(default_factory=lambda: ["main", "align"])
@@ -247,11 +248,6 @@ class OptimConfig:
     """Learning rate of the HarmoniFuse parts (projector, fusion, gate)."""
     lora_lr: float = 5e-4
     encoder_lr: float = 5e-5
-    fusion_lr_scale: float = 1.0
-    """The fusion's layer-weight parameters learn at this multiple of their stage's rate (optim.lr,
-    align.lr). Adam moves each parameter by about the rate per step, so prompt fusion's logits,
-    a sum over the prompt vector's entries, move about 20x faster than a static or per-task logit
-    vector (README, the front-end table); a scale lets those ablations move as fast."""
     weight_decay: float = 0.01
     warmup_steps: int = 50
     schedule: Literal["cosine", "constant"] = "cosine"
@@ -260,7 +256,7 @@ class OptimConfig:
     clip_norm: float = 1.0
 
     def validate(self, prefix: str) -> None:
-        for name in ("lr", "lora_lr", "encoder_lr", "fusion_lr_scale"):
+        for name in ("lr", "lora_lr", "encoder_lr"):
             _check(getattr(self, name) > 0, f"{prefix}.{name}", "must be > 0")
         _check(self.warmup_steps >= 0, f"{prefix}.warmup_steps", "must be >= 0")
         _check(self.grad_accum >= 1, f"{prefix}.grad_accum", "must be >= 1")
@@ -274,7 +270,7 @@ class AlignConfig:
 
     Fusion, gate and projector (and a learned CTC scale, and the encoder if it is trainable, at
     ``optim.encoder_lr``) learn the embedding-CTC alone on batches
-    of ``model.projector.ctc_tasks`` (ASR; with SER, its label words): no LLM pass, so a step costs
+    of ``model.ctc.tasks`` (ASR; with SER, its label words): no LLM pass, so a step costs
     a fraction of a full one, and the LLM afterwards reads speech positions that already sit near
     the embeddings of the tokens they carry.
     """
@@ -333,7 +329,7 @@ class TrainConfig:
     shards the LLM (one unit per decoder layer, then the rest), its gradients and optimiser state over
     the GPUs, for an LLM too large for one GPU; every rank takes part in dev evaluation. A frozen encoder
     stays whole on each GPU. Checkpoints are the same either way (a run resumes under the other). Not with
-    model.projector.ctc_learn_scale (a scalar parameter, which FSDP2 cannot shard)."""
+    model.ctc.learn_scale (a scalar parameter, which FSDP2 cannot shard)."""
     collective_timeout_minutes: float = 30.0
     """Several processes: how long one waits in a collective (a gradient all-reduce, the stop decision,
     a checkpoint's barrier) for the others before the run stops with an error instead of hanging: the
@@ -368,6 +364,8 @@ class TrainConfig:
 
 @dataclass
 class RunConfig:
+    config_scope: ClassVar[str] = "run"
+    """Old keys are renamed by harmonifuse/config/renames.py."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -375,9 +373,9 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self, prefix: str) -> None:
-        _check(not (self.train.parallel == "fsdp" and self.model.projector.ctc_learn_scale),
-               "model.projector.ctc_learn_scale", "is true and train.parallel is fsdp: FSDP2 cannot shard the "
-               "learned scale (a scalar parameter); set model.projector.ctc_learn_scale: false or train.parallel: ddp")
+        _check(not (self.train.parallel == "fsdp" and self.model.ctc.learn_scale),
+               "model.ctc.learn_scale", "is true and train.parallel is fsdp: FSDP2 cannot shard the "
+               "learned scale (a scalar parameter); set model.ctc.learn_scale: false or train.parallel: ddp")
         _check(self.train.max_steps > 0 or self.align.max_steps > 0, "train.max_steps",
                "is 0 and so is align.max_steps: nothing would train; set either above 0")
         _check(not (self.data.augment.enabled and not self.model.encoder.trainable

@@ -83,7 +83,6 @@ __all__ = [
     "check_tools",
     "piper_model_path",
     "prepare",
-    "revoice",
     "synthesise",
 ]
 
@@ -184,7 +183,7 @@ VOICES: dict[str, tuple[Voice, ...]] = {
 }
 # The "wide" voice set: the same dev and test voices, 40 training voices instead of 11. Fine-tuned,
 # the encoder fit the 11 standard training voices and lost 0.08 WER to unseen ones (the voice-swap
-# probe in docs/training-log.md). The flite speakers get vocal-tract-scaled copies (the test voice rms
+# probe in docs/research/training-log.md). The flite speakers get vocal-tract-scaled copies (the test voice rms
 # is heard with resampling-shifted formants), two of them at another pitch (a lower slt, a higher
 # kal16). Extra espeak-ng variants are spread over the English accents; left out: m8 (m7's formant
 # table at other scales, and m7 is a test voice) and the variants Whisper tiny.en transcribed
@@ -825,47 +824,6 @@ def prepare(out: Path, *, seed: int = 0, size: str | dict = "default", voices: s
             write_manifest(path, _manifest_rows(sel, out, frames))
             manifests[f"{task}_{split}"] = path
     return manifests
-
-
-def revoice(corpus: Path, out: Path, voices: dict[str, str], *, task: str = "asr", split: str = "test",
-            limit: int | None = None, progress: bool = True) -> Path:
-    """Re-read a split of a built corpus with other voices: the same sentences, prosody and channel.
-
-    Separates what a model does not generalise to: scored on ``corpus``'s split and on this copy,
-    the difference is the voices' alone (for example the test voices against training voices).
-
-    Args:
-        corpus: a folder written by :func:`prepare` (its ``synthesis.jsonl`` holds the plan).
-        out: output folder for ``{task}_{split}.jsonl`` and its audio.
-        voices: voice name -> voice name (:data:`VOICES` names, e.g. ``{"flite-rms": "flite-slt"}``);
-            every voice of the split must be mapped.
-        limit: only the first ``limit`` utterances of the split, in manifest order.
-
-    Returns:
-        the manifest path.
-    """
-    corpus, out = Path(corpus), Path(out)
-    if out.resolve() == corpus.resolve():
-        raise ValueError(f"revoice writes a copy: give an output folder other than the corpus {corpus}")
-    plan_file = corpus / "synthesis.jsonl"
-    if not plan_file.is_file():
-        raise FileNotFoundError(f"{plan_file} is missing: revoice needs a corpus written by "
-                                f"`harmonifuse prepare synthetic`")
-    unknown = sorted(set(voices.values()) - set(_VOICE_BY_NAME))
-    if unknown:
-        raise ValueError(f"unknown voice(s) {unknown}; choose from {sorted(_VOICE_BY_NAME)}")
-    items = [json.loads(line) for line in plan_file.read_text().splitlines() if line.strip()]
-    items = [it for it in items if it["task"] == task and it["split"] == split][:limit]
-    if not items:
-        raise ValueError(f"{plan_file} has no {task} utterances in split {split!r}")
-    unmapped = sorted({it["speaker"] for it in items} - set(voices))
-    if unmapped:
-        raise ValueError(f"voices {unmapped} of {task}_{split} have no replacement in `voices`")
-    items = [{**it, "speaker": voices[it["speaker"]]} for it in items]
-    frames = dict(_render((it, str(out))) for it in tqdm(items, desc="revoice", unit="utt", disable=not progress))
-    path = out / manifest_name(task, split)
-    write_manifest(path, _manifest_rows(items, out, frames))
-    return path
 
 
 def manifest_name(task: str, split: str) -> str:

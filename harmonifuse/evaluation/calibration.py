@@ -14,14 +14,12 @@ copies of dev passed through perturbations of graded strength (:data:`DRIFT`: no
 shift brings; ``fit_on`` chooses between the two (and their union). On the wide-voices model
 (shipped before the average of its fine-tunes) the drift fit lowers the test ECE from 0.153 to
 0.060, but chosen on dev alone (each dev voice held out in turn) clean dev wins, so clean dev stays
-the default; so it does for the shipped average (scripts/calibration_shift.py, docs/results.md).
+the default; so it does for the shipped average (scripts/calibration_shift.py, docs/research/results.md).
 """
 from __future__ import annotations
 
 import dataclasses
-import os
 import zlib
-from pathlib import Path
 from typing import Literal, Sequence
 
 import numpy as np
@@ -82,28 +80,6 @@ def label_scores(model, utterances: Sequence[Utterance], *, batch_size: int = 8,
 
     return torch.stack(map_batches(model, utterances, score, batch_size=batch_size, cache=cache, progress=progress,
                                    desc="label scores"))
-
-
-class ScoreStore:
-    """Label scores kept on disk between runs of a measurement (``scores``: name -> (N, K) tensor),
-    reused only for the weights that produced them: a store written by another model (or by the
-    shipped model before an update) reads as empty, so no figure is computed from stale scores."""
-
-    def __init__(self, path: str | os.PathLike, model):
-        from harmonifuse.weights import tensors_digest
-
-        self.path = Path(path)
-        self.model_digest = tensors_digest(model.trained_state_dict())
-        stored = torch.load(self.path, weights_only=True) if self.path.exists() else {}
-        same = isinstance(stored, dict) and stored.get("model_sha256") == self.model_digest
-        self.scores: dict[str, torch.Tensor] = dict(stored["scores"]) if same else {}
-
-    def save(self) -> None:
-        """Write every score so far (atomically: a killed run keeps what it scored)."""
-        from harmonifuse.atomic import atomic_write
-
-        state = {"model_sha256": self.model_digest, "scores": self.scores}
-        atomic_write(self.path, lambda tmp: torch.save(state, tmp))
 
 
 def fit_temperature(scores: torch.Tensor, targets: torch.Tensor) -> float:

@@ -8,21 +8,21 @@ alignment signal. It serves twice: as an auxiliary loss beside the answer loss, 
 alignment stage, where no LLM pass is needed and a step costs a fraction of a full one.
 
 The blank. By default it is a token of the LLM's vocabulary that never occurs in a transcript (a
-special token); with ``projector.ctc_learned_blank`` it is a vector of its own, outside the vocabulary. The
+special token); with ``ctc.learned_blank`` it is a vector of its own, outside the vocabulary. The
 latter matters once CTC has shaped the projector: most positions are blank, and if they sit on
 a special token such as ``<|endoftext|>`` (a document boundary for the LLM) the LLM reads a
 sequence of document breaks; a learned blank is a direction the LLM has no prior meaning for.
 
 The logit scale ``s`` matters when the projector's output norm is pinned to that of the text
 embeddings (``projector.match_embedding_norm``): with ``s = 1`` a softmax over 49k tokens cannot
-become sharp. A small fixed ``s`` (``projector.ctc_scale``) makes a confident CTC need outputs close
-to the token embeddings; a learned ``s`` (one scalar, log-parametrised, ``projector.ctc_learn_scale``)
+become sharp. A small fixed ``s`` (``ctc.scale``) makes a confident CTC need outputs close
+to the token embeddings; a learned ``s`` (one scalar, log-parametrised, ``ctc.learn_scale``)
 lets CTC be as accurate with outputs that point only loosely at them (measurements:
-docs/training-log.md).
+docs/research/training-log.md).
 
 At inference the same head scores hypotheses of the LLM (joint CTC/LLM decoding, decoding.py).
 
-Large vocabularies (``projector.ctc_vocab_chunk``). The CTC forward-backward reads only the blank's
+Large vocabularies (``ctc.vocab_chunk``). The CTC forward-backward reads only the blank's
 and the target tokens' log-probabilities; the rest of the vocabulary enters through each position's
 normaliser, log sum_v exp(logit_v). With a chunk size the loss computes that normaliser chunk by
 chunk over the table (forward and backward, :class:`ChunkedLogSumExp`) and the CTC itself over the
@@ -39,25 +39,17 @@ from torch import nn
 
 
 AUTO_CHUNK = 8192
-"""``projector.ctc_vocab_chunk: auto``: this many tokens per block for a vocabulary above :data:`AUTO_CHUNK_ABOVE`."""
+"""``ctc.vocab_chunk: auto``: this many tokens per block for a vocabulary above :data:`AUTO_CHUNK_ABOVE`."""
 AUTO_CHUNK_ABOVE = 65536
 
 
 def resolve_vocab_chunk(setting: int | str, vocab_size: int) -> int:
-    """``projector.ctc_vocab_chunk`` for a vocabulary of ``vocab_size`` tokens: a number as given; auto:
+    """``ctc.vocab_chunk`` for a vocabulary of ``vocab_size`` tokens: a number as given; auto:
     :data:`AUTO_CHUNK` above 64k tokens (whole float32 (B, N, V) tables of a 128-152k vocabulary take
     gigabytes per batch), else 0 (the whole table: fastest)."""
     if setting == "auto":
         return AUTO_CHUNK if vocab_size > AUTO_CHUNK_ABOVE else 0
     return int(setting)
-
-
-def embedding_ctc_loss(speech: torch.Tensor, lengths: torch.Tensor, targets: list[list[int]],
-                       embedding: torch.Tensor, blank: int, scale: torch.Tensor | float = 1.0) -> torch.Tensor:
-    """speech (B, N, H), lengths (B,), token ids per item, embedding (V, H) -> mean CTC loss per target token."""
-    with _float32(speech.device):
-        logits = (speech.float() @ embedding.float().T) * scale
-    return ctc_loss_from_logits(logits, lengths, targets, blank)
 
 
 def ctc_loss_from_logits(logits: torch.Tensor, lengths: torch.Tensor, targets: list[list[int]],
@@ -238,19 +230,6 @@ class EmbeddingCTC(nn.Module):
                 return logits, blank
             blank_logit = speech.float() @ self.blank_vector.float()  # (B, N)
         return torch.cat([logits, blank_logit[..., None]], dim=-1), embedding.shape[0]
-
-    def token_mixture(self, speech: torch.Tensor, embedding: torch.Tensor, blank: int) -> torch.Tensor:
-        """speech (B, N, H) -> (B, N, H): each position's expected class embedding under the CTC
-        posterior, sum_v p_v E_v (the learned blank's vector included). An LLM input that stays on
-        its own token embeddings, however the projector moves (it learned slower than reading the
-        projector output directly: docs/training-log.md)."""
-        logits, _ = self.logits(speech, embedding, blank)
-        probs = (logits * self.scale.float()).softmax(-1)  # (B, N, C)
-        vocabulary = embedding.shape[0]
-        mixture = probs[..., :vocabulary] @ embedding.to(probs.dtype)
-        if self.blank_vector is not None:
-            mixture = mixture + probs[..., vocabulary:] * self.blank_vector.to(probs.dtype)
-        return mixture
 
     def forward(self, speech: torch.Tensor, lengths: torch.Tensor, targets: list[list[int]], embedding: torch.Tensor,
                 blank: int) -> torch.Tensor:

@@ -63,7 +63,7 @@ INT8_KEEP_FLOAT = ("down_proj",)
 "massive activations" of Llama-family models (Sun et al., 2024; on the shipped model up to 61,000
 times the median magnitude, in layers 11 and 28), which int8 activations quantised per tensor
 flatten. Every Linear in int8 cost the shipped model 0.48 WER against float32's 0.38 on 16 test
-clips (beam 4); with these float, 0.39-0.40, at about the same speed (docs/results.md)."""
+clips (beam 4); with these float, 0.39-0.40, at about the same speed (docs/research/results.md)."""
 
 
 def quantize_linears(module: nn.Module, keep_float: tuple[str, ...] = ()) -> nn.Module:
@@ -308,24 +308,6 @@ class SpeechLLM(nn.Module):
         logits = out.logits.float()  # (B, K, V)
         return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets[:, keep].reshape(-1),
                                            ignore_index=IGNORE_INDEX)
-
-    @torch.no_grad()
-    def generate(self, speech: torch.Tensor, speech_lengths: torch.Tensor, prompts: list[str],
-                 max_new_tokens: int | None = None) -> list[str]:
-        """Greedy decoding with the KV cache, batched (left padded)."""
-        from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
-
-        inputs = self.build_inputs(speech, speech_lengths, prompts, left_pad=True)
-        # the penalty as our own processor: transformers' built-in one skips as many generated tokens
-        # as a row has left padding when the prompt comes as embeddings (transformers 5.x)
-        processors = LogitsProcessorList([RepetitionPenaltyLogitsProcessor(float(self.repetition_penalty))]
-                                         if self.repetition_penalty != 1.0 else [])
-        generated = self.model.generate(
-            inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
-            max_new_tokens=max_new_tokens or self.max_new_tokens, do_sample=False, num_beams=1,
-            logits_processor=processors, eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
-            synced_gpus=self.lockstep, **self.generate_options)
-        return [text.strip() for text in self.tokenizer.batch_decode(generated, skip_special_tokens=True)]
 
     @torch.no_grad()
     def decode(self, speech: torch.Tensor, speech_lengths: torch.Tensor, prompts: list[str], *,

@@ -306,9 +306,9 @@ def build_run_data(config: DataConfig, encoder, labels: list[str], *, seed: int,
     if align_batch_size:
         missing = [t for t in align_tasks if t not in datasets]
         if missing:
-            raise ValueError(f"the alignment stage (align.max_steps > 0) trains on model.projector.ctc_tasks "
+            raise ValueError(f"the alignment stage (align.max_steps > 0) trains on model.ctc.tasks "
                              f"{list(align_tasks)}, but data.train has no manifest for {missing}; add one, "
-                             f"drop the task from ctc_tasks, or set align.max_steps=0")
+                             f"drop the task from model.ctc.tasks, or set align.max_steps=0")
         schedule = ({"name": config.schedule, **config.schedule_options} if len(align_tasks) > 1
                     else {"name": "round_robin"})
         # the same subsets as the main stage, so a limited-data arm stays limited

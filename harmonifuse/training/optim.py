@@ -5,20 +5,16 @@ import math
 
 
 def parameter_groups(model, optim, lr: float | None = None) -> list[dict]:
-    """HarmoniFuse parts, LoRA adapters and (if unfrozen) the encoder learn at their own rates;
-    the fusion's layer weights apart at ``optim.fusion_lr_scale`` times the HarmoniFuse rate
-    (``lr``, default ``optim.lr``) when that scale is not 1."""
+    """HarmoniFuse parts (at ``lr``, default ``optim.lr``), LoRA adapters and (if unfrozen) the
+    encoder learn at their own rates."""
     lr = optim.lr if lr is None else lr
-    split_fusion = optim.fusion_lr_scale != 1.0  # else the groups of earlier checkpoints, for --resume
-    groups: dict[str, list] = {"harmonifuse": [], "fusion": [], "lora": [], "encoder": []}
+    groups: dict[str, list] = {"harmonifuse": [], "lora": [], "encoder": []}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        key = ("lora" if name.startswith("llm.") else "encoder" if name.startswith("encoder.")
-               else "fusion" if split_fusion and name.startswith("fusion.") else "harmonifuse")
+        key = "lora" if name.startswith("llm.") else "encoder" if name.startswith("encoder.") else "harmonifuse"
         groups[key].append(p)
-    rates = {"harmonifuse": lr, "fusion": lr * optim.fusion_lr_scale, "lora": optim.lora_lr,
-             "encoder": optim.encoder_lr}
+    rates = {"harmonifuse": lr, "lora": optim.lora_lr, "encoder": optim.encoder_lr}
     return [{"name": k, "params": v, "lr": rates[k], "weight_decay": optim.weight_decay}
             for k, v in groups.items() if v]
 

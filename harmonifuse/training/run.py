@@ -102,7 +102,7 @@ def _train(config: RunConfig, rank: int, world_size: int, device: torch.device, 
                           rank=rank, world_size=world_size, progress=progress,
                           num_workers=num_workers, pin_memory=pin_memory,
                           align_batch_size=config.align.batch_size if config.align.max_steps else 0,
-                          align_tasks=config.model.projector.ctc_tasks)
+                          align_tasks=config.model.ctc.tasks)
     trainer = Trainer(config, model, data, rank=rank, world_size=world_size, progress=progress)
     try:
         if resume:

@@ -120,8 +120,8 @@ def fsdp_plan(model: nn.Module) -> dict[str, list[str]]:
     scalars = [name for name, p in model.named_parameters() if p.requires_grad and p.dim() == 0]
     if scalars:  # fully_shard splits every parameter along its first dimension
         raise ValueError(f"train.parallel fsdp: FSDP2 cannot shard a scalar parameter, and {', '.join(scalars)} "
-                         "is one that trains (model.projector.ctc_learn_scale: true); set "
-                         "model.projector.ctc_learn_scale: false or use train.parallel: ddp")
+                         "is one that trains (model.ctc.learn_scale: true); set "
+                         "model.ctc.learn_scale: false or use train.parallel: ddp")
     units = [name for name, _ in decoder_layers(model)] + [""]
     return {"units": units, "replicated": _replicated_params(model)[0]}
 

@@ -414,7 +414,7 @@ class Trainer:
         """The projector's greedy-CTC WER and CTC label-scoring UA on the dev subsets of the
         alignment stage's tasks (no LLM pass; every rank, as :meth:`evaluate_dev`). Never stops
         early: returns False."""
-        tasks = [t for t in self.config.model.projector.ctc_tasks if self.data.dev.get(t)]
+        tasks = [t for t in self.config.model.ctc.tasks if self.data.dev.get(t)]
         if not (self.is_main or self.parallel.evaluates_on_every_rank) or not tasks:
             return False
         with self.parallel.evaluation(self.model), self._autocast():
