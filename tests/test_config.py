@@ -11,7 +11,8 @@ from harmonifuse.config import (ConfigError, ConfigRenamedWarning, ModelConfig, 
                                 parse_overrides, to_dict)
 from harmonifuse.config.run import RunConfig
 
-DEMO_RECIPE = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+TESTS = Path(__file__).resolve().parent
+DEMO_RECIPE = TESTS.parent / "configs" / "demo.yaml"
 
 
 def test_defaults_are_the_paper_setup():
@@ -24,7 +25,7 @@ def test_the_defaults_are_the_shipped_recipe_and_build_the_shipped_model():
     """ModelConfig() is configs/demo.yaml's model and the shipped model's config, but for the SER
     temperature fitted after training (harmonifuse calibrate)."""
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConfigRenamedWarning)  # the shipped folder keeps its old keys
+        warnings.simplefilter("error", ConfigRenamedWarning)  # the shipped folder is in the new form
         shipped = load_config(ModelConfig, DEMO_MODEL / "config.yaml")
     assert load_config(RunConfig, DEMO_RECIPE).model == ModelConfig()
     assert shipped.calibration.ser_temperature != 1.0
@@ -49,8 +50,7 @@ def test_the_shipped_demo_config_loads():
 
 def test_the_shipped_model_is_the_model_the_shipped_recipe_builds():
     recipe = to_dict(load_config(RunConfig, DEMO_RECIPE).model)
-    with pytest.warns(ConfigRenamedWarning):  # the shipped folder keeps its old keys
-        shipped = to_dict(load_config(ModelConfig, DEMO_MODEL / "config.yaml"))
+    shipped = to_dict(load_config(ModelConfig, DEMO_MODEL / "config.yaml"))
     # the SER temperature is fitted on dev after training (harmonifuse calibrate), not set by the recipe
     assert shipped.pop("calibration")["ser_temperature"] != 1.0
     recipe.pop("calibration")
@@ -169,16 +169,17 @@ REMOVED_AT_DEFAULT = ["projector.context_layers", "projector.context_heads", "pr
                       "projector.token_mixture"]
 
 
-def test_the_shipped_model_folder_as_it_is_loads_with_one_warning_per_old_key(tmp_path):
-    """The shipped folder's config.yaml, untouched (old keys): one warning naming each old key and its
-    new one, one for each removed probe setting at its default, and the same config as the new form."""
+def test_the_shipped_model_folder_as_it_was_loads_with_one_warning_per_old_key(tmp_path):
+    """The shipped folder's config.yaml as it was before the renames (tests/data; the folder now holds
+    the new form): one warning naming each old key and its new one, one for each removed probe
+    setting at its default, and the same config as the new form and the shipped folder."""
     import shutil
 
     from harmonifuse.config.renames import migrate
     from harmonifuse.model import read_folder_config
 
     old = tmp_path / "config.yaml"
-    shutil.copy(DEMO_MODEL / "config.yaml", old)
+    shutil.copy(TESTS / "data" / "shipped_config_before.yaml", old)  # the shipped folder's config before the renames
     text = old.read_text()
     assert "ctc_weight" in text and "context_layers" in text and "\naugment:" in text  # still the old form
     with warnings.catch_warnings(record=True) as caught:
@@ -199,6 +200,7 @@ def test_the_shipped_model_folder_as_it_is_loads_with_one_warning_per_old_key(tm
     with warnings.catch_warnings():
         warnings.simplefilter("error", ConfigRenamedWarning)  # the new form loads without a warning
         assert read_folder_config(new, None) == loaded
+        assert read_folder_config(DEMO_MODEL / "config.yaml", None) == loaded
     assert loaded.ctc.loss_weight == 0.3 and loaded.ctc.tasks == ["asr", "ser"] and loaded.ctc.learned_blank
     assert loaded.feature_masking.channel_width == 32 and loaded.decoding.ctc_weight == 0.3
 
