@@ -32,7 +32,7 @@ demo: install
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
-# after every change: all but multi-process, fault-injection and real-model tests (a few minutes)
+# after every change: all but multi-process (torchrun, CLI end to end), fault-injection and real-model tests
 test-fast: install
 	$(PY) -m pytest -q -p no:cacheprovider -m "not (slow or multiprocess or faults or cuda)" tests
 

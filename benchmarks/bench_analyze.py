@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from harmonifuse.cli import load_model, resolve_model
+from harmonifuse.inference.loading import load_model
+from harmonifuse.pretrained import resolve_model
 from harmonifuse.data.manifest import read_manifest
 
 REPO = Path(__file__).resolve().parents[1]

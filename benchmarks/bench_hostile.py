@@ -24,10 +24,8 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import signal
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -42,45 +40,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_serve import clips  # noqa: E402
+from bench_serve import Server, clips  # noqa: E402
 from serve_tiny import multipart_body, write_header_bomb  # noqa: E402
-
-
-class Server:
-    def __init__(self, tiny: bool, threads: int | None) -> None:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        if tiny:
-            command = [sys.executable, str(ROOT / "tests" / "serve_tiny.py"), "--port", str(self.port)]
-        else:
-            command = [sys.executable, "-m", "harmonifuse.cli", "serve", "--port", str(self.port), "--log-level",
-                       "warning"] + (["--threads", str(threads)] if threads else [])
-        self.log = tempfile.NamedTemporaryFile("w", prefix="bench-hostile-", suffix=".log", delete=False)
-        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT)
-        began = time.monotonic()
-        while True:
-            if self.process.poll() is not None:
-                raise SystemExit(f"the server exited with {self.process.returncode}; see {self.log.name}")
-            try:
-                if httpx.get(self.url + "/health/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() - began > 600:
-                self.process.kill()
-                raise SystemExit("the server did not get ready in 600 s")
-            time.sleep(0.2)
-
-    def rss(self) -> int:
-        return psutil.Process(self.process.pid).memory_info().rss
-
-    def stop(self) -> int:
-        self.process.send_signal(signal.SIGTERM)
-        code = self.process.wait(timeout=600)
-        self.log.close()
-        return code
 
 
 class MemoryWatch:
@@ -240,7 +201,11 @@ def main() -> int:
     files = [write_header_bomb(folder / "bomb-29s.flac", 655_350, 8, 29.0),
              write_header_bomb(folder / "bomb-120s.flac", 655_350, 8, 120.0)]
     print(f"bombs: {', '.join(f'{f.name} {f.stat().st_size / 1024:.0f} KB' for f in files)}", file=sys.stderr)
-    server = Server(args.tiny, args.threads)
+    if args.tiny:
+        server = Server([], command=[sys.executable, str(ROOT / "tests" / "serve_tiny.py")], name="hostile-tiny")
+    else:
+        server = Server(["--log-level", "warning"] + (["--threads", str(args.threads)] if args.threads else []),
+                        name="hostile")
     print(f"server ready on {server.url} (resident {server.rss() / 2**20:.0f} MB)", file=sys.stderr)
     ordinary(server.url, work[:args.clients], args.clients)  # warm-up, untimed
     rounds = {"quiet": [], "hostile": []}
@@ -268,6 +233,8 @@ def main() -> int:
             outcomes.update(run["outcomes"])
         summary[kind] = {"requests": sum(len(run["results"]) for run in runs), "failed": failed,
                          "p50_s": round(p(latencies, 50), 3), "p95_s": round(p(latencies, 95), 3),
+                         "p95_per_round_s": [round(p([x["latency"] for x in run["results"] if x["status"] == 200], 95), 3)
+                                             for run in runs],
                          "peak_rss_mb": round(max(run["peak_rss"] for run in runs) / 2**20),
                          "attacks_answered": dict(sorted(outcomes.items()))}
     ratio = summary["hostile"]["p95_s"] / summary["quiet"]["p95_s"]
@@ -279,6 +246,7 @@ def main() -> int:
     print(f"\n{'':24}{'quiet':>12}{'hostile':>12}")
     for key in ("requests", "failed", "p50_s", "p95_s", "peak_rss_mb"):
         print(f"{key:24}{summary['quiet'][key]:>12}{summary['hostile'][key]:>12}")
+    print(f"p95 per round (s): quiet {summary['quiet']['p95_per_round_s']}, hostile {summary['hostile']['p95_per_round_s']}")
     print(f"\np95 hostile / quiet: {ratio:.2f}x (goal <= 1.5x)")
     print(f"peak memory: {summary['hostile']['peak_rss_mb']} MB under attack vs {summary['quiet']['peak_rss_mb']} MB "
           f"quiet (bound: + {args.memory_margin_mb:g} MB): {'within' if memory_ok else 'OVER'}")

@@ -45,7 +45,8 @@ VARIANTS = {  # name: (precision, batch size, KV cache, batches of similar durat
 def worker(variant: str, clips: int) -> dict:
     import contextlib
 
-    from harmonifuse.cli import load_model, resolve_model
+    from harmonifuse.inference.loading import load_model
+    from harmonifuse.pretrained import resolve_model
     from harmonifuse.inference.batching import duration_batches
     from harmonifuse.data.manifest import read_manifest
 

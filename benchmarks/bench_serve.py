@@ -57,19 +57,19 @@ def clips(limit: int | None = None) -> list[tuple[str, bytes, float]]:
 
 
 class Server:
-    def __init__(self, max_batch: int, max_queue: int, threads: int | None, bf16: bool, timeout: float) -> None:
+    """A server started in its own process on a free loopback port, waited for until ready.
+
+    ``options``: ``harmonifuse serve``'s options; ``command``: another command instead (its port given
+    as ``--port``)."""
+
+    def __init__(self, options: list[str], command: list[str] | None = None, name: str = "serve") -> None:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             self.port = sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        command = [sys.executable, "-m", "harmonifuse.cli", "serve", "--port", str(self.port), "--max-batch",
-                   str(max_batch), "--max-queue", str(max_queue), "--timeout", str(timeout), "--log-level", "warning"]
-        if threads:
-            command += ["--threads", str(threads)]
-        if bf16:
-            command.append("--bf16")
+        command = (command or [sys.executable, "-m", "harmonifuse.cli", "serve"]) + ["--port", str(self.port), *options]
         began = time.monotonic()
-        self.log = tempfile.NamedTemporaryFile("w", prefix=f"bench-serve-batch{max_batch}-", suffix=".log",
+        self.log = tempfile.NamedTemporaryFile("w", prefix=f"bench-{name}-", suffix=".log",
                                                delete=False)  # the server's output, named if it fails
         self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT)
         self.pid = self.process.pid
@@ -86,6 +86,13 @@ class Server:
                 raise SystemExit("the server did not get ready in 600 s")
             time.sleep(0.2)
         self.load_seconds = time.monotonic() - began
+
+    @classmethod
+    def shipped(cls, max_batch: int, max_queue: int, threads: int | None, bf16: bool, timeout: float) -> "Server":
+        options = ["--max-batch", str(max_batch), "--max-queue", str(max_queue), "--timeout", str(timeout),
+                   "--log-level", "warning"] + (["--threads", str(threads)] if threads else []) + (["--bf16"] if bf16
+                                                                                                   else [])
+        return cls(options, name=f"serve-batch{max_batch}")
 
     def rss(self) -> int:
         return psutil.Process(self.pid).memory_info().rss
@@ -216,7 +223,7 @@ def main() -> int:
     began = time.monotonic()
 
     print(f"starting the server (--max-batch {args.max_batch}, --max-queue {args.max_queue})", file=sys.stderr)
-    server = Server(args.max_batch, args.max_queue, args.threads, args.bf16, args.client_timeout)
+    server = Server.shipped(args.max_batch, args.max_queue, args.threads, args.bf16, args.client_timeout)
     report["load_seconds"] = round(server.load_seconds, 1)
     load(server.url, work(4), 4, args.client_timeout)  # warm-up
 
@@ -246,7 +253,7 @@ def main() -> int:
     # batching against --max-batch 1: a second server, both loaded, sent the same requests in
     # alternating rounds, so a change in the machine's other load falls on both alike
     print("starting a second server with --max-batch 1", file=sys.stderr)
-    single = Server(1, args.max_queue, args.threads, args.bf16, args.client_timeout)
+    single = Server.shipped(1, args.max_queue, args.threads, args.bf16, args.client_timeout)
     report["load_seconds_unbatched"] = round(single.load_seconds, 1)
     load(single.url, work(2), 2, args.client_timeout)
     runs: dict[str, list] = {"batched": [], "unbatched": []}

@@ -16,10 +16,10 @@ from typing import Callable
 from harmonifuse.config import ConfigError
 from harmonifuse.config.run import SYNTHETIC_SIZES, SYNTHETIC_VOICE_SETS
 from harmonifuse.inference.batching import duration_batches, header_duration
+from harmonifuse.inference.loading import load_model  # noqa: F401 (re-exported)
 from harmonifuse.pretrained import DEMO_MODEL, MODEL_ENV, default_model, resolve_model  # noqa: F401 (re-exported)
 
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif"}
-REPO_ROOT = Path(__file__).resolve().parents[1]  # a source checkout's root; never needed to find the model
 log = logging.getLogger("harmonifuse")
 DEBUG_HELP = "show the full traceback of an error (default: one line saying what went wrong and what to do)"
 BF16_HELP = "run the LLM in bf16 (faster on CPUs with bf16 matrix units and on GPUs; bf16 rounding)"
@@ -37,36 +37,6 @@ def expand_audio_paths(items: list[str]) -> list[Path]:
         else:
             paths.append(path)
     return paths
-
-
-def load_model(model_dir: str | None, *, bf16: bool = False, overrides: list[str] | None = None,
-               device: str | None = None):
-    """The model in ``model_dir``; ``device`` (a --device value) moves it there (None: stays on the CPU).
-
-    The device is chosen before anything loads, so an unusable one fails at once (DeviceError)."""
-    import torch
-
-    where = None
-    if device is not None:
-        from harmonifuse.training.hardware import choose_device, env_local_rank
-
-        where = choose_device(device, env_local_rank())
-
-    from harmonifuse.config import ModelConfig
-    from harmonifuse.model import HarmoniFuse
-
-    if model_dir is None:
-        print(f"note: no trained model found (pass --model FOLDER or set {MODEL_ENV}); using an UNTRAINED "
-              "HarmoniFuse on the default pretrained parts: its answers are not meaningful", file=sys.stderr)
-        from harmonifuse.config import apply_overrides, from_dict
-
-        model = HarmoniFuse.from_pretrained(from_dict(ModelConfig, apply_overrides({}, overrides or []), "model"),
-                                            device=where)
-    else:
-        model = HarmoniFuse.from_pretrained(model_dir, overrides, device=where)
-    if where is not None:
-        model.to(where)
-    return model.llm_in(torch.bfloat16) if bf16 else model
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
@@ -106,29 +76,24 @@ def _analyze_batch(model, batch: list[Path], tasks: list[str], progress: bool = 
     """Answers for a batch; when one file fails, each file alone, so the good ones are still answered
     and every bad one gets its own error (an unexpected one too, unless ``debug`` wants the traceback)."""
     from harmonifuse.audio import AudioError
+    from harmonifuse.inference.fallback import answer_batch
 
-    try:
-        return model.analyze([str(p) for p in batch], tasks=tasks, progress=progress)
-    except AudioError:
-        pass
-    except Exception:
-        if debug and len(batch) == 1:
-            raise
-    results = []
-    for path in batch:
-        try:
+    def answer(paths: list[Path]) -> list[dict]:
+        for path in paths:
             if path.is_dir():
                 raise AudioError(path, f"folder holds no audio files ({', '.join(sorted(AUDIO_SUFFIXES))})",
                                  "point at a folder with audio files, or at the files themselves")
-            results.append(model.analyze([str(path)], tasks=tasks, progress=progress)[0])
-        except AudioError as error:
-            results.append({"error": str(error)})
-        except Exception as error:
-            if debug:
-                raise
-            results.append({"error": f"{path}: unexpected {type(error).__name__}: {error} (run with --debug "
-                                     "for the traceback, and please report it)"})
-    return results
+        return model.analyze([str(p) for p in paths], tasks=tasks, progress=progress)
+
+    def failed(path: Path, error: Exception) -> dict:
+        if isinstance(error, AudioError):
+            return {"error": str(error)}
+        if debug:
+            raise error
+        return {"error": f"{path}: unexpected {type(error).__name__}: {error} (run with --debug for the traceback, "
+                         "and please report it)"}
+
+    return answer_batch(answer, batch, failed)
 
 
 def _emit(path: Path, result: dict, form: str, output_dir: str | None) -> None:

@@ -24,11 +24,11 @@ and the CTC transcript as the draft.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
-from harmonifuse.inference.cancellation import checkpoint
+from harmonifuse.cancellation import checkpoint
 
 NEG = -1e10
 """Log-probability of the impossible: finite, so differences of two impossible scores stay finite."""
@@ -203,6 +203,22 @@ class Hypothesis:
         return math.exp(self.llm_logprob / (len(self.tokens) + int(self.finished)))
 
 
+@dataclass
+class CTCScores:
+    """What the CTC head says about a batch, carried to the search as one object.
+
+    ``log_probs``: (B, T, C) log-posteriors (a tensor, or columns on demand: see
+    :class:`CTCPrefixScorer`); ``lengths`` (B,) frames; ``blank`` its class; ``tokens``: per
+    utterance its greedy CTC transcript in the LLM's vocabulary, scored as a candidate at every
+    step so that the CTC can propose a word the LLM ranks low (and the draft of draft decoding).
+    """
+
+    log_probs: Any
+    lengths: torch.Tensor
+    blank: int
+    tokens: list[list[int]] | None = None
+
+
 StepFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """``step(tokens (R,), parents (R,)) -> next-token logits (R, V)``: the LLM reads one more token per
 row, after reordering its cache so that row i continues the old row ``parents[i]``."""
@@ -249,9 +265,7 @@ def _step_totals(logp: torch.Tensor, scores: torch.Tensor, extra: torch.Tensor, 
 
 @torch.no_grad()
 def beam_search(first_logits: torch.Tensor, step: StepFn, *, eos: int, max_new_tokens: int, beam_size: int = 1,
-                ctc_weight: float = 0.0, llm_candidates: int = 8, ctc_log_probs: torch.Tensor | None = None,
-                ctc_lengths: torch.Tensor | None = None, blank: int | None = None,
-                ctc_tokens: list[list[int]] | None = None,
+                ctc_weight: float = 0.0, llm_candidates: int = 8, ctc: CTCScores | None = None,
                 max_lengths: list[int] | None = None) -> list[Hypothesis]:
     """The best hypothesis per utterance under the joint score.
 
@@ -259,11 +273,9 @@ def beam_search(first_logits: torch.Tensor, step: StepFn, *, eos: int, max_new_t
         first_logits: (B, V) the LLM's logits for the first answer token.
         step: the LLM's incremental step (see :data:`StepFn`); rows are utterance-major,
             ``b * beam_size + j``.
-        ctc_log_probs: (B, T, C) CTC log-posteriors (a tensor, or columns on demand: see
-            :class:`CTCPrefixScorer`) and ``ctc_lengths`` (B,), ``blank`` its class; needed when
-            ``ctc_weight > 0``.
-        ctc_tokens: per utterance, tokens always scored as candidates (its greedy CTC transcript),
-            so that the CTC can propose a word the LLM ranks low.
+        ctc_weight: the CTC prefix score's weight in the joint score (0: the LLM alone).
+        ctc: the CTC head's scores (:class:`CTCScores`); needed when ``ctc_weight > 0``. Its
+            ``tokens`` are scored as candidates whenever it is given.
         max_lengths: per utterance, the most answer tokens before eos is forced (a bound from the
             speech's length: a beam of the LLM alone can otherwise prefer an endless repetition,
             every token of which is nearly certain, to ending).
@@ -273,8 +285,8 @@ def beam_search(first_logits: torch.Tensor, step: StepFn, *, eos: int, max_new_t
     R = B * W
     device = first_logits.device
     use_ctc = ctc_weight > 0
-    if use_ctc and (ctc_log_probs is None or ctc_lengths is None or blank is None):
-        raise ValueError("ctc_weight > 0 needs ctc_log_probs, ctc_lengths and blank")
+    if use_ctc and ctc is None:
+        raise ValueError("ctc_weight > 0 needs the CTC head's scores (ctc=CTCScores(...))")
     logp = first_logits.float().log_softmax(-1).repeat_interleave(W, 0)  # (R, V)
     scores = torch.full((B, W), NEG, device=device)
     scores[:, 0] = 0.0  # one live hypothesis per utterance at the start
@@ -283,9 +295,9 @@ def beam_search(first_logits: torch.Tensor, step: StepFn, *, eos: int, max_new_t
     history = torch.zeros(R, 0, dtype=torch.long, device=device)  # (R, length) each row's tokens
     scorer = state = None
     if use_ctc:
-        scorer = CTCPrefixScorer(ctc_log_probs, ctc_lengths, blank, repeats=W)
+        scorer = CTCPrefixScorer(ctc.log_probs, ctc.lengths, ctc.blank, repeats=W)
         state = scorer.initial_state()
-    extra = _extra_candidates(ctc_tokens, B, eos, device).repeat_interleave(W, 0)  # (R, G + 1)
+    extra = _extra_candidates(ctc and ctc.tokens, B, eos, device).repeat_interleave(W, 0)  # (R, G + 1)
     limits = torch.tensor([min(max_new_tokens, n) for n in (max_lengths or [max_new_tokens] * B)], device=device)
     finished: list[list[Hypothesis]] = [[] for _ in range(B)]
     done = torch.zeros(B, dtype=torch.bool, device=device)
@@ -400,9 +412,7 @@ def _where_state(keep: torch.Tensor, new: CTCPrefixState, old: CTCPrefixState) -
 @torch.no_grad()
 def draft_greedy_search(first_logits: torch.Tensor, verify: VerifyFn, *, eos: int, max_new_tokens: int,
                         drafts: list[list[int]], draft_tokens: int = 4, ctc_weight: float = 0.0,
-                        llm_candidates: int = 8, ctc_log_probs: torch.Tensor | None = None,
-                        ctc_lengths: torch.Tensor | None = None, blank: int | None = None,
-                        ctc_tokens: list[list[int]] | None = None, max_lengths: list[int] | None = None,
+                        llm_candidates: int = 8, ctc: CTCScores | None = None, max_lengths: list[int] | None = None,
                         stats: DraftStats | None = None) -> list[Hypothesis]:
     """:func:`beam_search` with ``beam_size=1``, token for token, in fewer LLM forward passes.
 
@@ -423,12 +433,12 @@ def draft_greedy_search(first_logits: torch.Tensor, verify: VerifyFn, *, eos: in
     B = first_logits.shape[0]
     device = first_logits.device
     use_ctc = ctc_weight > 0
-    if use_ctc and (ctc_log_probs is None or ctc_lengths is None or blank is None):
-        raise ValueError("ctc_weight > 0 needs ctc_log_probs, ctc_lengths and blank")
+    if use_ctc and ctc is None:
+        raise ValueError("ctc_weight > 0 needs the CTC head's scores (ctc=CTCScores(...))")
     drafts = [[t for t in d if t != eos] for d in drafts]
-    scorer = CTCPrefixScorer(ctc_log_probs, ctc_lengths, blank) if use_ctc else None
+    scorer = CTCPrefixScorer(ctc.log_probs, ctc.lengths, ctc.blank) if use_ctc else None
     state = scorer.initial_state() if use_ctc else None
-    extra = _extra_candidates(ctc_tokens, B, eos, device)  # (B, G + 1)
+    extra = _extra_candidates(ctc and ctc.tokens, B, eos, device)  # (B, G + 1)
     limits = [min(max_new_tokens, n) for n in (max_lengths or [max_new_tokens] * B)]
     limit_t = torch.tensor(limits, device=device)
     logp = first_logits.float().log_softmax(-1)  # (B, V): each utterance's next token, already paid for

@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 
 from harmonifuse.atomic import atomic_write_text
-from harmonifuse.cli import REPO_ROOT, default_model, load_model
+from harmonifuse.inference.loading import load_model
+from harmonifuse.pretrained import default_model
 
 
 def _prepare_real(out: Path) -> Path | None:
@@ -91,12 +92,12 @@ def _show_real(model, manifest: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="model folder (default: the shipped model)")
-    parser.add_argument("--corpus", default=str(REPO_ROOT / "data" / "synthetic"))
-    parser.add_argument("--real", default=str(REPO_ROOT / "data" / "real"),
-                        help="folder for the manifest of the real recordings")
-    parser.add_argument("--real-speech", default=str(REPO_ROOT / "data" / "real-speech"),
+    # folders relative to where it runs (the repository's root under `make demo`), not to the package
+    parser.add_argument("--corpus", default="data/synthetic", help="folder of the built-in corpus (built there once)")
+    parser.add_argument("--real", default="data/real", help="folder for the manifest of the real recordings")
+    parser.add_argument("--real-speech", default="data/real-speech",
                         help="folder of the real-speech corpus (built there once; '' skips it)")
-    parser.add_argument("--out", default=str(REPO_ROOT / "results" / "demo" / "latest"),
+    parser.add_argument("--out", default="results/demo/latest",
                         help="report folder (default results/demo/latest, ignored by git)")
     parser.add_argument("--limit", type=int, default=100,
                         help="evaluate on a fixed spread-out subset of N utterances per task, so the demo stays "

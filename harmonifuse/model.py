@@ -6,22 +6,22 @@ when it is unfrozen) are saved.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Sequence, Union
+from typing import Any, Literal, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
 from harmonifuse.config import ModelConfig, from_dict, load_yaml, to_yaml
 from harmonifuse.decoding import DraftStats
-from harmonifuse.inference.batching import duration_batches, input_duration
-from harmonifuse.inference.cancellation import checkpoint
+from harmonifuse.inference import analyze as _inference
+from harmonifuse.inference.inputs import AudioInput  # noqa: F401 (re-exported)
+from harmonifuse.inference.inputs import load_arrays, load_waveforms
+from harmonifuse.inference.int8 import int8_parts
 from harmonifuse.lengths import lengths_to_mask
-from harmonifuse.modules.ctc import EmbeddingCTC, greedy_ctc_from_logits, resolve_vocab_chunk
+from harmonifuse.modules.ctc import EmbeddingCTC, resolve_vocab_chunk
 from harmonifuse.modules.encoders import EncoderOutput, SpeechEncoder, build_encoder
 from harmonifuse.modules.feature_masking import FeatureMasking
 from harmonifuse.modules.fusion import LayerFusion, build_fusion
@@ -31,9 +31,7 @@ from harmonifuse.modules.projector import FrameStackProjector
 from harmonifuse.modules.prompt_vectors import PROMPT_ENCODERS
 from harmonifuse.modules.vad import SileroVAD
 from harmonifuse.pretrained import CONFIG_NAME, WEIGHTS_NAME
-from harmonifuse.tasks import TASK_NAMES, get_task, tasks_answered_by
-
-AudioInput = Union[str, os.PathLike, np.ndarray, tuple]
+from harmonifuse.tasks import tasks_answered_by
 
 
 @dataclass
@@ -379,259 +377,22 @@ class HarmoniFuse(nn.Module):
         self.llm.model.to(dtype)
         return self
 
-    def load_arrays(self, audio: Sequence[AudioInput]) -> list[np.ndarray]:
-        """Paths or arrays -> 16 kHz mono float32 waveforms (S_i,), validated (see harmonifuse/audio.py).
-
-        With voice activity detection on, silent audio is let through: it is answered as no speech."""
-        from harmonifuse.audio import SAMPLE_RATE, load_audio, to_mono_16k
-
-        limits = {"max_seconds": self.config.encoder.max_seconds}
-        if self.vad is not None:
-            limits["silence_threshold"] = 0.0
-        waves = []
-        for item in audio:
-            if isinstance(item, (str, os.PathLike)):
-                waves.append(load_audio(item, **limits))
-            elif isinstance(item, tuple):
-                samples, rate = item
-                waves.append(to_mono_16k(np.asarray(samples), rate, **limits))
-            else:
-                waves.append(to_mono_16k(np.asarray(item), SAMPLE_RATE, **limits))
-        return waves
-
-    def load_waveforms(self, audio: Sequence[AudioInput]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Paths or arrays -> (B, S) padded 16 kHz waveforms and (B,) lengths on the model's device."""
-        return self._pad(self.load_arrays(audio))
-
-    def _pad(self, waves: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-        from harmonifuse.data.batch import pad_waveforms
-
-        batch, lengths = pad_waveforms(waves)
-        return batch.to(self.llm.device), lengths.to(self.llm.device)
-
     def ctc_log_probs(self, speech: SpeechEmbeddings) -> tuple[torch.Tensor, int]:
         """The CTC head's log-posteriors over the LLM vocabulary (and a learned blank): (B, N, C), blank class."""
         return self.ctc.log_probs(speech.ctc_input, self.llm.model.get_input_embeddings().weight, self.llm.ctc_blank_id)
 
-    def _transcribe_speech(self, speech: SpeechEmbeddings, prompts: list[str]) -> list[dict]:
-        """Transcripts with their confidence, decoded as ``model.decoding`` says.
+    # -- inference: harmonifuse/inference/, bound here (the model is the network; whisper's habit) -----
 
-        ``transcript_confidence`` = sqrt(LLM token probability x CTC agreement): the LLM's
-        geometric-mean probability per token, and how much of its answer the CTC head, which only
-        writes what it hears, wrote too (1 - character error rate between the two, clipped at 0).
-        """
-        from harmonifuse.evaluation.metrics import text_agreement
+    analyze = _inference.analyze
+    analyze_hidden = _inference.analyze_hidden
+    transcribe = _inference.transcribe
+    recognize_emotion = _inference.recognize_emotion
+    has_speech = _inference.has_speech
+    no_speech_answer = _inference.no_speech_answer
+    load_arrays = load_arrays
+    load_waveforms = load_waveforms
+    int8_parts = int8_parts
 
-        d = self.config.decoding
-        if self.ctc.vocab_chunk:  # never the whole (B, N, V): the beam search asks for the columns it reads
-            table = self.llm.model.get_input_embeddings().weight
-            log_probs, blank = self.ctc.posteriors(speech.ctc_input, table, self.llm.ctc_blank_id)
-            greedy = self.ctc.decode(speech.ctc_input, speech.lengths, table, self.llm.ctc_blank_id)
-        else:
-            log_probs, blank = self.ctc_log_probs(speech)
-            greedy = greedy_ctc_from_logits(log_probs, speech.lengths, blank)
-        use_ctc = d.ctc_weight > 0
-        hyps = self.llm.decode(speech.embeddings, speech.lengths, prompts, beam_size=d.beam_size,
-                               ctc_weight=d.ctc_weight, llm_candidates=d.llm_candidates,
-                               ctc_log_probs=log_probs if use_ctc else None, ctc_lengths=speech.lengths,
-                               blank=blank, ctc_tokens=greedy if use_ctc else None,
-                               drafts=greedy if d.draft == "ctc" else None, draft_tokens=d.draft_tokens,
-                               stats=self.decode_stats)
-        results = []
-        for hyp, ctc_ids in zip(hyps, greedy):
-            text = self.llm.detokenize(hyp.tokens)
-            agreement = text_agreement(self.llm.detokenize(ctc_ids), text)
-            results.append({"transcript": text,
-                            "transcript_confidence": round(float(np.sqrt(hyp.llm_confidence * agreement)), 4)})
-        return results
-
-    def _classify_speech(self, speech: SpeechEmbeddings, prompts: list[str]) -> list[dict]:
-        """Closed-set emotion: every label's answer likelihood, temperature-calibrated, as probabilities."""
-        labels = self.config.tasks.emotion_labels
-        scores = self.llm.score_labels(speech.embeddings, speech.lengths, prompts, labels)
-        probs = (scores.float() / self.config.calibration.ser_temperature).softmax(-1)
-        results = []
-        for row in probs.tolist():
-            best = int(np.argmax(row))
-            results.append({"emotion": labels[best], "emotion_confidence": round(row[best], 6),
-                            "emotion_probs": dict(zip(labels, (round(p, 6) for p in row)))})
-        return results
-
-    @torch.no_grad()
-    def analyze_hidden(self, hidden_states: torch.Tensor, frame_lengths: torch.Tensor,
-                       tasks: Sequence[str] = TASK_NAMES, prompts: dict[str, str] | None = None) -> list[dict]:
-        """Every task from one set of encoder hidden states (L+1, B, T, D)."""
-        B = hidden_states.shape[1]
-        results: list[dict] = [{} for _ in range(B)]
-        answer = {"transcript": self._transcribe_speech, "label": self._classify_speech}
-        with self._inference_parts():
-            for task in tasks:
-                checkpoint()
-                task_prompts = [(prompts or {}).get(task, self.config.tasks.prompts[task])] * B
-                speech = self.speech_embeddings(hidden_states, frame_lengths, [task] * B, task_prompts)
-                for r, out in zip(results, answer[get_task(task).answer](speech, task_prompts)):
-                    r.update(out)
-        return results
-
-    def int8_parts(self) -> tuple[SpeechLLM, nn.Module]:
-        """The LLM (LoRA merged) and the projector with their Linear layers in dynamic int8
-        (harmonifuse.modules.llm.quantize_linears): what inference reads with ``model.decoding.int8``.
-        Copies, made on first use and again once any weight has changed; the model itself keeps its
-        float weights (training, saving). Held outside the module tree: no state_dict entries."""
-        import copy
-
-        from harmonifuse.modules.llm import quantize_linears
-
-        # every in-place change of a parameter (an optimiser step, load_state_dict) bumps its version
-        stamp = sum(p._version for part in (self.llm, self.projector) for p in part.parameters())
-        made = self.__dict__.get("_int8")
-        if made is None or made[0] != stamp:
-            with torch.no_grad():
-                projector = quantize_linears(copy.deepcopy(self.projector).float().eval())
-                made = (stamp, self.llm.int8_copy(), projector)
-            self.__dict__["_int8"] = made
-        return made[1], made[2]
-
-    @contextlib.contextmanager
-    def _inference_parts(self):
-        """Within: ``self.llm`` and ``self.projector`` are their int8 copies when ``model.decoding.int8``
-        asks for them (in eval mode on a CPU), else themselves."""
-        if not self.config.decoding.int8 or self.training or self.llm.device.type != "cpu":
-            yield
-            return
-        llm, projector = self.int8_parts()
-        kept = self.llm, self.projector
-        self.llm, self.projector = llm, projector
-        try:
-            yield
-        finally:
-            self.llm, self.projector = kept
-
-    def no_speech_answer(self, tasks: Sequence[str]) -> dict:
-        """What a recording without speech is answered: no transcript, no emotion."""
-        answer: dict = {"no_speech": True}
-        kinds = {get_task(task).answer for task in tasks}
-        if "transcript" in kinds:
-            answer.update(transcript="", transcript_confidence=1.0)
-        if "label" in kinds:
-            answer.update(emotion=None, emotion_confidence=None, emotion_probs=None)
-        return answer
-
-    def has_speech(self, waves: list[np.ndarray]) -> list[bool]:
-        """Per waveform, whether the voice activity detector finds speech (all True when it is off)."""
-        return self.vad.has_speech(waves) if self.vad is not None else [True] * len(waves)
-
-    @torch.no_grad()
-    def analyze(self, audio: AudioInput | Sequence[AudioInput], tasks: Sequence[str] = TASK_NAMES,
-                prompts: dict[str, str] | None = None, *, batch_size: int = 8, progress: bool = False) -> dict | list[dict]:
-        """Run the encoder once and answer every task from its hidden states.
-
-        ``audio``: a path, a 16 kHz mono array, an ``(array, sample_rate)`` pair, or a list of them.
-        Returns per input ``{"no_speech", "transcript", "transcript_confidence", "emotion",
-        "emotion_confidence", "emotion_probs"}`` (a list for a list). Audio in which the voice
-        activity detector finds no speech is answered ``no_speech: true``, with an empty transcript
-        and no emotion, instead of being passed to the LLM. Inputs go ``batch_size`` at a time,
-        grouped by duration (harmonifuse/inference/batching.py), so memory does not grow with
-        the number of inputs.
-
-        A recording longer than ``model.encoder.max_seconds`` is read in blocks, cut at pauses
-        (harmonifuse/segments.py) and answered segment by segment, ``batch_size`` segments at a
-        time; its answer adds ``segments`` ``[{start, end, transcript, emotion, ...}]`` (seconds)
-        and ``duration``, joins the transcripts and weights the emotion by segment duration.
-        """
-
-        single = not isinstance(audio, list)
-        items = [audio] if single else list(audio)
-        was_training = self.training
-        self.eval()
-        try:
-            results: list[dict | None] = [None] * len(items)
-            sources = {i: source for i, source in enumerate(map(self._long_source, items)) if source is not None}
-            for i, source in sources.items():
-                results[i] = self._analyze_long(source, tasks, prompts, batch_size=batch_size, progress=progress)
-            short = [i for i in range(len(items)) if i not in sources]
-            # batch_size inputs at a time, grouped by duration: memory stays flat in the number of inputs
-            plan = duration_batches([input_duration(items[i]) for i in short], max(1, batch_size))
-            for batch in (b for window in plan for b in window):
-                checkpoint()
-                self._analyze_short([short[j] for j in batch], items, results, tasks, prompts)
-        finally:
-            self.train(was_training)
-        return results[0] if single else results
-
-    def _analyze_short(self, index: list[int], items: list, results: list, tasks: Sequence[str],
-                       prompts: dict[str, str] | None) -> None:
-        """Answer ``items[i]`` for i in ``index`` (one batch, each within the encoder's window) into ``results``."""
-        from harmonifuse.audio import SAMPLE_RATE
-
-        waves = self.load_arrays([items[i] for i in index])
-        speech = self.has_speech(waves)
-        for i in index:
-            results[i] = self.no_speech_answer(tasks)
-        kept = [i for i, flag in zip(index, speech) if flag]
-        if kept:
-            encoded = self.encode(*self._pad([waves[index.index(i)] for i in kept]))
-            for i, result in zip(kept, self.analyze_hidden(encoded.hidden_states, encoded.lengths, tasks, prompts)):
-                results[i] = {"no_speech": False, **result}
-        for i, wave in zip(index, waves):
-            results[i]["duration"] = round(len(wave) / SAMPLE_RATE, 3)
-
-    def _long_source(self, item: AudioInput):
-        """An AudioSource when ``item`` is longer than the encoder's window, else None (also for input
-        that cannot be read: the short path reports it with its usual message)."""
-        from harmonifuse.audio import SAMPLE_RATE
-        from harmonifuse.segments import AudioSource
-
-        limit = self.config.encoder.max_seconds
-        try:
-            if isinstance(item, (str, os.PathLike)):
-                if not os.path.isfile(item):
-                    return None
-                source = AudioSource(item)
-            elif isinstance(item, tuple):
-                samples, rate = item
-                source = AudioSource(samples=np.asarray(samples), rate=rate)
-            else:
-                source = AudioSource(samples=np.asarray(item), rate=SAMPLE_RATE)
-        except Exception:  # noqa: BLE001 - unreadable input takes the short path, which names the problem
-            return None
-        return source if source.frames > 0 and source.duration > limit else None
-
-    def _analyze_long(self, source, tasks: Sequence[str], prompts: dict[str, str] | None, *, batch_size: int,
-                      progress: bool) -> dict:
-        """A long recording: its speech segments in batches, combined (see :meth:`analyze`)."""
-        from tqdm import tqdm
-
-        from harmonifuse.segments import combine, speech_probabilities, split_at_pauses
-
-        vad = self.vad if self.vad is not None else self._segmenter
-        with tqdm(total=round(source.duration, 1), unit="s", desc=f"{Path(source.name).name}: finding speech",
-                  disable=not progress, leave=False) as bar:
-            probs = speech_probabilities(source, vad, progress=bar)
-        segments = split_at_pauses(probs, duration=source.duration, threshold=vad.threshold,
-                                   max_seconds=self.config.encoder.max_seconds - 0.5)  # resampling rounds up
-        answers: list[dict] = []
-        with tqdm(total=len(segments), unit="segment", desc=f"{Path(source.name).name}: answering",
-                  disable=not progress, leave=False) as bar:
-            for start in range(0, len(segments), batch_size):
-                checkpoint()
-                chunk = segments[start:start + batch_size]
-                answers += self.analyze([source.read(s) for s in chunk], tasks, prompts)
-                bar.update(len(chunk))
-        if not segments:
-            return {**self.no_speech_answer(tasks), "segments": [], "duration": round(source.duration, 3)}
-        return {**combine(answers, segments, self.config.tasks.emotion_labels), "duration": round(source.duration, 3)}
-
-    def transcribe(self, audio: AudioInput | Sequence[AudioInput]) -> str | list[str]:
-        out = self.analyze(audio, tasks=("asr",))
-        return out["transcript"] if isinstance(out, dict) else [r["transcript"] for r in out]
-
-    def recognize_emotion(self, audio: AudioInput | Sequence[AudioInput]):
-        """-> (label, {label: probability}) per input."""
-        out = self.analyze(audio, tasks=("ser",))
-        if isinstance(out, dict):
-            return out["emotion"], out["emotion_probs"]
-        return [(r["emotion"], r["emotion_probs"]) for r in out]
 
 
 def config_text(config: ModelConfig) -> str:

@@ -24,7 +24,7 @@ import soundfile as sf
 import soxr
 
 from harmonifuse.audio import DEFAULT_LIMITS, SAMPLE_RATE, AudioError, HeaderLimits, check_header, to_mono_16k
-from harmonifuse.inference.cancellation import checkpoint
+from harmonifuse.cancellation import checkpoint
 from harmonifuse.modules.vad import WINDOW
 
 WINDOW_SECONDS = WINDOW / SAMPLE_RATE

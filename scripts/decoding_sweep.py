@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     from scipy.stats import spearmanr
 
     from harmonifuse.atomic import atomic_write_text
-    from harmonifuse.cli import load_model, resolve_model
+    from harmonifuse.inference.loading import load_model
+    from harmonifuse.pretrained import resolve_model
     from harmonifuse.config import to_yaml
     from harmonifuse.evaluation.evaluate import evaluate
 

@@ -2,7 +2,8 @@
 
 Lanes (markers, registered in pyproject.toml):
 
-- ``multiprocess``: starts torchrun or a second training process (DDP, FSDP, signals to ranks);
+- ``multiprocess``: starts other processes: torchrun, a second training run, a server, or the CLI end to end
+  (each pays a fresh torch import: seconds to a minute);
 - ``faults``: fault injection (kills at random moments, full disks, damaged files);
 - ``slow``: the real pretrained models (Whisper tiny.en, SmolLM2) or a headless browser;
 - ``cuda``: needs a CUDA GPU (skipped without one).

@@ -276,6 +276,7 @@ def test_alignment_under_ddp_equals_one_process_with_the_global_batch(tmp_path):
     assert [r["step"] for r in records if r["kind"] == "align"] == [1, 2, 3, 4]
 
 
+@pytest.mark.multiprocess
 def test_resume_with_a_config_that_changes_the_stages_is_refused(tmp_path):
     config_path = write_tiny_run_config(tmp_path, train={"max_steps": 2, "save_every": 2, "eval_every": 1000})
     assert run_cli("train", str(config_path), "-q").returncode == 0

@@ -183,6 +183,7 @@ def test_transcribe_and_recognize_emotion_raise_the_same_errors(corpus):
 # -- audio: the CLI, every kind in one batch -----------------------------------------------------------
 
 
+@pytest.mark.multiprocess
 def test_every_audio_kind_in_one_cli_batch(corpus):
     """One `harmonifuse analyze` over all kinds (and a good file first): good ones answered, bad ones
     one error line each, a warning for the truncated file, exit status 1, no stack trace."""

@@ -11,7 +11,9 @@ from decoding_oracle import hf_generate
 from tiny import perturbed, tiny_harmonifuse
 
 from harmonifuse.config import ConfigError, ModelConfig, from_dict
-from harmonifuse.decoding import NEG, CTCPrefixScorer, DraftStats, beam_search, draft_greedy_search, realign_draft
+from harmonifuse.decoding import (NEG, CTCPrefixScorer, CTCScores, DraftStats, beam_search, draft_greedy_search,
+                                  realign_draft)
+from harmonifuse.inference.int8 import inference_parts
 
 # two frames over {blank, a, b}
 PROBS = torch.tensor([[0.5, 0.3, 0.2], [0.4, 0.4, 0.2]])
@@ -97,9 +99,11 @@ def test_ctc_weight_lets_the_speech_overrule_the_llm_prior():
                                     [0.25, 0.25, 0.25, 0.25]]))
     first, step = _toy_lm(table)
     ctc = torch.tensor([[0.1, 0.85, 0.05], [0.9, 0.05, 0.05], [0.95, 0.03, 0.02]]).log()[None]  # (1, T, C)
-    common = dict(eos=EOS, max_new_tokens=5, ctc_log_probs=ctc, ctc_lengths=torch.tensor([3]), blank=BLANK)
-    assert beam_search(first, step, beam_size=1, ctc_weight=0.0, llm_candidates=2, **common)[0].tokens == [B]
-    joint = beam_search(first, step, beam_size=2, ctc_weight=0.5, llm_candidates=2, ctc_tokens=[[A]], **common)[0]
+    common = dict(eos=EOS, max_new_tokens=5)
+    scores = CTCScores(ctc, torch.tensor([3]), BLANK)
+    assert beam_search(first, step, beam_size=1, ctc_weight=0.0, llm_candidates=2, ctc=scores, **common)[0].tokens == [B]
+    joint = beam_search(first, step, beam_size=2, ctc_weight=0.5, llm_candidates=2,
+                        ctc=CTCScores(ctc, torch.tensor([3]), BLANK, [[A]]), **common)[0]
     assert joint.tokens == [A]
     # the score is (1 - w) log p_LM + w log p_CTC of the whole answer
     llm = table[BLANK, A] + table[A, EOS]
@@ -118,7 +122,7 @@ def test_beam_search_stops_at_the_length_limit_with_unfinished_hypotheses():
 
 def test_joint_decoding_needs_the_ctc_posteriors():
     first, step = _toy_lm(torch.zeros(4, 4))
-    with pytest.raises(ValueError, match="ctc_log_probs"):
+    with pytest.raises(ValueError, match="CTC head's scores"):
         beam_search(first, step, eos=EOS, max_new_tokens=2, ctc_weight=0.3)
 
 
@@ -135,11 +139,10 @@ def test_greedy_decoding_equals_transformers_generate_and_beams_keep_the_batch_a
     assert [model.llm.detokenize(h.tokens) for h in greedy] == reference
     log_probs, blank = model.ctc_log_probs(speech)
     joint = model.llm.decode(speech.embeddings, speech.lengths, prompts, beam_size=3, ctc_weight=0.5,
-                             ctc_log_probs=log_probs, ctc_lengths=speech.lengths, blank=blank)
+                             ctc=CTCScores(log_probs, speech.lengths, blank))
     for i in range(3):  # each item decoded alone gives the same hypothesis
         alone = model.llm.decode(speech.embeddings[i:i + 1], speech.lengths[i:i + 1], prompts[:1], beam_size=3,
-                                 ctc_weight=0.5, ctc_log_probs=log_probs[i:i + 1], ctc_lengths=speech.lengths[i:i + 1],
-                                 blank=blank)[0]
+                                 ctc_weight=0.5, ctc=CTCScores(log_probs[i:i + 1], speech.lengths[i:i + 1], blank))[0]
         assert alone.tokens == joint[i].tokens
         assert alone.score == pytest.approx(joint[i].score, abs=1e-4)
         assert alone.score > NEG / 2
@@ -231,10 +234,11 @@ def test_beam_search_returns_what_the_loop_search_returned(seed):
     lengths = torch.tensor([T, 7, 10])
     ctc_tokens = [torch.randint(1, eos, (n,), generator=g).tolist() for n in (4, 0, 6)]
     common = dict(eos=eos, max_new_tokens=9, beam_size=beam, ctc_weight=ctc_weight, llm_candidates=3,
-                  ctc_log_probs=log_probs, ctc_lengths=lengths, blank=0, ctc_tokens=ctc_tokens, max_lengths=[9, 5, 12])
+                  max_lengths=[9, 5, 12])
     make = _toy_history_lm(V, seed)
-    new = beam_search(*make(B, beam), **common)
-    old = loop_beam_search(*make(B, beam), **common)
+    new = beam_search(*make(B, beam), ctc=CTCScores(log_probs, lengths, 0, ctc_tokens), **common)
+    old = loop_beam_search(*make(B, beam), ctc_log_probs=log_probs, ctc_lengths=lengths, blank=0, ctc_tokens=ctc_tokens,
+                           **common)
     for a, b in zip(new, old):
         assert (a.tokens, a.finished) == (b.tokens, b.finished)
         assert a.score == pytest.approx(b.score, rel=1e-5) and a.llm_logprob == pytest.approx(b.llm_logprob, rel=1e-5)
@@ -292,8 +296,7 @@ def test_drafted_greedy_search_equals_the_step_by_step_search_on_a_toy_lm(seed):
     log_probs = (torch.randn(B, T, V, generator=g) * 3).log_softmax(-1)
     ctc_tokens = [torch.randint(1, eos, (n,), generator=g).tolist() for n in (4, 0, 6)]
     common = dict(eos=eos, max_new_tokens=10, ctc_weight=[0.0, 0.4][seed % 2], llm_candidates=3,
-                  ctc_log_probs=log_probs, ctc_lengths=torch.tensor([T, 7, 10]), blank=0, ctc_tokens=ctc_tokens,
-                  max_lengths=[10, 5, 12])
+                  ctc=CTCScores(log_probs, torch.tensor([T, 7, 10]), 0, ctc_tokens), max_lengths=[10, 5, 12])
     reference = beam_search(*_toy_history_lm(V, seed)(B, 1), beam_size=1, **common)
     drafts = [_corrupt(h.tokens, seed * 10 + b, V) for b, h in enumerate(reference)]
     stats = DraftStats()
@@ -349,8 +352,8 @@ def test_ctc_drafts_give_the_step_by_step_greedy_answer_of_the_tiny_model(ctc_we
     model.llm.repetition_penalty = penalty
     log_probs, blank = model.ctc_log_probs(speech)
     greedy = greedy_ctc_from_logits(log_probs, speech.lengths, blank)
-    common = dict(ctc_weight=ctc_weight, ctc_log_probs=log_probs, ctc_lengths=speech.lengths, blank=blank,
-                  ctc_tokens=greedy if ctc_weight else None, max_new_tokens=12, max_tokens_per_position=per_position)
+    common = dict(ctc_weight=ctc_weight, ctc=CTCScores(log_probs, speech.lengths, blank, greedy if ctc_weight else None),
+                  max_new_tokens=12, max_tokens_per_position=per_position)
     steps = DraftStats()
     reference = model.llm.decode(speech.embeddings, speech.lengths, prompts, stats=steps, **common)
     ends = [(len(h.tokens), h.finished) for h in reference]
@@ -420,7 +423,7 @@ def test_int8_answers_stay_close_to_float_and_leave_the_float_model_as_it_was():
     speech = model.speech_embeddings(encoded.hidden_states, encoded.lengths, ["ser"] * 3, prompts)
     labels = model.config.tasks.emotion_labels
     exact = model.llm.score_labels(speech.embeddings, speech.lengths, prompts, labels)
-    with model._inference_parts():
+    with inference_parts(model):
         speech = model.speech_embeddings(encoded.hidden_states, encoded.lengths, ["ser"] * 3, prompts)
         approx = model.llm.score_labels(speech.embeddings, speech.lengths, prompts, labels)
     assert (approx - exact).abs().max() <= 0.06 * exact.abs().max()

@@ -153,6 +153,7 @@ def test_loader_workers_and_pinning_follow_the_device(monkeypatch, caplog):
     assert from_dict(TrainConfig, {"num_workers": 3, "pin_memory": True}, "train").num_workers == 3
 
 
+@pytest.mark.multiprocess
 def test_device_is_honoured_end_to_end_on_the_tiny_model(tmp_path):
     config = write_tiny_run_config(tmp_path, train={"max_steps": 2, "eval_every": 2, "save_every": 2})
     run = tmp_path / "run"

@@ -222,7 +222,7 @@ def test_float16_batches_widen_exactly_and_give_the_models_float32_results(tmp_p
 
     seconds = [0.5, 0.8, 0.3, 0.6]
     utterances = [utterance(write_wav(tmp_path / f"{i}.wav", s, seed=i), s, i) for i, s in enumerate(seconds)]
-    model = tiny_harmonifuse(augment={"time_masks": 2, "channel_masks": 2, "channel_width": 4})
+    model = tiny_harmonifuse(feature_masking={"time_masks": 2, "channel_masks": 2, "channel_width": 4})
     perturbed(model)
     cache = FeatureCache(model.encoder, tmp_path / "cache")
     cache.build(utterances, progress=False)

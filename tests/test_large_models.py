@@ -6,6 +6,7 @@ import torch
 from decoding_oracle import hf_generate
 from tiny import perturbed, tiny_harmonifuse, tiny_llama, tiny_tokenizer
 
+from harmonifuse.decoding import CTCScores
 from harmonifuse.modules.ctc import EmbeddingCTC
 from harmonifuse.modules.llm import SpeechLLM
 
@@ -121,7 +122,7 @@ def test_chunked_ctc_keeps_the_joint_beam_search_and_training_loss_of_the_model(
             speech = model.speech_embeddings(encoded.hidden_states, encoded.lengths, ["asr"] * 3)
             log_probs, blank = model.ctc_log_probs(speech)
             hyps = model.llm.decode(speech.embeddings, speech.lengths, model.prompts_for(["asr"] * 3), beam_size=3,
-                                    ctc_weight=0.5, ctc_log_probs=log_probs, ctc_lengths=speech.lengths, blank=blank)
+                                    ctc_weight=0.5, ctc=CTCScores(log_probs, speech.lengths, blank))
         outputs.append((loss, grads, hyps))
     (loss, grads, hyps), (loss_c, grads_c, hyps_c) = outputs
     torch.testing.assert_close(loss_c, loss)

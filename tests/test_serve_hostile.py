@@ -8,7 +8,6 @@ import json
 import socket
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -19,7 +18,7 @@ from test_serve import assert_error, post, settings
 from tiny import tiny_harmonifuse
 
 from harmonifuse.audio import AudioTooLarge, HeaderLimits, load_audio
-from harmonifuse.inference.cancellation import Cancelled, cancel_when, checkpoint
+from harmonifuse.cancellation import Cancelled, cancel_when, checkpoint
 from harmonifuse.segments import AudioSource
 from harmonifuse.serve.app import create_app
 from harmonifuse.serve.command import read_api_key

@@ -91,6 +91,7 @@ def test_ddp_two_processes_equal_one_process_with_the_global_batch(tmp_path):
     assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4]
 
 
+@pytest.mark.multiprocess
 def test_cli_evaluate_and_analyze_on_the_trained_tiny_model(trained_run, tmp_path):
     root, _ = trained_run
     model_dir = root / "run" / "best"
@@ -144,6 +145,7 @@ def test_cli_evaluate_and_analyze_on_the_trained_tiny_model(trained_run, tmp_pat
         assert half["emotion_probs"] == pytest.approx(full["emotion_probs"], abs=0.05)
 
 
+@pytest.mark.slow
 def test_demo_evaluates_a_spread_out_subset_of_the_test_split(trained_run, tmp_path):
     root, _ = trained_run
     out = tmp_path / "demo"
@@ -164,6 +166,7 @@ def test_demo_evaluates_a_spread_out_subset_of_the_test_split(trained_run, tmp_p
     assert metrics["nonspeech_detected"] == clips["nonspeech_detected"]
 
 
+@pytest.mark.multiprocess
 def test_cli_reports_bad_config_values_by_field(tmp_path):
     config_path = write_tiny_run_config(tmp_path)
     result = run_cli("train", str(config_path), "model.fusion.mode=layerwise", "-q")
@@ -173,6 +176,7 @@ def test_cli_reports_bad_config_values_by_field(tmp_path):
     assert result.returncode == 2 and "train.max_step" in result.stderr
 
 
+@pytest.mark.multiprocess
 def test_cli_evaluate_refuses_malformed_prompts_and_unknown_tasks(trained_run):
     root, _ = trained_run
     common = ["evaluate", "--model", str(root / "run" / "best"), "--manifest", str(root / "corpus" / "asr_test.jsonl")]
@@ -182,6 +186,7 @@ def test_cli_evaluate_refuses_malformed_prompts_and_unknown_tasks(trained_run):
     assert result.returncode == 2 and "['sr']" in result.stderr and "['asr', 'ser']" in result.stderr
 
 
+@pytest.mark.multiprocess
 def test_cli_analyze_keeps_good_files_when_one_is_bad(trained_run, tmp_path):
     root, _ = trained_run
     good = sorted((root / "corpus" / "audio").glob("ser_*.wav"))[0]

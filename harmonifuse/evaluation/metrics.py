@@ -1,9 +1,8 @@
 """ASR and SER metrics: jiwer for error rates, scikit-learn for classification.
 
-Text normalisation for WER/CER (the one documented rule, applied to reference and hypothesis alike):
-numbers written in digits spelt out in words (inflect: "10" -> "ten", "121" -> "one hundred twenty
-one"), lower case, punctuation removed (jiwer's RemovePunctuation, Unicode category P), whitespace
-collapsed. ``wer_raw`` compares the texts as they are, without it.
+WER/CER are computed after the project's one text normalisation (:mod:`harmonifuse.text`: digits
+spelt out, lower case, no punctuation, whitespace collapsed); ``wer_raw`` compares the texts as
+they are, without it.
 
 ``label_answers`` measures task confusion in a multi-task model: the share of ASR answers whose
 first word is an emotion label while the reference's is not, i.e. the ASR prompt answered as if
@@ -11,42 +10,13 @@ it were the SER one (such answers often run on into repetition, which inflates t
 """
 from __future__ import annotations
 
-import functools
-import re
 from typing import Sequence
 
 import jiwer
 import numpy as np
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, recall_score
 
-NORMALIZE = jiwer.Compose([
-    jiwer.ToLowerCase(),
-    jiwer.RemovePunctuation(),
-    jiwer.RemoveMultipleSpaces(),
-    jiwer.Strip(),
-])
-
-
-_NUMBER = re.compile(r"(?<!\w)\d+(?:[.,]\d+)*(?!\w)")  # whole numbers only: "mp3" and "10th" stay
-
-
-@functools.lru_cache(maxsize=1)
-def _inflect():
-    import inflect
-
-    return inflect.engine()
-
-
-def spell_numbers(text: str) -> str:
-    """Digits -> words, so that "10 of clubs" and "ten of clubs" compare equal."""
-    def words(match: re.Match) -> str:
-        return " " + _inflect().number_to_words(match.group(0).replace(",", ""), andword="").replace("-", " ") + " "
-
-    return _NUMBER.sub(words, text) if any(c.isdigit() for c in text) else text
-
-
-def normalize_text(text: str) -> str:
-    return NORMALIZE(spell_numbers(text))
+from harmonifuse.text import NORMALIZE, normalize_text, spell_numbers, text_agreement  # noqa: F401 (re-exported)
 
 
 def asr_metrics(references: Sequence[str], hypotheses: Sequence[str],
@@ -92,15 +62,6 @@ def ser_metrics(references: Sequence[str], predictions: Sequence[str], labels: S
         "labels": list(labels),
         "n_ser": len(references),
     }
-
-
-def text_agreement(a: str, b: str) -> float:
-    """How much two transcripts of the same audio agree: 1 - CER(a -> b) after normalisation,
-    clipped to [0, 1] (1 when both are empty, 0 when only one is)."""
-    a, b = normalize_text(a), normalize_text(b)
-    if not a or not b:
-        return float(a == b)
-    return max(0.0, 1.0 - jiwer.cer(a, b))
 
 
 def expected_calibration_error(confidences: Sequence[float], correct: Sequence[bool], bins: int = 10) -> float:

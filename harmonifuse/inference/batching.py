@@ -4,7 +4,6 @@ flat in the number of inputs and a short clip is never padded to a long one's le
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 
@@ -25,13 +24,13 @@ def duration_batches(durations: list[float], batch_size: int, window_batches: in
 
 def header_duration(path: str | os.PathLike) -> float:
     """Seconds from an audio file's header (0 when unusable: decoding reports the error later)."""
-    from harmonifuse.audio import AudioError
-    from harmonifuse.data.importers._common import audio_duration
+    import soundfile as sf
 
     try:
-        return audio_duration(Path(path))
-    except AudioError:
+        info = sf.info(os.fspath(path))
+    except Exception:  # noqa: BLE001 - any unreadable file: the decoder names the problem
         return 0.0
+    return info.frames / info.samplerate if info.samplerate > 0 else 0.0
 
 
 def input_duration(item, sample_rate: int = 16_000) -> float:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from harmonifuse.decoding import DraftStats, Hypothesis, beam_search, draft_greedy_search
+from harmonifuse.decoding import CTCScores, DraftStats, Hypothesis, beam_search, draft_greedy_search
 
 SPEECH_MARK = "<<speech>>"
 IGNORE_INDEX = -100
@@ -46,7 +46,7 @@ def resolve_frozen_dtype(name: str, device: torch.device | str | None = None) ->
     (``device``; None: whenever CUDA is available) that computes in bf16 natively (Ampere or later),
     else float32."""
     if name == "auto":
-        from harmonifuse.training.hardware import native_bf16
+        from harmonifuse.device import native_bf16
 
         if device is None and torch.cuda.is_available():
             device = torch.device("cuda", torch.cuda.current_device())
@@ -311,16 +311,14 @@ class SpeechLLM(nn.Module):
 
     @torch.no_grad()
     def decode(self, speech: torch.Tensor, speech_lengths: torch.Tensor, prompts: list[str], *,
-               beam_size: int = 1, ctc_weight: float = 0.0, llm_candidates: int = 8,
-               ctc_log_probs: torch.Tensor | None = None, ctc_lengths: torch.Tensor | None = None,
-               blank: int | None = None, ctc_tokens: list[list[int]] | None = None,
+               beam_size: int = 1, ctc_weight: float = 0.0, llm_candidates: int = 8, ctc: CTCScores | None = None,
                max_new_tokens: int | None = None, max_tokens_per_position: float | None = 1.0,
                drafts: list[list[int]] | None = None, draft_tokens: int = 4,
                stats: DraftStats | None = None) -> list[Hypothesis]:
         """Joint CTC/LLM beam search (harmonifuse/decoding.py) with the KV cache: one hypothesis per item.
 
-        speech (B, N, H), speech_lengths (B,); ``ctc_log_probs`` (B, T, C) and ``ctc_lengths`` (B,)
-        when ``ctc_weight > 0``. Beam 1 without CTC is greedy decoding, token for token what
+        speech (B, N, H), speech_lengths (B,); ``ctc``: the CTC head's scores, needed when
+        ``ctc_weight > 0``. Beam 1 without CTC is greedy decoding, token for token what
         :meth:`generate` returns (up to the length bound). ``max_tokens_per_position``: at most this many
         answer tokens per speech position (1.0 at the projector's 10 positions per second is 10 tokens
         per second, twice fast speech; None: only ``max_new_tokens``).
@@ -399,8 +397,7 @@ class SpeechLLM(nn.Module):
             return logits
 
         search = dict(eos=self.eos_token_id, max_new_tokens=max_new_tokens or self.max_new_tokens,
-                      ctc_weight=ctc_weight, llm_candidates=llm_candidates, ctc_log_probs=ctc_log_probs,
-                      ctc_lengths=ctc_lengths, blank=blank, ctc_tokens=ctc_tokens,
+                      ctc_weight=ctc_weight, llm_candidates=llm_candidates, ctc=ctc,
                       max_lengths=None if max_tokens_per_position is None else
                       [max(1, int(n * max_tokens_per_position)) for n in speech_lengths.tolist()])
         if drafts is not None and beam_size == 1:

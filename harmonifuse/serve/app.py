@@ -13,7 +13,8 @@ a thread decodes it, at most ``decode_concurrency`` at once; the job joins the q
 one slot per encoder window of audio, and the worker batches it with others; the handler waits
 for the answer, its client's disconnect or the deadline (504), whichever comes first. A job
 nobody waits for leaves the queue, or stops its batch at the next checkpoint once no job in it
-is wanted. :mod:`.protocol` guards the connection below (header timeout, connection cap).
+is wanted. :mod:`.guard` decides who may use the service (key, Host, Origin) before any of this;
+:mod:`.protocol` guards the connection below (header timeout, connection cap).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import asyncio
 import json
 import logging
 import math
+import os
 import re
 import shutil
 import tempfile
@@ -30,7 +32,6 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Callable
-from urllib.parse import urlsplit
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -40,14 +41,13 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import HTMLResponse, JSONResponse, Response
 
 from harmonifuse.serve import responses
-from harmonifuse.serve.errors import SERVER, ApiError, error_body, overloaded, unauthorized
+from harmonifuse.serve.errors import SERVER, ApiError, error_body, overloaded
+from harmonifuse.serve.guard import Guard
 from harmonifuse.serve.upload import MB, Upload, read_upload
 from harmonifuse.serve.worker import Closed, DeadlineExceeded, InferenceWorker, QueueFull
 
 log = logging.getLogger("harmonifuse.serve")
 
-HEALTH_PATHS = ("/health", "/health/ready")
-PAGE_PATHS = ("/",)  # a static page: a browser cannot attach a bearer token to opening it; its API calls can
 CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data:; "
        "media-src blob:; connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
@@ -77,6 +77,9 @@ class ServeSettings:
     # without an API key: Host and Origin must name this server (or these, for a proxy; "*": any)
     allowed_hosts: tuple[str, ...] = ()
     allowed_origins: tuple[str, ...] = ()
+    # the network thread, and the decoding threads it starts, this much nicer than inference: a flood
+    # of connections or uploads takes CPU from them, not from answering the requests already queued
+    io_nice: int = 10
 
     def __post_init__(self) -> None:
         self.allowed_hosts = tuple(h.strip().lower() for h in self.allowed_hosts)
@@ -181,6 +184,16 @@ def decode(service: Service, upload: Upload) -> tuple[Any, float]:
         raise audio_error(error, upload, service.tmpdir) from None
 
 
+def lower_priority(nice: int) -> None:
+    """Raise the calling thread's nice value by ``nice`` (Linux: per thread; threads it starts inherit it)."""
+    if nice <= 0 or not hasattr(os, "setpriority"):
+        return
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, min(19, os.getpriority(os.PRIO_PROCESS, 0) + nice))
+    except OSError as error:
+        log.warning("could not lower the network thread's priority (%s); hostile traffic may slow inference", error)
+
+
 # -- the app -----------------------------------------------------------------------------------------
 
 def create_app(model: Any = None, *, loader: Callable[[], Any] | None = None,
@@ -215,6 +228,7 @@ def create_app(model: Any = None, *, loader: Callable[[], Any] | None = None,
             service.model = model
         else:
             threading.Thread(target=load, name="harmonifuse-load", daemon=True).start()
+        lower_priority(settings.io_nice)  # after the inference thread's parent started: it keeps its own
         try:
             yield
         finally:
@@ -443,104 +457,3 @@ async def wait_for(request: Request, worker: InferenceWorker, job, deadline: flo
 async def _disconnected(receive) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
-
-
-class Guard:
-    """Before a request reaches an endpoint: without an API key, its Host and Origin must name this
-    server (a page elsewhere, or a DNS-rebinding one, cannot use the service through the browser);
-    with one, a single ``Authorization: Bearer KEY`` (all but the health endpoints and the page);
-    and 503 while draining."""
-
-    def __init__(self, app, service: Service) -> None:
-        self.app, self.service = app, service
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and scope["path"] not in HEALTH_PATHS:
-            error = None
-            settings = self.service.settings
-            key = settings.api_key
-            if not key:
-                error = _check_origin(scope, settings)
-            elif scope["path"] not in PAGE_PATHS:
-                error = _check_key([v for k, v in scope["headers"] if k == b"authorization"], key)
-            if error is None and self.service.draining:
-                error = overloaded("the server is shutting down; retry on another instance", 5, "shutting_down")
-                error.headers["Connection"] = "close"
-            if error is not None:
-                await error.response()(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
-
-
-def _check_key(headers: list[bytes], key: str) -> ApiError | None:
-    """One ``Authorization: Bearer KEY`` header whose key matches (UTF-8, compared in constant time)."""
-    import hmac
-
-    if len(headers) > 1:
-        return ApiError(400, "send one `Authorization` header, not several", param=None,
-                        code="duplicate_authorization")
-    scheme, _, given = (headers[0] if headers else b"").partition(b" ")
-    if scheme.lower() != b"bearer" or not given.strip():
-        return unauthorized("missing API key: send the header `Authorization: Bearer KEY`")
-    if not hmac.compare_digest(given.strip(), key.encode("utf-8")):
-        return unauthorized("incorrect API key")
-    return None
-
-
-def _names_server(authority: str, scope, allowed: tuple[str, ...]) -> bool:
-    """Whether ``authority`` (``host[:port]``) names the address this connection reached, one of
-    its loopback names, or an entry of ``allowed`` (``host`` or ``host:port``; ``*``: any)."""
-    from harmonifuse.serve.server import is_loopback
-
-    if "*" in allowed:
-        return True
-    authority = authority.strip().lower()
-    if not authority:
-        return False
-    if authority in allowed:
-        return True
-    host, port = _split_authority(authority)
-    if host in allowed:
-        return True
-    server_host, server_port = (scope.get("server") or ("", None))
-    server_host = str(server_host).lower()
-    if port is not None and server_port is not None and port != int(server_port):
-        return False  # the name protects against rebinding; a missing port is the client's shorthand
-    names = {server_host.strip("[]")}
-    if is_loopback(server_host):
-        names |= {"localhost", "127.0.0.1", "::1"}
-    return host in names
-
-
-def _split_authority(authority: str) -> tuple[str, int | None]:
-    if authority.startswith("["):  # [::1]:8000
-        host, _, rest = authority[1:].partition("]")
-        port = rest[1:] if rest.startswith(":") else ""
-    elif authority.count(":") == 1:
-        host, port = authority.split(":")
-    else:
-        host, port = authority, ""
-    return host, int(port) if port.isdigit() else None
-
-
-def _check_origin(scope, settings: ServeSettings) -> ApiError | None:
-    """Host and (when sent) Origin against this server's address and the allow-lists."""
-    headers = [(k, v) for k, v in scope["headers"] if k in (b"host", b"origin")]
-    hosts = [v.decode("latin-1") for k, v in headers if k == b"host"]
-    origins = [v.decode("latin-1") for k, v in headers if k == b"origin"]
-    if len(hosts) != 1 or not _names_server(hosts[0], scope, settings.allowed_hosts):
-        return ApiError(403, f"the Host header {hosts[0] if hosts else '(none)'!r} does not name this server; "
-                             "behind a proxy, start the server with --allowed-host NAME", code="host_not_allowed")
-    if origins and (len(origins) > 1 or not _origin_allowed(origins[0], scope, settings)):
-        return ApiError(403, f"requests from the page at {origins[0]!r} are not allowed: without an API key only "
-                             "this server's own page may call it; start the server with --allowed-origin ORIGIN, "
-                             "or with --api-key", code="origin_not_allowed")
-    return None
-
-
-def _origin_allowed(origin: str, scope, settings: ServeSettings) -> bool:
-    origin = origin.strip().lower()
-    if "*" in settings.allowed_origins or origin in settings.allowed_origins:
-        return True
-    parts = urlsplit(origin)
-    return parts.scheme in ("http", "https") and _names_server(parts.netloc, scope, settings.allowed_hosts)

@@ -74,6 +74,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     limits.add_argument("--allowed-origin", action="append", default=[], metavar="ORIGIN",
                         help="without an API key, a page origin (https://name) allowed to call the API; "
                              "repeat for more")
+    limits.add_argument("--io-nice", type=int, choices=range(0, 20), default=10, metavar="N",
+                        help="run the network and decoding threads N nice levels below inference, so a flood "
+                             "of connections takes CPU from them, not from the answers (default 10; 0: off)")
     p.add_argument("--threads", type=_positive(int), help="torch threads for inference (default: torch's)")
     p.add_argument("--bf16", action="store_true", help="run the LLM in bf16 (faster on CPUs with bf16 units)")
     p.add_argument("--device", default="auto",
@@ -121,7 +124,7 @@ def serve(args: argparse.Namespace) -> int:
     model_dir = resolve_model(args.model)
     if not Path(model_dir).exists():
         raise FileNotFoundError(f"no model folder or config file at {model_dir}")
-    from harmonifuse.training.hardware import choose_device, env_local_rank
+    from harmonifuse.device import choose_device, env_local_rank
 
     device = str(choose_device(args.device, env_local_rank()))  # an unusable one fails now, not in the loader
 
@@ -141,10 +144,10 @@ def serve(args: argparse.Namespace) -> int:
                              header_timeout=args.header_timeout, idle_timeout=args.idle_timeout,
                              upload_timeout=args.upload_timeout, keep_alive=args.keep_alive,
                              max_connections=args.max_connections, allowed_hosts=tuple(args.allowed_host),
-                             allowed_origins=tuple(args.allowed_origin))
+                             allowed_origins=tuple(args.allowed_origin), io_nice=args.io_nice)
 
     def loader():
-        from harmonifuse.cli import load_model
+        from harmonifuse.inference.loading import load_model
 
         model = load_model(model_dir, bf16=args.bf16, device=device)
         model.eval()

@@ -13,7 +13,7 @@ audio (a 15-minute recording is charged as the 30 clips it takes the thread as l
 cancelled while it waits (its client went away or its deadline passed) leaves the queue and
 frees its slots; jobs past their deadline when the worker reaches them are not run; and a batch
 whose every job was abandoned stops at the next checkpoint of inference
-(:mod:`harmonifuse.inference.cancellation`: between blocks, segments and decoding steps).
+(:mod:`harmonifuse.cancellation`: between blocks, segments and decoding steps).
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from harmonifuse.inference.cancellation import Cancelled, cancel_when
+from harmonifuse.cancellation import Cancelled, cancel_when
 
 log = logging.getLogger("harmonifuse.serve")
 
@@ -248,16 +248,7 @@ class InferenceWorker:
         """``model.analyze`` on the batch; when one input fails to decode, each one alone, so the
         others are still answered and the failing one gets its own error."""
         from harmonifuse.audio import AudioError
+        from harmonifuse.inference.fallback import answer_batch
 
-        try:
-            return self.model.analyze(audio, tasks=self.tasks, **self.analyze_options)
-        except AudioError as error:
-            if len(audio) == 1:
-                return [error]
-        results: list = []
-        for item in audio:
-            try:
-                results.append(self.model.analyze([item], tasks=self.tasks, **self.analyze_options)[0])
-            except AudioError as error:
-                results.append(error)
-        return results
+        return answer_batch(lambda items: self.model.analyze(items, tasks=self.tasks, **self.analyze_options), audio,
+                            lambda item, error: error, retry_on=(AudioError,))

@@ -62,7 +62,7 @@ from pathlib import Path
 
 from harmonifuse.atomic import atomic_write_bytes, atomic_write_text
 from harmonifuse.data.importers._common import CorpusLayoutError, progress
-from harmonifuse.evaluation.metrics import normalize_text
+from harmonifuse.text import normalize_text
 
 log = logging.getLogger("harmonifuse.data.importers")
 
@@ -382,7 +382,7 @@ def normalise(raw_text: str) -> str:
     spelling years as they are said: "1844" -> "eighteen forty four", "1940's" -> "nineteen forties"
     (normalize_text alone would read "one thousand eight hundred forty four")."""
     def year(match: re.Match) -> str:
-        from harmonifuse.evaluation.metrics import _inflect
+        from harmonifuse.text import _inflect
 
         engine = _inflect()
         century, rest = match.group(1), match.group(2)

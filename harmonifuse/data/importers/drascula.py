@@ -229,7 +229,7 @@ def whisper_agreement(paths: Sequence[Path], references: Sequence[str], *, batch
     import jiwer
 
     from harmonifuse.audio import load_audio
-    from harmonifuse.evaluation.metrics import normalize_text
+    from harmonifuse.text import normalize_text
 
     if whisper is None:
         from harmonifuse.evaluation.whisper_reference import WhisperReference

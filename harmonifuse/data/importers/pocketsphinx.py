@@ -19,7 +19,7 @@ import re
 from pathlib import Path
 
 from harmonifuse.data.importers._common import BadAudio, CorpusLayoutError, UtteranceCollector, require_dir, write
-from harmonifuse.evaluation.metrics import normalize_text
+from harmonifuse.text import normalize_text
 
 CORPUS = "pocketsphinx"
 DEFAULT_SRC = Path("/usr/share/pocketsphinx/test/data")
