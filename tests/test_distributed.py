@@ -562,11 +562,13 @@ def test_only_rank_0_builds_the_corpus_while_the_others_wait(tmp_path):
         synthetic.prepare = prepare
         init_distributed()
         root = ensure_corpus(DataConfig(root={str(tmp_path / 'corpus')!r}), progress=False)
-        print(f"rank {{rank}} has {{root}} at {{time.time()}}", flush=True)
+        def say(line):  # one write per line: two ranks share the pipe, and print's pieces interleave
+            os.write(1, (line + "\\n").encode())
+        say(f"rank {{rank}} has {{root}} at {{time.time()}}")
         try:
             ensure_corpus(DataConfig(root={str(tmp_path / 'mine')!r}, build_synthetic=False), progress=False)
         except FileNotFoundError as error:
-            print(f"rank {{rank}} error: {{error}}", flush=True)
+            say(f"rank {{rank}} error: {{error}}")
         torch.distributed.destroy_process_group()
     """))
     result = subprocess.run([*TORCHRUN, "2", str(program)], env=ENV, capture_output=True, text=True, timeout=300)

@@ -16,10 +16,7 @@ from typing import Any, Literal
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A configuration value is unknown or invalid; the message names the dotted field."""
-
+from harmonifuse.config.errors import ConfigError  # noqa: F401 (re-exported)
 
 
 def _check(condition: bool, name: str, problem: str) -> None:

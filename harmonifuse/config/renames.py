@@ -12,7 +12,7 @@ import copy
 import warnings
 from typing import Any
 
-from harmonifuse.config.loading import ConfigError
+from harmonifuse.config.errors import ConfigError
 
 
 class ConfigRenamedWarning(UserWarning):
